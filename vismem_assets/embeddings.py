@@ -1,0 +1,57 @@
+"""Embedding files: parquet per (encoder, image set), written with polars.
+
+Each write is a new part file `embeddings/<encoder>/<set>/part-<n>.parquet` holding
+sample_id, vector_id and the vector; the ledger's `embeddings` table says which file holds
+which sample, so nothing is embedded twice and a rebuild knows where to read.
+"""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .atomic import atomic_path
+from .encoders.base import EncoderMismatchError
+from .home import Layout
+
+
+class EmbeddingStore:
+    def __init__(self, layout: Layout, encoder_slug: str, dim: int):
+        self.layout = layout
+        self.root = layout.embeddings(encoder_slug)
+        self.dim = dim
+
+    def write(self, image_set: str, sample_ids: list[str], vector_ids: np.ndarray, vectors: np.ndarray) -> str:
+        """Write one part file atomically; returns its path relative to the memory home."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise EncoderMismatchError(f"vectors of shape {vectors.shape} do not fit this encoder's dimension {self.dim}")
+        frame = pl.DataFrame(
+            {
+                "sample_id": pl.Series(sample_ids, dtype=pl.String),
+                "vector_id": pl.Series(np.asarray(vector_ids, dtype=np.int64)),
+                "vector": pl.Series(vectors, dtype=pl.Array(pl.Float32, self.dim)),
+            }
+        )
+        final = self.root / image_set / f"part-{uuid.uuid4().hex[:16]}.parquet"
+        with atomic_path(final) as tmp:
+            frame.write_parquet(tmp)
+        return self.layout.relative(final)
+
+    def read(self, paths: list[str], keep_vector_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(vector_ids, vectors) from the given part files, optionally only the listed ids."""
+        if not paths:
+            return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
+        frame = pl.concat([pl.read_parquet(self.layout.absolute(p), columns=["vector_id", "vector"]) for p in paths])
+        if keep_vector_ids is not None:
+            frame = frame.filter(pl.col("vector_id").is_in(pl.Series(keep_vector_ids, dtype=pl.Int64)))
+        frame = frame.unique("vector_id", keep="first").sort("vector_id")
+        vectors = frame["vector"].to_numpy()
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise EncoderMismatchError(f"embedding files hold vectors of shape {vectors.shape}, not (n, {self.dim})")
+        return frame["vector_id"].to_numpy().astype(np.int64), np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def files(self) -> list[Path]:
+        return sorted(self.root.rglob("*.parquet")) if self.root.exists() else []

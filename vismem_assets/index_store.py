@@ -1,0 +1,164 @@
+"""Versioned FAISS indexes: immutable files `indexes/<encoder>/v<version>.faiss`, each
+readable with plain `faiss.read_index`, ids = samples.vector_id.
+
+A version is written whole to a temp file, fsynced and renamed, and only then recorded in
+the ledger (which marks it live and its parent retained). A crash at any point leaves the
+previous version live and loadable; the ledger never names a file that was not completed.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from .atomic import atomic_path
+from .encoders.base import EncoderMismatchError
+from .home import Layout
+from .ledger import Ledger
+
+FLAT = "IDMap2,Flat"
+
+
+class IndexIntegrityError(RuntimeError):
+    """An index file does not match the sha256 the ledger recorded for it."""
+
+
+@dataclass(frozen=True)
+class IndexVersion:
+    encoder_id: str
+    version: int
+    path: str
+    sha256: str
+    parent_version: int | None
+    operation: str
+    n_vectors: int
+    n_added: int
+    n_removed: int
+    status: str
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def new_flat_index(dim: int) -> faiss.Index:
+    # Inner product on unit vectors = cosine similarity; IDMap2 keeps our vector ids.
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+
+
+_COLUMNS = "encoder_id, version, path, sha256, parent_version, operation, n_vectors, n_added, n_removed, status"
+
+
+class IndexStore:
+    def __init__(self, layout: Layout, ledger: Ledger, encoder_id: str, encoder_slug: str, dim: int):
+        self.layout, self.ledger = layout, ledger
+        self.encoder_id, self.dim = encoder_id, dim
+        self.root = layout.indexes(encoder_slug)
+
+    def live(self) -> IndexVersion | None:
+        rows = self.ledger.query(
+            f"SELECT {_COLUMNS} FROM index_versions WHERE encoder_id = ? AND status = 'live'", [self.encoder_id]
+        )
+        return IndexVersion(**rows.row(0, named=True)) if len(rows) else None
+
+    def versions(self) -> list[IndexVersion]:
+        rows = self.ledger.query(
+            f"SELECT {_COLUMNS} FROM index_versions WHERE encoder_id = ? ORDER BY version", [self.encoder_id]
+        )
+        return [IndexVersion(**r) for r in rows.iter_rows(named=True)]
+
+    def load(self, version: IndexVersion | None = None) -> tuple[IndexVersion, faiss.Index]:
+        """Read a version (the live one by default), refusing bytes that don't match the ledger."""
+        version = version or self.live()
+        if version is None:
+            raise FileNotFoundError(f"no index yet for encoder {self.encoder_id}: add an image set first (vismem add)")
+        path = self.layout.absolute(version.path)
+        if not path.exists():
+            raise IndexIntegrityError(
+                f"index version {version.version} is missing its file {path}; run `vismem rebuild` to write a fresh version"
+            )
+        actual = sha256_file(path)
+        if actual != version.sha256:
+            raise IndexIntegrityError(
+                f"index file {path} has sha256 {actual[:12]}… but the ledger recorded {version.sha256[:12]}… "
+                f"for version {version.version}: it was changed or damaged. Run `vismem rebuild` to write a "
+                "fresh version from the ledger and embeddings"
+            )
+        index = faiss.read_index(str(path))
+        if index.d != self.dim:
+            raise EncoderMismatchError(f"index {path} has dimension {index.d}, encoder {self.encoder_id} has {self.dim}")
+        return version, index
+
+    def add(self, vector_ids: np.ndarray, vectors: np.ndarray,
+            base: tuple[IndexVersion, faiss.Index] | None = None) -> IndexVersion:
+        """A new version = the live one (or `base`, already loaded) plus these vectors: O(new) FAISS work."""
+        self._check(vectors)
+        vector_ids = np.asarray(vector_ids, np.int64)
+        with self.ledger.connect():  # hold the ledger lock from reading the parent to recording the child
+            parent, index = base or (self.load() if self.live() else (None, new_flat_index(self.dim)))
+            if parent is not None:
+                present = np.isin(vector_ids, index_ids(index))
+                if present.any():
+                    raise ValueError(f"{int(present.sum())} vector ids are already in index version {parent.version}")
+            index.add_with_ids(np.ascontiguousarray(vectors, np.float32), vector_ids)
+            return self._commit(index, parent, "add", added=vector_ids)
+
+    def rebuild(self, vector_ids: np.ndarray, vectors: np.ndarray, operation: str = "rebuild") -> IndexVersion:
+        """A new version built from scratch from the given vectors (the ledger + embeddings)."""
+        self._check(vectors)
+        index = new_flat_index(self.dim)
+        if len(vector_ids):
+            index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(vector_ids, np.int64))
+        with self.ledger.connect():
+            return self._commit(index, self.live(), operation)
+
+    def _check(self, vectors: np.ndarray) -> None:
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise EncoderMismatchError(
+                f"vectors of shape {vectors.shape} cannot go into an index of encoder {self.encoder_id} (dimension {self.dim})"
+            )
+
+    def _commit(self, index: faiss.Index, parent: IndexVersion | None, operation: str,
+                added: np.ndarray | None = None, removed: np.ndarray | None = None) -> IndexVersion:
+        with self.ledger.connect() as con:
+            last = con.execute(
+                "SELECT coalesce(max(version), 0) FROM index_versions WHERE encoder_id = ?", [self.encoder_id]
+            ).fetchone()[0]
+            version = last + 1
+            final = self.root / f"v{version:06d}.faiss"
+            with atomic_path(final) as tmp:
+                faiss.write_index(index, str(tmp))
+            digest = sha256_file(final)
+            n_added = len(added) if added is not None else 0
+            n_removed = len(removed) if removed is not None else 0
+            with self.ledger.transaction():
+                con.execute(
+                    "UPDATE index_versions SET status = 'retained' WHERE encoder_id = ? AND status = 'live'",
+                    [self.encoder_id],
+                )
+                con.execute(
+                    "INSERT INTO index_versions (encoder_id, version, path, sha256, parent_version, operation,"
+                    " n_vectors, created_at, status, index_type, n_added, n_removed)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, now(), 'live', ?, ?, ?)",
+                    [self.encoder_id, version, self.layout.relative(final), digest,
+                     parent.version if parent else None, operation, index.ntotal, FLAT, n_added, n_removed],
+                )
+                for change, ids in (("add", added), ("remove", removed)):
+                    if ids is not None and len(ids):
+                        con.execute(
+                            "INSERT INTO index_deltas SELECT ?, ?, ?, unnest(?::BIGINT[])",
+                            [self.encoder_id, version, change, ids.tolist()],
+                        )
+        return IndexVersion(self.encoder_id, version, self.layout.relative(final), digest,
+                            parent.version if parent else None, operation, index.ntotal, n_added, n_removed, "live")

@@ -1,0 +1,498 @@
+"""The visual memory: one object that ingests image sets, embeds, indexes and classifies.
+
+The CLI and the Dagster code location are both thin layers over this class.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .encoders import DEFAULT_ENCODER, Encoder, EncoderMismatchError, load_encoder
+from .embeddings import EmbeddingStore
+from .home import Layout, resolve_home
+from .imagesets import CheckedImage, ImageSetError, check_image, check_set_name, read_image_set
+from .index_store import IndexStore, IndexVersion, index_ids
+from .ledger import Ledger, to_frame
+from .voting import DEFAULT_STRATEGY, STRATEGIES, accuracy_by_k, vote_all_k, vote_weights
+
+EMBED_CHUNK = 2048  # images per embedding part file: a crash loses at most one chunk of work
+
+
+@dataclass
+class IngestReport:
+    image_set: str
+    ingest_id: int
+    n_files: int = 0
+    added: int = 0
+    duplicates: int = 0
+    blocked: int = 0
+    quarantined: list[dict] = field(default_factory=list)       # {name, reason}
+    label_conflicts: list[dict] = field(default_factory=list)   # {name, label, stored_label}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AddReport:
+    ingest: IngestReport
+    embedded: int
+    embed_seconds: float
+    index_version: int | None
+    n_vectors: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.embed_seconds if self.embed_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "images_per_second": round(self.images_per_second, 2)}
+
+
+@dataclass
+class Neighbor:
+    rank: int
+    sample_id: str
+    vector_id: int
+    label: str
+    similarity: float
+    weight: float
+    image_path: str
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str | None
+    confidence: float
+    scores: dict[str, float]
+    neighbors: list[Neighbor]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Evaluation:
+    query_set: str
+    index_version: int
+    n_queries: int
+    n_skipped: int
+    n_in_memory: int          # queries whose exact bytes are also stored in the memory
+    accuracy: pl.DataFrame    # strategy, k, accuracy
+
+    def best(self) -> pl.DataFrame:
+        """Best k and accuracy per strategy."""
+        return (self.accuracy.sort("accuracy", "k", descending=[True, False])
+                .group_by("strategy", maintain_order=True).first().sort("strategy"))
+
+    def to_dict(self) -> dict:
+        return {"query_set": self.query_set, "index_version": self.index_version, "n_queries": self.n_queries,
+                "n_skipped": self.n_skipped, "n_in_memory": self.n_in_memory,
+                "accuracy": self.accuracy.to_dicts()}
+
+
+class Catalog:
+    """Active samples of the memory, addressable by FAISS vector id."""
+
+    def __init__(self, frame: pl.DataFrame):
+        frame = frame.sort("vector_id")
+        self.vector_ids = frame["vector_id"].to_numpy()
+        self.sample_ids = frame["sample_id"].to_list()
+        self.image_paths = frame["image_path"].to_list()
+        labels = frame["label"].to_list()
+        self.label_names = sorted(set(labels))
+        code = {name: i for i, name in enumerate(self.label_names)}
+        self.label_codes = np.array([code[x] for x in labels], dtype=np.int64)
+
+    def rows(self, vector_ids: np.ndarray) -> np.ndarray:
+        """Row positions of the given vector ids (-1 where unknown, e.g. FAISS's -1 padding)."""
+        pos = np.searchsorted(self.vector_ids, vector_ids)
+        pos = np.clip(pos, 0, max(len(self.vector_ids) - 1, 0))
+        found = (len(self.vector_ids) > 0) & (self.vector_ids[pos] == vector_ids) if len(self.vector_ids) else np.zeros(vector_ids.shape, bool)
+        return np.where(found, pos, -1)
+
+    def codes(self, labels: list[str]) -> np.ndarray:
+        code = {name: i for i, name in enumerate(self.label_names)}
+        return np.array([code.get(x, -2) for x in labels], dtype=np.int64)  # -2: a label the memory lacks
+
+
+class Memory:
+    def __init__(self, home: str | Path | None = None, encoder: str | Encoder | None = None):
+        self.layout = Layout(resolve_home(home)).create()
+        self.ledger = Ledger(self.layout.ledger)
+        self._encoder_choice = encoder
+        self._index_cache: tuple[str, IndexVersion, object] | None = None
+
+    # ---- encoder -----------------------------------------------------------------------------
+
+    def encoder_spec(self) -> str:
+        """The spec asked for, else the one this memory used last, else the default."""
+        if isinstance(self._encoder_choice, str):
+            return self._encoder_choice
+        rows = self.ledger.query("SELECT spec FROM encoders ORDER BY last_used_at DESC LIMIT 1")
+        return rows["spec"][0] if len(rows) else DEFAULT_ENCODER
+
+    @cached_property
+    def encoder(self) -> Encoder:
+        encoder = self._encoder_choice if isinstance(self._encoder_choice, Encoder) else load_encoder(self.encoder_spec())
+        spec = self._encoder_choice if isinstance(self._encoder_choice, str) else getattr(encoder, "spec", None)
+        with self.ledger.transaction() as con:
+            con.execute(
+                "INSERT INTO encoders (encoder_id, slug, name, dim, weights_sha256, preprocessing, spec,"
+                " first_used_at, last_used_at) VALUES (?, ?, ?, ?, ?, ?, ?, now(), now())"
+                " ON CONFLICT (encoder_id) DO UPDATE SET last_used_at = now(),"
+                " spec = coalesce(excluded.spec, encoders.spec)",
+                [encoder.id, encoder.slug, encoder.name, encoder.dim, encoder.weights_sha256,
+                 encoder.preprocessing.tag, spec or self.encoder_spec()],
+            )
+        return encoder
+
+    @cached_property
+    def indexes(self) -> IndexStore:
+        e = self.encoder
+        return IndexStore(self.layout, self.ledger, e.id, e.slug, e.dim)
+
+    @cached_property
+    def embeddings(self) -> EmbeddingStore:
+        return EmbeddingStore(self.layout, self.encoder.slug, self.encoder.dim)
+
+    # ---- ingest ------------------------------------------------------------------------------
+
+    def ingest(self, source: str | Path, name: str | None = None) -> IngestReport:
+        """Register a set's images in the ledger and the image store; bad files go to quarantine."""
+        source = Path(source)
+        name = check_set_name(name or source.stem)
+        files = read_image_set(source)
+        blocklist = set(self.ledger.query("SELECT sample_id FROM samples WHERE status = 'forgotten'")["sample_id"])
+        good: dict[str, CheckedImage] = {}
+        report = IngestReport(image_set=name, ingest_id=0, n_files=len(files))
+        arrivals: list[CheckedImage] = []
+        bad: list[CheckedImage] = []
+        for src in files:
+            checked = check_image(src)
+            if checked.sample_id in blocklist:
+                report.blocked += 1
+                continue
+            if not checked.ok:
+                bad.append(self._quarantine_copy(checked))
+                continue
+            arrivals.append(checked)
+            if checked.sample_id not in good:
+                self._store_image(checked)
+                good[checked.sample_id] = _without_bytes(checked)
+        with self.ledger.transaction() as con:
+            report.ingest_id = con.execute("SELECT nextval('ingest_id_seq')").fetchone()[0]
+            con.execute(
+                "INSERT INTO image_sets VALUES (?, ?, now(), now())"
+                " ON CONFLICT (name) DO UPDATE SET last_added_at = now(), source = excluded.source",
+                [name, str(source)],
+            )
+            known = dict(con.execute(
+                "SELECT sample_id, status FROM samples WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))",
+                [list(good) + [c.sample_id for c in bad if c.sample_id]],
+            ).fetchall())
+            labels = dict(con.execute(
+                "SELECT sample_id, label FROM samples WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [list(good)]
+            ).fetchall())
+            new = [c for sid, c in good.items() if known.get(sid) in (None, "quarantined")]
+            revived = [c.sample_id for c in new if known.get(c.sample_id) == "quarantined"]
+            if revived:  # bytes once refused (e.g. for a missing label) now arrive usable
+                con.execute("DELETE FROM samples WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [revived])
+            self._insert_samples(con, name, new, "active")
+            report.added = len(new)
+            # Everything that arrived, duplicates included, is remembered with where it came from.
+            first_label = {sid: labels.get(sid) or c.source.label for sid, c in good.items()}
+            seen: set[str] = set()
+            for c in arrivals:
+                if c.sample_id in seen or known.get(c.sample_id) == "active":
+                    report.duplicates += 1
+                    if first_label[c.sample_id] != c.source.label:
+                        report.label_conflicts.append(
+                            {"name": c.source.name, "label": c.source.label, "stored_label": first_label[c.sample_id]})
+                seen.add(c.sample_id)
+            _insert(con, "sample_sources", {
+                "sample_id": ("VARCHAR", [c.sample_id for c in arrivals]),
+                "image_set": ("VARCHAR", [name] * len(arrivals)),
+                "original_name": ("VARCHAR", [c.source.name for c in arrivals]),
+                "label": ("VARCHAR", [c.source.label for c in arrivals]),
+                "ingest_id": ("BIGINT", [report.ingest_id] * len(arrivals)),
+            }, arrived_at="now()")
+            quarantined_new = [c for c in {c.sample_id: c for c in bad if c.sample_id}.values()
+                               if c.sample_id not in known]
+            self._insert_samples(con, name, quarantined_new, "quarantined")
+            _insert(con, "quarantine", {
+                "ingest_id": ("BIGINT", [report.ingest_id] * len(bad)),
+                "image_set": ("VARCHAR", [name] * len(bad)),
+                "original_name": ("VARCHAR", [c.source.name for c in bad]),
+                "sample_id": ("VARCHAR", [c.sample_id for c in bad]),
+                "reason": ("VARCHAR", [c.reason for c in bad]),
+                "stored_path": ("VARCHAR", [None if c.data is None else
+                                            self.layout.relative(self._quarantine_path(c)) for c in bad]),
+            }, quarantined_at="now()")
+            report.quarantined = [{"name": c.source.name, "reason": c.reason} for c in bad]
+            con.execute(
+                "INSERT INTO ingests VALUES (?, ?, ?, now(), now(), ?, ?, ?, ?)",
+                [report.ingest_id, name, str(source), report.n_files, report.added, report.duplicates, len(bad)],
+            )
+        return report
+
+    def _image_path(self, c: CheckedImage) -> Path:
+        return self.layout.images / c.sample_id[:2] / f"{c.sample_id}.{c.format}"
+
+    def _quarantine_path(self, c: CheckedImage) -> Path:
+        return self.layout.quarantine / f"{c.sample_id}{c.source.path.suffix.lower() or '.bin'}"
+
+    def _store_image(self, c: CheckedImage) -> None:
+        from .atomic import write_bytes_atomic
+
+        path = self._image_path(c)
+        if not path.exists():  # content-addressed: same name, same bytes
+            write_bytes_atomic(path, c.data)
+
+    def _quarantine_copy(self, c: CheckedImage) -> CheckedImage:
+        if c.data is not None:
+            path = self._quarantine_path(c)
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(c.data)
+        return _without_bytes(c, keep_marker=c.data is not None)
+
+    def _insert_samples(self, con, image_set: str, items: list[CheckedImage], status: str) -> None:
+        active = status == "active"
+        _insert(con, "samples", {
+            "sample_id": ("VARCHAR", [c.sample_id for c in items]),
+            "label": ("VARCHAR", [c.source.label for c in items]),
+            "image_set": ("VARCHAR", [image_set] * len(items)),
+            "status": ("VARCHAR", [status] * len(items)),
+            "image_path": ("VARCHAR", [self.layout.relative(self._image_path(c)) if active else None for c in items]),
+            "original_name": ("VARCHAR", [c.source.name for c in items]),
+            "format": ("VARCHAR", [c.format for c in items]),
+            "width": ("INTEGER", [c.width for c in items]),
+            "height": ("INTEGER", [c.height for c in items]),
+        }, added_at="now()", **({"vector_id": "nextval('vector_id_seq')"} if active else {}))
+        if active:
+            _insert(con, "label_history", {
+                "sample_id": ("VARCHAR", [c.sample_id for c in items]),
+                "label": ("VARCHAR", [c.source.label for c in items]),
+            }, changed_at="now()", reason="'ingest'")
+
+    # ---- embed and index ---------------------------------------------------------------------
+
+    def pending_embeddings(self, image_set: str | None = None) -> pl.DataFrame:
+        """Active samples this encoder has not embedded yet (optionally only those of one set)."""
+        sql = ("SELECT s.sample_id, s.vector_id, s.image_path, s.image_set FROM samples s"
+               " WHERE s.status = 'active' AND NOT EXISTS (SELECT 1 FROM embeddings e"
+               "  WHERE e.encoder_id = ? AND e.sample_id = s.sample_id)")
+        params: list = [self.encoder.id]
+        if image_set is not None:
+            sql += " AND s.sample_id IN (SELECT sample_id FROM sample_sources WHERE image_set = ?)"
+            params.append(image_set)
+        return self.ledger.query(sql + " ORDER BY s.vector_id", params)
+
+    def embed_pending(self, image_set: str | None = None, progress: bool | None = None) -> int:
+        """Embed only what this encoder has not embedded; parts are recorded chunk by chunk."""
+        pending = self.pending_embeddings(image_set)
+        done = 0
+        for start in range(0, len(pending), EMBED_CHUNK):
+            chunk = pending.slice(start, EMBED_CHUNK)
+            paths = [self.layout.absolute(p) for p in chunk["image_path"]]
+            vectors = self.encoder.embed(paths, progress=progress,
+                                         desc=f"embedding {start + len(chunk)}/{len(pending)}")
+            folder = image_set or chunk["image_set"][0]
+            part = self.embeddings.write(folder, chunk["sample_id"].to_list(), chunk["vector_id"].to_numpy(), vectors)
+            with self.ledger.transaction() as con:
+                _insert(con, "embeddings", {
+                    "encoder_id": ("VARCHAR", [self.encoder.id] * len(chunk)),
+                    "sample_id": ("VARCHAR", chunk["sample_id"].to_list()),
+                    "path": ("VARCHAR", [part] * len(chunk)),
+                }, embedded_at="now()")
+            done += len(chunk)
+        return done
+
+    def _embedded_active(self, con) -> pl.DataFrame:
+        return to_frame(con.execute(
+            "SELECT s.vector_id, e.path FROM samples s JOIN embeddings e ON e.sample_id = s.sample_id"
+            " WHERE e.encoder_id = ? AND s.status = 'active'", [self.encoder.id]))
+
+    def index_pending(self) -> IndexVersion | None:
+        """Fold embedded-but-unindexed active samples into a new version; None if nothing to do."""
+        with self.ledger.connect() as con:
+            live = self.indexes.live()
+            base = self.indexes.load(live) if live else None
+            present = index_ids(base[1]) if base else np.empty(0, np.int64)
+            embedded = self._embedded_active(con)
+            todo = embedded.filter(~pl.col("vector_id").is_in(pl.Series(present, dtype=pl.Int64)))
+            if todo.is_empty():
+                return None
+            ids, vectors = self.embeddings.read(todo["path"].unique().to_list(), todo["vector_id"].to_numpy())
+            return self.indexes.add(ids, vectors, base=base)
+
+    def rebuild(self, operation: str = "rebuild") -> IndexVersion:
+        """A fresh version from the ledger and the embedding files alone."""
+        with self.ledger.connect() as con:
+            embedded = self._embedded_active(con)
+            ids, vectors = self.embeddings.read(embedded["path"].unique().to_list(), embedded["vector_id"].to_numpy())
+            return self.indexes.rebuild(ids, vectors, operation)
+
+    def add(self, source: str | Path, name: str | None = None, progress: bool | None = None) -> AddReport:
+        """Ingest + embed + index: the whole path for one image set."""
+        t0 = time.perf_counter()
+        report = self.ingest(source, name)
+        t1 = time.perf_counter()
+        embedded = self.embed_pending(report.image_set, progress=progress)
+        t2 = time.perf_counter()
+        version = self.index_pending()
+        live = version or self.indexes.live()
+        return AddReport(report, embedded, t2 - t1, live.version if live else None,
+                         live.n_vectors if live else 0, time.perf_counter() - t0)
+
+    # ---- search and classify -----------------------------------------------------------------
+
+    def live_index(self):
+        """(version, index) of the live version, cached while it stays live."""
+        live = self.indexes.live()
+        if live is None:
+            others = self.ledger.query("SELECT DISTINCT encoder_id FROM index_versions WHERE status = 'live'")
+            hint = (f" This memory has indexes for: {', '.join(others['encoder_id'])}; pass the encoder that built them"
+                    if len(others) else " Add an image set first: vismem add SET_PATH")
+            raise FileNotFoundError(f"no index for encoder {self.encoder.id}.{hint}")
+        if self._index_cache is None or self._index_cache[0] != live.sha256:
+            self._index_cache = (live.sha256, *self.indexes.load(live))
+        return self._index_cache[1], self._index_cache[2]
+
+    def catalog(self) -> Catalog:
+        return Catalog(self.ledger.query(
+            "SELECT vector_id, sample_id, label, image_path FROM samples WHERE status = 'active' AND vector_id IS NOT NULL"))
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, vector_ids), each (n, min(k, N)), best first."""
+        if vectors.ndim != 2 or vectors.shape[1] != self.encoder.dim:
+            raise EncoderMismatchError(f"query vectors of shape {vectors.shape} do not match encoder {self.encoder.id}")
+        _, index = self.live_index()
+        k = max(1, min(k, index.ntotal))
+        sims, ids = index.search(np.ascontiguousarray(vectors, np.float32), k)
+        return sims, ids
+
+    def classify(self, images: list, k: int = 20, strategy: str = DEFAULT_STRATEGY,
+                 progress: bool | None = None) -> list[Prediction]:
+        """Predict a label for each image, with the neighbours that decided it."""
+        vote_weights(np.zeros((1, 1)), strategy)  # fail early on an unknown strategy
+        vectors = self.encoder.embed(images, progress=progress)
+        sims, ids = self.search(vectors, k)
+        catalog = self.catalog()
+        rows = catalog.rows(ids)
+        labels = np.where(rows >= 0, catalog.label_codes[rows], -1)
+        weights = vote_weights(sims, strategy)
+        pred, conf = vote_all_k(labels, weights, len(catalog.label_names))
+        out = []
+        for i, image in enumerate(images):
+            scores: dict[str, float] = {}
+            neighbors = []
+            for r in range(ids.shape[1]):
+                if rows[i, r] < 0:
+                    continue
+                j = rows[i, r]
+                name = catalog.label_names[labels[i, r]]
+                scores[name] = scores.get(name, 0.0) + float(weights[i, r])
+                neighbors.append(Neighbor(r, catalog.sample_ids[j], int(ids[i, r]), name, float(sims[i, r]),
+                                          float(weights[i, r]), str(self.layout.absolute(catalog.image_paths[j]))))
+            label = catalog.label_names[pred[i, -1]] if pred[i, -1] >= 0 else None
+            out.append(Prediction(str(image) if isinstance(image, (str, Path)) else f"image[{i}]",
+                                  label, float(conf[i, -1]), scores, neighbors))
+        return out
+
+    # ---- evaluation --------------------------------------------------------------------------
+
+    def evaluate(self, source: str | Path, k_max: int = 100, strategies=STRATEGIES,
+                 progress: bool | None = None, record: bool = True) -> Evaluation:
+        """Accuracy of each strategy for every k in 1..k_max on a labelled query set (not stored)."""
+        files = read_image_set(Path(source))
+        checked = [check_image(f) for f in files]
+        usable = [c for c in checked if c.ok]
+        if not usable:
+            raise ImageSetError(f"{source} holds no usable labelled image to evaluate with")
+        version, _ = self.live_index()
+        vectors = self.encoder.embed([c.source.path for c in usable], progress=progress, desc="embedding queries")
+        sims, ids = self.search(vectors, k_max)
+        catalog = self.catalog()
+        rows = catalog.rows(ids)
+        labels = np.where(rows >= 0, catalog.label_codes[rows], -1)
+        truth = catalog.codes([c.source.label for c in usable])
+        frames = []
+        for strategy in strategies:
+            pred, _ = vote_all_k(labels, vote_weights(sims, strategy), len(catalog.label_names))
+            acc = accuracy_by_k(pred, truth)
+            frames.append(pl.DataFrame({"strategy": strategy, "k": np.arange(1, len(acc) + 1), "accuracy": acc}))
+        in_memory = self.ledger.query(
+            "SELECT count(*) AS n FROM samples WHERE status = 'active' AND sample_id IN (SELECT unnest(?::VARCHAR[]))",
+            [[c.sample_id for c in usable]])["n"][0]
+        result = Evaluation(str(source), version.version, len(usable), len(checked) - len(usable), int(in_memory),
+                            pl.concat(frames))
+        if record:
+            self.record_evaluation(result)
+        return result
+
+    def record_evaluation(self, result: Evaluation) -> None:
+        acc = result.accuracy
+        with self.ledger.transaction() as con:
+            eval_id = con.execute("SELECT nextval('evaluation_id_seq')").fetchone()[0]
+            _insert(con, "evaluations", {
+                "evaluation_id": ("BIGINT", [eval_id] * len(acc)),
+                "encoder_id": ("VARCHAR", [self.encoder.id] * len(acc)),
+                "index_version": ("INTEGER", [result.index_version] * len(acc)),
+                "query_set": ("VARCHAR", [result.query_set] * len(acc)),
+                "strategy": ("VARCHAR", acc["strategy"].to_list()),
+                "k": ("INTEGER", acc["k"].to_list()),
+                "accuracy": ("DOUBLE", acc["accuracy"].to_list()),
+                "n_queries": ("INTEGER", [result.n_queries] * len(acc)),
+            }, created_at="now()")
+
+    # ---- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        """What a person asks first: which encoder, how many of what, which index, how much disk."""
+        q = self.ledger.query
+        live = q("SELECT encoder_id, version, n_vectors, sha256, path, created_at FROM index_versions"
+                 " WHERE status = 'live' ORDER BY encoder_id")
+        return {
+            "home": str(self.layout.root),
+            "encoder": self.encoder_spec(),
+            "encoders": q("SELECT encoder_id, spec, dim, last_used_at FROM encoders ORDER BY last_used_at DESC").to_dicts(),
+            "samples": dict(q("SELECT status, count(*) FROM samples GROUP BY status ORDER BY status").iter_rows()),
+            "labels": dict(q("SELECT label, count(*) FROM samples WHERE status = 'active' GROUP BY label ORDER BY label").iter_rows()),
+            "image_sets": q("SELECT count(*) AS n FROM image_sets")["n"][0],
+            "live_indexes": live.with_columns(pl.col("created_at").cast(pl.String)).to_dicts(),
+            "disk_bytes": {d: _du(self.layout.root / d) for d in ("images", "embeddings", "indexes", "quarantine")}
+                          | {"ledger": _du(self.layout.ledger)},
+        }
+
+
+def _without_bytes(c: CheckedImage, keep_marker: bool = False) -> CheckedImage:
+    """Drop the bytes once stored, so a large set is never held in memory at once."""
+    from dataclasses import replace
+
+    return replace(c, data=b"" if keep_marker else None)
+
+
+def _insert(con, table: str, columns: dict[str, tuple[str, list]], **constants: str) -> None:
+    """Bulk insert: one statement of parallel unnest()s, plus SQL constants for the other columns."""
+    n = len(next(iter(columns.values()))[1])
+    if n == 0:
+        return
+    names = list(columns) + list(constants)
+    exprs = [f"unnest(?::{sqltype}[])" for sqltype, _ in columns.values()] + list(constants.values())
+    con.execute(f"INSERT INTO {table} ({', '.join(names)}) SELECT {', '.join(exprs)}",
+                [values for _, values in columns.values()])
+
+
+def _du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
