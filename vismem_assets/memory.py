@@ -142,7 +142,7 @@ class Memory:
     @cached_property
     def encoder(self) -> Encoder:
         encoder = self._encoder_choice if isinstance(self._encoder_choice, Encoder) else load_encoder(self.encoder_spec())
-        spec = self._encoder_choice if isinstance(self._encoder_choice, str) else getattr(encoder, "spec", None)
+        spec = getattr(encoder, "spec", None)
         with self.ledger.transaction() as con:
             con.execute(
                 "INSERT INTO encoders (encoder_id, slug, name, dim, weights_sha256, preprocessing, spec,"

@@ -19,15 +19,18 @@ def load_encoder(spec: str = DEFAULT_ENCODER) -> Encoder:
     if kind == "efficientnet-lite0" and not source:
         from .efficientnet import EfficientNetLite0
 
-        return EfficientNetLite0()
-    if kind in ("dinov2", "clip") and source:
+        encoder = EfficientNetLite0()
+    elif kind in ("dinov2", "clip") and source:
         from .hf import load_hf_encoder
 
-        return load_hf_encoder(kind, source)
-    raise ValueError(
-        f"unknown encoder spec {spec!r}: use 'efficientnet-lite0', 'dinov2:DIR_OR_NAME' "
-        "or 'clip:DIR_OR_NAME' (a local directory or a model already in the local Hugging Face cache)"
-    )
+        encoder = load_hf_encoder(kind, source)
+    else:
+        raise ValueError(
+            f"unknown encoder spec {spec!r}: use 'efficientnet-lite0', 'dinov2:DIR_OR_NAME' "
+            "or 'clip:DIR_OR_NAME' (a local directory or a model already in the local Hugging Face cache)"
+        )
+    encoder.spec = spec  # recorded in the ledger, so the memory can load the same encoder again
+    return encoder
 
 
 __all__ = ["DEFAULT_ENCODER", "Encoder", "EncoderMismatchError", "Preprocessing", "encoder_slug", "load_encoder"]
