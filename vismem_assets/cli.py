@@ -1,0 +1,228 @@
+"""`vismem`: the visual memory from the command line. Every subcommand prints a table for
+people and, with --json, JSON for machines."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import polars as pl
+
+from .imagesets import IMAGE_EXTENSIONS
+from .voting import DEFAULT_STRATEGY, STRATEGIES
+
+SHOWN_K = (1, 3, 5, 10, 20, 50, 100)
+
+
+def _memory(args):
+    from .memory import Memory
+
+    return Memory(args.home, encoder=getattr(args, "encoder", None))
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, default=str))
+
+
+def _table(frame: pl.DataFrame) -> None:
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True,
+                   fmt_str_lengths=80, tbl_width_chars=160, float_precision=4):
+        print(frame)
+
+
+def _progress(args) -> bool | None:
+    return False if args.json else None
+
+
+def cmd_add(args) -> int:
+    report = _memory(args).add(args.set_path, name=args.name, progress=_progress(args))
+    if args.json:
+        _print_json(report.to_dict())
+        return 0
+    i = report.ingest
+    _table(pl.DataFrame({
+        "image set": [i.image_set], "files": [i.n_files], "added": [i.added], "duplicates": [i.duplicates],
+        "blocked": [i.blocked], "quarantined": [len(i.quarantined)], "embedded": [report.embedded],
+        "img/s": [round(report.images_per_second, 1)], "index version": [report.index_version],
+        "vectors": [report.n_vectors], "seconds": [round(report.seconds, 1)],
+    }))
+    if i.quarantined:
+        print(f"\n{len(i.quarantined)} file(s) quarantined (the rest of the set went in):")
+        _table(pl.DataFrame(i.quarantined))
+    if i.label_conflicts:
+        print(f"\n{len(i.label_conflicts)} duplicate(s) arrived with another label; the stored label was kept:")
+        _table(pl.DataFrame(i.label_conflicts))
+    return 0
+
+
+def _expand(paths: list[str]) -> list[Path]:
+    """Files as given; folders become the image files inside them."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p} does not exist")
+    return out
+
+
+def cmd_classify(args) -> int:
+    memory = _memory(args)
+    predictions = memory.classify(_expand(args.paths), k=args.k, strategy=args.strategy, progress=_progress(args))
+    for p in predictions:
+        if args.json:
+            _print_json(p.to_dict())
+            continue
+        print(f"\n{p.path}\n  -> {p.label}  (confidence {p.confidence:.2f}, {args.strategy} vote over k={args.k})")
+        shown = p.neighbors[: args.show]
+        _table(pl.DataFrame({
+            "rank": [n.rank for n in shown], "label": [n.label for n in shown],
+            "similarity": [round(n.similarity, 4) for n in shown], "weight": [round(n.weight, 4) for n in shown],
+            "sample_id": [n.sample_id[:12] for n in shown], "image": [n.image_path for n in shown],
+        }))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .plots import plot_accuracy
+
+    result = _memory(args).evaluate(args.set_path, k_max=args.k_max, progress=_progress(args))
+    if args.plot:
+        plot_accuracy(result.accuracy, args.plot, title=f"{Path(args.set_path).name}: index v{result.index_version}")
+    if args.json:
+        _print_json(result.to_dict() | {"best": result.best().to_dicts(), "plot": args.plot})
+        return 0
+    print(f"{result.n_queries} queries ({result.n_skipped} unusable skipped, {result.n_in_memory} also stored in "
+          f"the memory) against index version {result.index_version}\n")
+    wide = (result.accuracy.filter(pl.col("k").is_in(SHOWN_K))
+            .pivot(on="strategy", index="k", values="accuracy").sort("k"))
+    _table(wide)
+    print("\nbest k per strategy:")
+    _table(result.best())
+    if args.plot:
+        print(f"\nplot: {args.plot}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    status = _memory(args).status()
+    if args.json:
+        _print_json(status)
+        return 0
+    print(f"memory home: {status['home']}\nencoder:     {status['encoder']}")
+    print(f"samples:     {status['samples'] or 'none yet'}   image sets: {status['image_sets']}")
+    if status["live_indexes"]:
+        print("\nlive index versions:")
+        _table(pl.DataFrame(status["live_indexes"]).select("version", "n_vectors", "path", "created_at", "encoder_id"))
+    if status["labels"]:
+        print("\nactive samples per label:")
+        _table(pl.DataFrame({"label": list(status["labels"]), "samples": list(status["labels"].values())}))
+    print("\ndisk use:")
+    _table(pl.DataFrame({"part": list(status["disk_bytes"]),
+                         "MiB": [round(b / 2**20, 2) for b in status["disk_bytes"].values()]}))
+    return 0
+
+
+def cmd_rebuild(args) -> int:
+    version = _memory(args).rebuild()
+    if args.json:
+        _print_json(version.__dict__)
+    else:
+        print(f"index version {version.version} written from the ledger and embeddings: "
+              f"{version.n_vectors} vectors, sha256 {version.sha256[:16]}…, {version.path}")
+    return 0
+
+
+def cmd_query(args) -> int:
+    from .ledger import named_query
+
+    frame = _memory(args).ledger.query(named_query(args.name))
+    if args.json:
+        _print_json(frame.with_columns(pl.selectors.temporal().cast(pl.String)).to_dicts())
+    else:
+        _table(frame)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on built-in data: Fashion-MNIST folders -> memory -> evaluation table and plot."""
+    from .fashion_mnist import write_image_folders
+
+    memory = _memory(args)
+    data = memory.layout.root / "demo-data"
+    print(f"writing Fashion-MNIST image folders under {data} ({args.n_memory} memory, {args.n_queries} queries)")
+    write_image_folders(data / "fashion-train", "train", args.n_memory, seed=0)
+    write_image_folders(data / "fashion-test", "test", args.n_queries, seed=1)
+    args.set_path, args.name = str(data / "fashion-train"), None
+    cmd_add(args)
+    args.set_path, args.k_max = str(data / "fashion-test"), 100
+    args.plot = args.plot or str(memory.layout.root / "reports" / "demo-accuracy.png")
+    print()
+    return cmd_eval(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vismem", description=__doc__)
+    parser.add_argument("--home", help="memory home (default: $VISMEM_HOME, else ./vismem_home)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help):
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        p.set_defaults(func=func)
+        return p
+
+    def encoder_option(p):
+        p.add_argument("--encoder", help="efficientnet-lite0 (default) | dinov2:DIR_OR_NAME | clip:DIR_OR_NAME; "
+                                         "default: the one this memory used last")
+
+    p = command("add", cmd_add, "ingest an image set (folder <set>/<label>/* or CSV/parquet manifest), embed, index")
+    p.add_argument("set_path")
+    p.add_argument("--name", help="image set name (default: the folder or manifest name)")
+    encoder_option(p)
+
+    p = command("classify", cmd_classify, "predict labels for images (files or folders), with the deciding neighbours")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY)
+    p.add_argument("--show", type=int, default=5, help="neighbours shown per image in the table")
+    encoder_option(p)
+
+    p = command("eval", cmd_eval, "accuracy of every voting strategy for k = 1..k-max on a labelled query set")
+    p.add_argument("set_path")
+    p.add_argument("--k-max", type=int, default=100)
+    p.add_argument("--plot", help="write a PNG chart of accuracy against k here")
+    encoder_option(p)
+
+    p = command("status", cmd_status, "encoder, counts per label, live index version, disk use")
+    encoder_option(p)
+
+    p = command("rebuild", cmd_rebuild, "write a fresh index version from the ledger and embedding files")
+    encoder_option(p)
+
+    p = command("query", cmd_query, "run a named audit query from sql/queries (e.g. index_lineage, quarantined_files)")
+    p.add_argument("name")
+
+    p = command("demo", cmd_demo, "the main job on built-in data: Fashion-MNIST memory, evaluation table and plot")
+    p.add_argument("--n-memory", type=int, default=2000)
+    p.add_argument("--n-queries", type=int, default=500)
+    p.add_argument("--plot", help="PNG chart path (default: <home>/reports/demo-accuracy.png)")
+    encoder_option(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as exc:
+        # Expected failures get one clear line, not a traceback.
+        print(f"vismem {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
