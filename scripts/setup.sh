@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set everything up on a fresh machine: the Fashion-MNIST Debian package (the built-in data)
+# and a virtual environment with the pinned dependencies. Safe to run again: it only does
+# what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DATA=/usr/share/datasets/fashion-mnist
+if [ ! -f "$DATA/train-images-idx3-ubyte.gz" ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing the Debian package dataset-fashion-mnist (built-in demo and test data)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || {
+      apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+  else
+    echo "setup: Fashion-MNIST is missing. Install it with: sudo apt-get install dataset-fashion-mnist" >&2
+    echo "       (or set VISMEM_FASHION_MNIST to a folder with the four idx .gz files), then run this again." >&2
+    exit 1
+  fi
+fi
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "setup: vismem needs Python 3.11 (the torch 2.13.0 CPU build here is for 3.11); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+
+STAMP=.venv/.installed
+if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
+  echo "setup: creating .venv and installing pinned dependencies (first time: a few minutes)"
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+  # torch is pinned to the CPU build (2.13.0); torchvision is never installed.
+  .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c 'import torch, faiss, duckdb, polars, transformers, dagster, vismem_assets' \
+    || { echo "setup: the environment did not install cleanly; see pip's output above" >&2; exit 1; }
+  touch "$STAMP"
+fi
