@@ -46,7 +46,7 @@ class EmbeddingStore:
             return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
         frame = pl.concat([pl.read_parquet(self.layout.absolute(p), columns=["vector_id", "vector"]) for p in paths])
         if keep_vector_ids is not None:
-            frame = frame.filter(pl.col("vector_id").is_in(pl.Series(keep_vector_ids, dtype=pl.Int64)))
+            frame = frame.filter(np.isin(frame["vector_id"].to_numpy(), keep_vector_ids))
         frame = frame.unique("vector_id", keep="first").sort("vector_id")
         vectors = frame["vector"].to_numpy()
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:

@@ -328,7 +328,7 @@ class Memory:
             base = self.indexes.load(live) if live else None
             present = index_ids(base[1]) if base else np.empty(0, np.int64)
             embedded = self._embedded_active(con)
-            todo = embedded.filter(~pl.col("vector_id").is_in(pl.Series(present, dtype=pl.Int64)))
+            todo = embedded.filter(~np.isin(embedded["vector_id"].to_numpy(), present))
             if todo.is_empty():
                 return None
             ids, vectors = self.embeddings.read(todo["path"].unique().to_list(), todo["vector_id"].to_numpy())
