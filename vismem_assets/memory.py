@@ -384,6 +384,7 @@ class Memory:
                  progress: bool | None = None) -> list[Prediction]:
         """Predict a label for each image, with the neighbours that decided it."""
         vote_weights(np.zeros((1, 1)), strategy)  # fail early on an unknown strategy
+        self.live_index()  # ... and on a memory with nothing to search, before embedding anything
         vectors = self.encoder.embed(images, progress=progress)
         sims, ids = self.search(vectors, k)
         catalog = self.catalog()

@@ -58,9 +58,12 @@ def load_image(item) -> Image.Image:
         return item
     if isinstance(item, np.ndarray):
         return Image.fromarray(item)
-    with Image.open(item) as im:
-        im.load()
-        return im.copy()
+    try:
+        with Image.open(item) as im:
+            im.load()
+            return im.copy()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"{item} is not a readable image: {exc}") from exc
 
 
 def sha256_files(paths: Iterable[Path]) -> str:
