@@ -57,6 +57,12 @@ def index_ids(index: faiss.Index) -> np.ndarray:
     return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
 
 
+def index_vectors(index: faiss.Index) -> np.ndarray:
+    """The stored vectors of a flat index, in id-map order (a copy, safe after the index goes)."""
+    flat = faiss.downcast_index(faiss.downcast_index(index).index)
+    return faiss.rev_swig_ptr(flat.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d).copy()
+
+
 _COLUMNS = "encoder_id, version, path, sha256, parent_version, operation, n_vectors, n_added, n_removed, status"
 
 
@@ -122,6 +128,18 @@ class IndexStore:
             index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(vector_ids, np.int64))
         with self.ledger.connect():
             return self._commit(index, self.live(), operation)
+
+    def retain(self, keep: int) -> list[IndexVersion]:
+        """Keep the live version and the `keep - 1` newest before it; purge (delete) older files."""
+        with self.ledger.transaction() as con:
+            retained = [v for v in self.versions() if v.status == "retained"]  # oldest first
+            old = retained[: max(len(retained) - (keep - 1), 0)]
+            for v in old:
+                con.execute("UPDATE index_versions SET status = 'purged' WHERE encoder_id = ? AND version = ?",
+                            [self.encoder_id, v.version])
+        for v in old:  # files go after the ledger says so: a crash here leaves only an orphan file
+            self.layout.absolute(v.path).unlink(missing_ok=True)
+        return old
 
     def _check(self, vectors: np.ndarray) -> None:
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:

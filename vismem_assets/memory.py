@@ -16,10 +16,11 @@ from .encoders import DEFAULT_ENCODER, Encoder, EncoderMismatchError, load_encod
 from .embeddings import EmbeddingStore
 from .home import Layout, resolve_home
 from .imagesets import CheckedImage, ImageSetError, check_image, check_set_name, read_image_set
-from .index_store import IndexStore, IndexVersion, index_ids
+from .index_store import IndexStore, IndexVersion, index_ids, index_vectors
 from .ledger import Ledger, to_frame
 from .voting import DEFAULT_STRATEGY, STRATEGIES, accuracy_by_k, vote_all_k, vote_weights
 
+DEFAULT_K = 20     # neighbours voting, unless asked otherwise
 EMBED_CHUNK = 2048  # images per embedding part file: a crash loses at most one chunk of work
 
 
@@ -86,6 +87,14 @@ class Evaluation:
     n_skipped: int
     n_in_memory: int          # queries whose exact bytes are also stored in the memory
     accuracy: pl.DataFrame    # strategy, k, accuracy
+    per_label: pl.DataFrame   # label, n_queries, accuracy, strategy, k (default strategy, default k)
+    evaluation_id: int | None = None
+
+    def top1(self, strategy: str = DEFAULT_STRATEGY, k: int | None = None) -> float:
+        """Accuracy of one strategy at k (default: DEFAULT_K, or the largest k evaluated)."""
+        frame = self.accuracy.filter(pl.col("strategy") == strategy)
+        k = min(k or DEFAULT_K, frame["k"].max())
+        return float(frame.filter(pl.col("k") == k)["accuracy"][0])
 
     def best(self) -> pl.DataFrame:
         """Best k and accuracy per strategy."""
@@ -93,9 +102,10 @@ class Evaluation:
                 .group_by("strategy", maintain_order=True).first().sort("strategy"))
 
     def to_dict(self) -> dict:
-        return {"query_set": self.query_set, "index_version": self.index_version, "n_queries": self.n_queries,
-                "n_skipped": self.n_skipped, "n_in_memory": self.n_in_memory,
-                "accuracy": self.accuracy.to_dicts()}
+        return {"evaluation_id": self.evaluation_id, "query_set": self.query_set,
+                "index_version": self.index_version, "n_queries": self.n_queries, "n_skipped": self.n_skipped,
+                "n_in_memory": self.n_in_memory, "accuracy": self.accuracy.to_dicts(),
+                "per_label": self.per_label.to_dicts()}
 
 
 class Catalog:
@@ -380,7 +390,7 @@ class Memory:
         sims, ids = index.search(np.ascontiguousarray(vectors, np.float32), k)
         return sims, ids
 
-    def classify(self, images: list, k: int = 20, strategy: str = DEFAULT_STRATEGY,
+    def classify(self, images: list, k: int = DEFAULT_K, strategy: str = DEFAULT_STRATEGY,
                  progress: bool | None = None) -> list[Prediction]:
         """Predict a label for each image, with the neighbours that decided it."""
         vote_weights(np.zeros((1, 1)), strategy)  # fail early on an unknown strategy
@@ -409,7 +419,7 @@ class Memory:
                                   label, float(conf[i, -1]), scores, neighbors))
         return out
 
-    # ---- evaluation --------------------------------------------------------------------------
+    # ---- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self, source: str | Path, k_max: int = 100, strategies=STRATEGIES,
                  progress: bool | None = None, record: bool = True) -> Evaluation:
@@ -422,30 +432,59 @@ class Memory:
         version, _ = self.live_index()
         vectors = self.encoder.embed([c.source.path for c in usable], progress=progress, desc="embedding queries")
         sims, ids = self.search(vectors, k_max)
+        in_memory = self.ledger.query(
+            "SELECT count(*) AS n FROM samples WHERE status = 'active' AND sample_id IN (SELECT unnest(?::VARCHAR[]))",
+            [[c.sample_id for c in usable]])["n"][0]
+        result = self._score(str(source), version.version, sims, ids, [c.source.label for c in usable], strategies)
+        result.n_skipped, result.n_in_memory = len(checked) - len(usable), int(in_memory)
+        return self.record_evaluation(result) if record else result
+
+    def evaluate_leave_one_out(self, k_max: int = 100, strategies=STRATEGIES, record: bool = True,
+                               batch: int = 4096) -> Evaluation:
+        """Each stored sample classified by all the others (for memories without a query split)."""
+        version, index = self.live_index()
+        if index.ntotal < 2:
+            raise ValueError("leave-one-out needs at least two samples in the memory")
+        ids_all, vectors = index_ids(index), index_vectors(index)
+        k = min(k_max, index.ntotal - 1)
+        sims = np.empty((len(ids_all), k), np.float32)
+        ids = np.empty((len(ids_all), k), np.int64)
+        for start in range(0, len(ids_all), batch):
+            s, i = index.search(vectors[start:start + batch], k + 1)
+            own = i == ids_all[start:start + batch, None]
+            own[:, -1] |= ~own.any(axis=1)  # self not retrieved (exact duplicates): drop the last instead
+            keep = ~own
+            sims[start:start + batch] = s[keep].reshape(len(s), k)
+            ids[start:start + batch] = i[keep].reshape(len(i), k)
         catalog = self.catalog()
+        truth = [catalog.label_names[c] for c in catalog.label_codes[catalog.rows(ids_all)]]
+        result = self._score("leave-one-out", version.version, sims, ids, truth, strategies, catalog)
+        return self.record_evaluation(result) if record else result
+
+    def _score(self, query_set: str, version: int, sims: np.ndarray, ids: np.ndarray, truth_labels: list[str],
+               strategies, catalog: Catalog | None = None) -> Evaluation:
+        catalog = catalog or self.catalog()
         rows = catalog.rows(ids)
         labels = np.where(rows >= 0, catalog.label_codes[rows], -1)
-        truth = catalog.codes([c.source.label for c in usable])
-        frames = []
+        truth = catalog.codes(truth_labels)
+        frames, per_label = [], None
+        k_label = min(DEFAULT_K, ids.shape[1])
         for strategy in strategies:
             pred, _ = vote_all_k(labels, vote_weights(sims, strategy), len(catalog.label_names))
             acc = accuracy_by_k(pred, truth)
             frames.append(pl.DataFrame({"strategy": strategy, "k": np.arange(1, len(acc) + 1), "accuracy": acc}))
-        in_memory = self.ledger.query(
-            "SELECT count(*) AS n FROM samples WHERE status = 'active' AND sample_id IN (SELECT unnest(?::VARCHAR[]))",
-            [[c.sample_id for c in usable]])["n"][0]
-        result = Evaluation(str(source), version.version, len(usable), len(checked) - len(usable), int(in_memory),
-                            pl.concat(frames))
-        if record:
-            self.record_evaluation(result)
-        return result
+            if strategy == DEFAULT_STRATEGY or per_label is None:
+                per_label = (pl.DataFrame({"label": truth_labels, "correct": pred[:, k_label - 1] == truth})
+                             .group_by("label").agg(pl.len().alias("n_queries"), pl.col("correct").mean().alias("accuracy"))
+                             .sort("label").with_columns(strategy=pl.lit(strategy), k=pl.lit(k_label)))
+        return Evaluation(query_set, version, len(truth_labels), 0, 0, pl.concat(frames), per_label)
 
-    def record_evaluation(self, result: Evaluation) -> None:
-        acc = result.accuracy
+    def record_evaluation(self, result: Evaluation) -> Evaluation:
+        acc, per = result.accuracy, result.per_label
         with self.ledger.transaction() as con:
-            eval_id = con.execute("SELECT nextval('evaluation_id_seq')").fetchone()[0]
+            result.evaluation_id = con.execute("SELECT nextval('evaluation_id_seq')").fetchone()[0]
             _insert(con, "evaluations", {
-                "evaluation_id": ("BIGINT", [eval_id] * len(acc)),
+                "evaluation_id": ("BIGINT", [result.evaluation_id] * len(acc)),
                 "encoder_id": ("VARCHAR", [self.encoder.id] * len(acc)),
                 "index_version": ("INTEGER", [result.index_version] * len(acc)),
                 "query_set": ("VARCHAR", [result.query_set] * len(acc)),
@@ -454,6 +493,20 @@ class Memory:
                 "accuracy": ("DOUBLE", acc["accuracy"].to_list()),
                 "n_queries": ("INTEGER", [result.n_queries] * len(acc)),
             }, created_at="now()")
+            _insert(con, "evaluation_labels", {
+                "evaluation_id": ("BIGINT", [result.evaluation_id] * len(per)),
+                "label": ("VARCHAR", per["label"].to_list()),
+                "strategy": ("VARCHAR", per["strategy"].to_list()),
+                "k": ("INTEGER", per["k"].to_list()),
+                "n_queries": ("INTEGER", per["n_queries"].to_list()),
+                "accuracy": ("DOUBLE", per["accuracy"].to_list()),
+            })
+        return result
+
+    def compact(self, retain: int = 5) -> tuple[IndexVersion, list[IndexVersion]]:
+        """Nightly compaction: a full rebuild into a fresh version, then keep only the newest `retain`."""
+        version = self.rebuild("compact")
+        return version, self.indexes.retain(retain)
 
     # ---- status ------------------------------------------------------------------------------
 

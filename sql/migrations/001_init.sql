@@ -148,3 +148,13 @@ CREATE TABLE evaluations (
     n_queries      INTEGER NOT NULL,
     created_at     TIMESTAMP NOT NULL
 );
+
+-- Accuracy per true label of the same evaluation, at one strategy and k (the defaults).
+CREATE TABLE evaluation_labels (
+    evaluation_id  BIGINT NOT NULL,
+    label          VARCHAR NOT NULL,
+    strategy       VARCHAR NOT NULL,
+    k              INTEGER NOT NULL,
+    n_queries      INTEGER NOT NULL,
+    accuracy       DOUBLE NOT NULL
+);
