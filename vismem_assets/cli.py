@@ -27,7 +27,7 @@ def _print_json(obj) -> None:
 
 def _table(frame: pl.DataFrame) -> None:
     with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True,
-                   fmt_str_lengths=80, tbl_width_chars=160, float_precision=4):
+                   fmt_str_lengths=80, tbl_width_chars=160):
         print(frame)
 
 

@@ -503,6 +503,26 @@ class Memory:
             })
         return result
 
+    def index_consistency(self) -> dict:
+        """Does the live index hold exactly the active embedded samples of this encoder?"""
+        _, index = self.live_index()
+        in_index = index_ids(index)
+        with self.ledger.connect() as con:
+            expected = self._embedded_active(con)["vector_id"].to_numpy()
+        missing = np.setdiff1d(expected, in_index)
+        extra = np.setdiff1d(in_index, expected)
+        return {"ok": bool(len(missing) == 0 and len(extra) == 0 and len(in_index) == len(np.unique(in_index))),
+                "n_index": int(len(in_index)), "n_ledger": int(len(expected)),
+                "missing_from_index": missing[:20].tolist(), "not_in_ledger": extra[:20].tolist()}
+
+    def embedding_files(self, image_set: str | None = None) -> list[str]:
+        sql = "SELECT DISTINCT e.path FROM embeddings e WHERE e.encoder_id = ?"
+        params: list = [self.encoder.id]
+        if image_set is not None:
+            sql += " AND e.sample_id IN (SELECT sample_id FROM sample_sources WHERE image_set = ?)"
+            params.append(image_set)
+        return self.ledger.query(sql + " ORDER BY 1", params)["path"].to_list()
+
     def compact(self, retain: int = 5) -> tuple[IndexVersion, list[IndexVersion]]:
         """Nightly compaction: a full rebuild into a fresh version, then keep only the newest `retain`."""
         version = self.rebuild("compact")

@@ -32,3 +32,32 @@ def plot_accuracy(accuracy: pl.DataFrame, out: str | Path, title: str = "accurac
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def contact_sheet(images: list[str | Path], captions: list[str], out: str | Path, columns: int = 6,
+                  title: str | None = None) -> Path:
+    """A grid of thumbnails with a caption each: what a person looks at to see what arrived."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    n = max(len(images), 1)
+    rows = (n + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.4, rows * 1.6 + (0.3 if title else 0)), dpi=80,
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, path, caption in zip(axes.flat, images, captions):
+        with Image.open(path) as im:
+            ax.imshow(im.convert("RGB"))
+        ax.set_title(caption, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

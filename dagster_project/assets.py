@@ -1,0 +1,165 @@
+"""The asset graph: image_sets -> embeddings (one partition per arrived set) -> memory_index
+-> evaluation. Each asset is one call on the core plus the metadata a person wants to see."""
+
+import time
+
+import numpy as np
+import polars as pl
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AutomationCondition,
+    Config,
+    DynamicPartitionsDefinition,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+from pydantic import Field
+
+from vismem_assets.plots import contact_sheet, plot_accuracy
+
+from .metadata import image_markdown, table
+from .resources import VisualMemory
+
+image_set_partitions = DynamicPartitionsDefinition(name="image_sets")
+LEDGER_POOL = "vismem_ledger"  # every asset that writes the ledger: one at a time (dagster.yaml)
+SHOWN_K = (1, 3, 5, 10, 20, 50, 100)
+
+# Like eager(), but a set that failed (and so stays missing) must not stop the memory from
+# folding in the sets that did arrive.
+FOLD_IN_UPDATES = AutomationCondition.eager().without(~AutomationCondition.any_deps_missing())
+
+
+@asset(partitions_def=image_set_partitions, pool=LEDGER_POOL, group_name="visual_memory",
+       description="An arrived image set, validated and registered in the ledger; bad files quarantined.")
+def image_sets(context: AssetExecutionContext, visual_memory: VisualMemory) -> MaterializeResult:
+    memory = visual_memory.memory()
+    name = context.partition_key
+    t0 = time.perf_counter()
+    report = memory.ingest(memory.layout.inbox_sets / name, name=name)
+    seconds = time.perf_counter() - t0
+    context.log.info(f"{name}: {report.added} added, {report.duplicates} duplicates, "
+                     f"{len(report.quarantined)} quarantined, {report.blocked} blocked")
+    arrived = memory.ledger.query(
+        "SELECT s.label, s.image_path FROM sample_sources src JOIN samples s USING (sample_id)"
+        " WHERE src.ingest_id = ? AND s.status = 'active' ORDER BY s.label", [report.ingest_id])
+    metadata = {
+        "files": report.n_files, "added": report.added, "duplicates": report.duplicates,
+        "blocked": report.blocked, "quarantined": len(report.quarantined),
+        "seconds": round(seconds, 2), "files_per_second": round(report.n_files / max(seconds, 1e-9), 1),
+        "labels": table(arrived.group_by("label").len("samples").sort("label")),
+    }
+    if report.quarantined:
+        metadata["quarantine"] = table(pl.DataFrame(report.quarantined))
+    if report.label_conflicts:
+        metadata["label_conflicts"] = table(pl.DataFrame(report.label_conflicts))
+    if len(arrived):
+        preview = arrived.group_by("label", maintain_order=True).head(2).head(12)
+        sheet = contact_sheet([memory.layout.absolute(p) for p in preview["image_path"]], preview["label"].to_list(),
+                              memory.layout.root / "reports" / "image_sets" / f"{name}.png", title=name)
+        metadata["preview"] = image_markdown(sheet, f"images of {name}")
+    return MaterializeResult(metadata=metadata)
+
+
+@asset(partitions_def=image_set_partitions, deps=[image_sets], pool=LEDGER_POOL, group_name="visual_memory",
+       check_specs=[AssetCheckSpec("unit_vectors_of_encoder_dimension", asset="embeddings")],
+       description="Vectors of the set's new samples (only what this encoder has not embedded), as parquet.")
+def embeddings(context: AssetExecutionContext, visual_memory: VisualMemory):
+    memory = visual_memory.memory()
+    name = context.partition_key
+    encoder = memory.encoder
+    t0 = time.perf_counter()
+    n = memory.embed_pending(name, progress=True)
+    seconds = time.perf_counter() - t0
+    context.log.info(f"{name}: embedded {n} images with {encoder.id} in {seconds:.1f} s")
+    files = memory.embedding_files(name)
+    _, vectors = memory.embeddings.read(files)
+    norms = np.linalg.norm(vectors, axis=1) if len(vectors) else np.ones(0)
+    worst = float(np.abs(norms - 1).max()) if len(norms) else 0.0
+    yield MaterializeResult(
+        metadata={"embedded": n, "vectors_in_set": len(vectors), "dimension": encoder.dim, "encoder": encoder.id,
+                  "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 1) if n else 0.0,
+                  "files": MetadataValue.json(files)},
+        check_results=[AssetCheckResult(
+            check_name="unit_vectors_of_encoder_dimension", passed=vectors.shape[1] == encoder.dim and worst < 1e-3,
+            metadata={"dimension": int(vectors.shape[1]), "expected_dimension": encoder.dim,
+                      "max_norm_error": worst, "vectors": len(vectors)})],
+    )
+
+
+class MemoryIndexConfig(Config):
+    rebuild: bool = Field(default=False, description="compaction: rebuild from ledger + embeddings and purge old versions")
+
+
+@asset(deps=[embeddings], pool=LEDGER_POOL, group_name="visual_memory", automation_condition=FOLD_IN_UPDATES,
+       description="The live FAISS index: newly embedded sets folded in as a new immutable version.")
+def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
+                 visual_memory: VisualMemory) -> MaterializeResult:
+    memory = visual_memory.memory()
+    t0 = time.perf_counter()
+    purged = []
+    if config.rebuild:
+        version, purged = memory.compact(retain=visual_memory.retain_versions)
+    else:
+        version = memory.index_pending() or memory.indexes.live()
+    if version is None:
+        raise FileNotFoundError("nothing to index yet: no image set has been embedded; drop a set in the inbox")
+    seconds = time.perf_counter() - t0
+    context.log.info(f"index version {version.version} ({version.operation}): {version.n_vectors} vectors")
+    lineage = memory.ledger.query(
+        "SELECT version, parent_version, operation, status, n_vectors, n_added, n_removed, created_at"
+        " FROM index_versions WHERE encoder_id = ? ORDER BY version DESC LIMIT 20", [memory.encoder.id])
+    return MaterializeResult(metadata={
+        "index_version": version.version, "parent_version": version.parent_version,
+        "operation": version.operation, "n_vectors": version.n_vectors, "n_added": version.n_added,
+        "purged_versions": [v.version for v in purged], "sha256": version.sha256,
+        "path": MetadataValue.path(str(memory.layout.absolute(version.path))),
+        "seconds": round(seconds, 3), "lineage": table(lineage),
+    })
+
+
+@asset(deps=[memory_index], pool=LEDGER_POOL, group_name="visual_memory",
+       automation_condition=AutomationCondition.eager(),
+       check_specs=[AssetCheckSpec("top1_not_dropped", asset="evaluation")],
+       description="Accuracy of every voting strategy for k = 1..k_max after each index change.")
+def evaluation(context: AssetExecutionContext, visual_memory: VisualMemory):
+    memory = visual_memory.memory()
+    t0 = time.perf_counter()
+    if visual_memory.query_set:
+        query_set = memory.layout.root / visual_memory.query_set
+        result = memory.evaluate(query_set, k_max=visual_memory.k_max, progress=False)
+    else:
+        result = memory.evaluate_leave_one_out(k_max=visual_memory.k_max)
+    seconds = time.perf_counter() - t0
+    top1 = result.top1()
+    chart = plot_accuracy(result.accuracy, memory.layout.root / "reports" / "evaluation" /
+                          f"v{result.index_version:06d}.png",
+                          title=f"{result.query_set}: index v{result.index_version}, {result.n_queries} queries")
+    wide = (result.accuracy.filter(pl.col("k").is_in(SHOWN_K))
+            .with_columns(pl.col("accuracy").round(4)).pivot(on="strategy", index="k", values="accuracy").sort("k"))
+    best = result.best()
+    previous = memory.ledger.query(
+        "SELECT e.index_version, e.accuracy FROM evaluations e WHERE e.encoder_id = ? AND e.query_set = ?"
+        " AND e.strategy = 'rank' AND e.k = ? AND e.index_version < ? ORDER BY e.evaluation_id DESC LIMIT 1",
+        [memory.encoder.id, result.query_set, min(20, result.accuracy["k"].max()), result.index_version])
+    drop = float(previous["accuracy"][0]) - top1 if len(previous) else 0.0
+    context.log.info(f"top-1 (rank, k=20) {top1:.4f} on {result.n_queries} queries ({result.query_set})")
+    yield MaterializeResult(metadata={
+        "top1": MetadataValue.float(top1),
+        "best_top1": MetadataValue.float(float(best["accuracy"].max())),
+        "index_version": result.index_version, "query_set": result.query_set, "n_queries": result.n_queries,
+        "seconds": round(seconds, 2),
+        "accuracy_by_k": table(wide), "best_k": table(best.with_columns(pl.col("accuracy").round(4))),
+        "per_label": table(result.per_label.with_columns(pl.col("accuracy").round(4))),
+        "chart": image_markdown(chart, "accuracy against k"),
+        "chart_path": MetadataValue.path(str(chart)),
+    })
+    yield AssetCheckResult(
+        check_name="top1_not_dropped", passed=drop <= visual_memory.max_top1_drop,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"top1": top1, "previous_top1": float(previous["accuracy"][0]) if len(previous) else None,
+                  "previous_index_version": int(previous["index_version"][0]) if len(previous) else None,
+                  "drop": drop, "max_drop": visual_memory.max_top1_drop})

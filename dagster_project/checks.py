@@ -1,0 +1,30 @@
+"""Checks that stop a wrong index from being built upon: blocking, so evaluation and
+everything downstream wait until they pass."""
+
+from dagster import AssetCheckResult, asset_check
+
+from vismem_assets.index_store import sha256_file
+
+from .assets import memory_index
+from .resources import VisualMemory
+
+
+@asset_check(asset=memory_index, blocking=True,
+             description="The live index holds exactly the active embedded samples of its encoder.")
+def live_index_matches_ledger(visual_memory: VisualMemory) -> AssetCheckResult:
+    report = visual_memory.memory().index_consistency()
+    return AssetCheckResult(passed=report["ok"], metadata=report)
+
+
+@asset_check(asset=memory_index, blocking=True,
+             description="The live index file's bytes match the sha256 recorded in the ledger.")
+def index_file_matches_sha256(visual_memory: VisualMemory) -> AssetCheckResult:
+    memory = visual_memory.memory()
+    live = memory.indexes.live()
+    path = memory.layout.absolute(live.path)
+    actual = sha256_file(path) if path.exists() else None
+    return AssetCheckResult(
+        passed=actual == live.sha256,
+        metadata={"version": live.version, "path": str(path), "recorded_sha256": live.sha256,
+                  "actual_sha256": actual or "file missing",
+                  "next_step": "ok" if actual == live.sha256 else "run `vismem rebuild` (or the compaction job)"})

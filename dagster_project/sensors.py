@@ -1,0 +1,67 @@
+"""Sensors: new image sets in the inbox, and declarative automation for everything downstream.
+A tick only lists folders; all heavy work happens in the runs it requests."""
+
+import json
+
+from dagster import (
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    define_asset_job,
+    in_process_executor,
+    sensor,
+)
+
+from vismem_assets.home import Layout, resolve_home
+from vismem_assets.imagesets import SET_NAME
+
+from .assets import embeddings, image_set_partitions, image_sets
+from .resources import VisualMemory
+
+READY_MARKER = "_READY"
+
+ingest_job = define_asset_job(
+    "ingest_image_set", selection=[image_sets, embeddings], partitions_def=image_set_partitions,
+    executor_def=in_process_executor,  # both steps in one process: the model loads once per run
+    description="Register an arrived image set and embed its new samples.",
+)
+
+
+def ready_sets(inbox) -> list[str]:
+    """Set folders that hold the _READY marker: half-copied folders are never taken."""
+    if not inbox.exists():
+        return []
+    return sorted(d.name for d in inbox.iterdir() if d.is_dir() and (d / READY_MARKER).is_file())
+
+
+@sensor(job=ingest_job, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=10,
+        description="Takes each complete image set (a folder with _READY) from $VISMEM_HOME/inbox/sets once.")
+def image_set_sensor(context: SensorEvaluationContext, visual_memory: VisualMemory):
+    inbox = Layout(resolve_home(visual_memory.home)).inbox_sets
+    taken = set(json.loads(context.cursor)) if context.cursor else set()
+    known = set(context.instance.get_dynamic_partitions(image_set_partitions.name))
+    ready = ready_sets(inbox)
+    bad_names = [n for n in ready if not SET_NAME.match(n)]
+    new = [n for n in ready if n not in taken and n not in known and n not in bad_names]
+    for name in bad_names:
+        if name not in taken:
+            context.log.warning(f"inbox set {name!r} is not a valid set name (letters, digits, . _ -); rename it")
+    if not new:
+        return SkipReason(f"no new complete set in {inbox} ({len(ready)} ready, all taken)")
+    context.log.info(f"new image sets: {', '.join(new)}")
+    return SensorResult(
+        run_requests=[RunRequest(partition_key=name, run_key=f"image_set:{name}") for name in new],
+        dynamic_partitions_requests=[image_set_partitions.build_add_request(new)],
+        cursor=json.dumps(sorted(taken | set(new) | set(bad_names))),
+    )
+
+
+automation_sensor = AutomationConditionSensorDefinition(
+    "vismem_automation", target=AssetSelection.all(), default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=15,
+    description="Folds embedded sets into a new index version and re-evaluates after every index change.",
+)
