@@ -10,7 +10,6 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
-    AutomationCondition,
     Config,
     DynamicPartitionsDefinition,
     MaterializeResult,
@@ -27,11 +26,6 @@ from .resources import VisualMemory
 image_set_partitions = DynamicPartitionsDefinition(name="image_sets")
 LEDGER_POOL = "vismem_ledger"  # every asset that writes the ledger: one at a time (dagster.yaml)
 SHOWN_K = (1, 3, 5, 10, 20, 50, 100)
-
-# Like eager(), but a set that failed (and so stays missing) must not stop the memory from
-# folding in the sets that did arrive.
-FOLD_IN_UPDATES = AutomationCondition.eager().without(~AutomationCondition.any_deps_missing())
-
 
 @asset(partitions_def=image_set_partitions, pool=LEDGER_POOL, group_name="visual_memory",
        description="An arrived image set, validated and registered in the ledger; bad files quarantined.")
@@ -94,7 +88,7 @@ class MemoryIndexConfig(Config):
     rebuild: bool = Field(default=False, description="compaction: rebuild from ledger + embeddings and purge old versions")
 
 
-@asset(deps=[embeddings], pool=LEDGER_POOL, group_name="visual_memory", automation_condition=FOLD_IN_UPDATES,
+@asset(deps=[embeddings], pool=LEDGER_POOL, group_name="visual_memory",
        description="The live FAISS index: newly embedded sets folded in as a new immutable version.")
 def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
                  visual_memory: VisualMemory) -> MaterializeResult:
@@ -122,7 +116,6 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
 
 
 @asset(deps=[memory_index], pool=LEDGER_POOL, group_name="visual_memory",
-       automation_condition=AutomationCondition.eager(),
        check_specs=[AssetCheckSpec("top1_not_dropped", asset="evaluation")],
        description="Accuracy of every voting strategy for k = 1..k_max after each index change.")
 def evaluation(context: AssetExecutionContext, visual_memory: VisualMemory):

@@ -6,9 +6,9 @@ from dagster import DefaultScheduleStatus, ScheduleDefinition, define_asset_job
 from .assets import evaluation, memory_index
 
 compaction_job = define_asset_job(
-    "nightly_compaction", selection=[memory_index],
+    "nightly_compaction", selection=[memory_index, evaluation],
     config={"ops": {"memory_index": {"config": {"rebuild": True}}}},
-    description="Full rebuild of the index from ledger + embeddings into a fresh version; purge old versions.",
+    description="Full rebuild of the index from ledger + embeddings into a fresh version, purge old versions, evaluate.",
 )
 evaluation_job = define_asset_job("scheduled_evaluation", selection=[evaluation],
                                   description="Evaluate the live memory.")

@@ -1,31 +1,31 @@
-"""Sensors: new image sets in the inbox, and declarative automation for everything downstream.
+"""Sensors: new image sets in the inbox, and new embeddings folded into the index.
 A tick only lists folders; all heavy work happens in the runs it requests."""
 
 import json
 
 from dagster import (
-    AssetSelection,
-    AutomationConditionSensorDefinition,
     DefaultSensorStatus,
+    EventLogEntry,
     RunRequest,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
     define_asset_job,
     in_process_executor,
+    asset_sensor,
     sensor,
 )
 
 from vismem_assets.home import Layout, resolve_home
 from vismem_assets.imagesets import SET_NAME
 
-from .assets import embeddings, image_set_partitions, image_sets
+from .assets import embeddings, evaluation, image_set_partitions, image_sets, memory_index
 from .resources import VisualMemory
 
 READY_MARKER = "_READY"
 
 ingest_job = define_asset_job(
-    "ingest_image_set", selection=[image_sets, embeddings], partitions_def=image_set_partitions,
+    "ingest_image_set", selection=[image_sets, embeddings],
     executor_def=in_process_executor,  # both steps in one process: the model loads once per run
     description="Register an arrived image set and embed its new samples.",
 )
@@ -60,8 +60,17 @@ def image_set_sensor(context: SensorEvaluationContext, visual_memory: VisualMemo
     )
 
 
-automation_sensor = AutomationConditionSensorDefinition(
-    "vismem_automation", target=AssetSelection.all(), default_status=DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=15,
-    description="Folds embedded sets into a new index version and re-evaluates after every index change.",
+refresh_job = define_asset_job(
+    "refresh_memory", selection=[memory_index, evaluation],
+    description="Fold newly embedded sets into a new index version, then evaluate it.",
 )
+
+
+@asset_sensor(asset_key=embeddings.key, job=refresh_job, default_status=DefaultSensorStatus.RUNNING,
+              minimum_interval_seconds=10,
+              description="After new embeddings land, folds them into a new index version and re-evaluates.")
+def embeddings_sensor(context: SensorEvaluationContext, asset_event: EventLogEntry):
+    # Each embeddings materialization is seen once (the sensor's cursor is the event id). One
+    # refresh run folds in everything pending, so events that arrived together need one run.
+    return RunRequest(run_key=f"embeddings:{asset_event.run_id}:{asset_event.timestamp}",
+                      tags={"vismem/trigger": f"embeddings {asset_event.dagster_event.partition}"})

@@ -115,9 +115,6 @@ def test_folder_set_is_registered_content_addressed(memory, fm_sets, tmp_path):
     assert count(memory, "embeddings") == 0 and count(memory, "index_versions") == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG memory.py Memory._insert_samples: samples.n_bytes (schema column, user-facing for audit SQL) "
-    "is never filled and stays NULL; fix: pass 'n_bytes': ('BIGINT', [...]) from the checked bytes"))
 def test_samples_record_their_size_in_bytes(memory, fm_sets, tmp_path):
     items = fm_files(fm_sets, labels=("Bag",), per_label=2)
     memory.ingest(make_set(tmp_path / "sized", items))
@@ -125,10 +122,6 @@ def test_samples_record_their_size_in_bytes(memory, fm_sets, tmp_path):
     assert got == {sha(p.read_bytes()): p.stat().st_size for _, p in items}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG memory.py Memory.ingest uses source.stem as the default set name, so a folder 'batch.1' is "
-    "named 'batch' and 'batch.2' merges into the same set (CLI help says 'default: the folder or "
-    "manifest name'); fix: name or (source.name if source.is_dir() else source.stem)"))
 def test_default_name_of_a_folder_set_is_the_whole_folder_name(memory, fm_sets, tmp_path):
     (label, a), (_, b) = fm_files(fm_sets, labels=("Bag",), per_label=2)
     r1 = memory.ingest(make_set(tmp_path / "batch.1", [(label, a)]))
@@ -297,12 +290,6 @@ def test_bad_files_are_quarantined_and_the_rest_goes_in(memory, fm_sets, tmp_pat
     assert stored == {sha(p.read_bytes()) for _, p in good}
 
 
-@pytest.mark.xfail(strict=True, raises=duckdb.ConstraintException, reason=(
-    "BUG memory.py Memory.ingest: bytes that arrive in one set both as a good file and as a bad one "
-    "(here a PNG also saved as .txt; a manifest row without a label does the same) are inserted into "
-    "samples twice ('active' via new, 'quarantined' via quarantined_new, which only excludes ids in "
-    "`known`), so the whole ingest dies on a PRIMARY KEY violation and the good files are lost; fix: "
-    "also exclude ids in `good` from quarantined_new"))
 def test_same_bytes_good_and_bad_in_one_set_keeps_the_good_one(memory, fm_sets, tmp_path):
     (label, path), (_, other) = fm_files(fm_sets, labels=("Bag",), per_label=2)
     data = path.read_bytes()

@@ -38,6 +38,7 @@ class CheckedImage:
     format: str | None = None        # store extension: jpg, png, ...
     width: int | None = None
     height: int | None = None
+    n_bytes: int | None = None
     reason: str | None = None        # why it is quarantined; None when good
 
     @property
@@ -121,7 +122,7 @@ def check_image(source: SourceFile, max_bytes: int = MAX_BYTES, max_pixels: int 
     sample_id = hashlib.sha256(data).hexdigest()
 
     def bad(reason: str) -> CheckedImage:
-        return CheckedImage(source, sample_id=sample_id, data=data, reason=reason)
+        return CheckedImage(source, sample_id=sample_id, data=data, n_bytes=len(data), reason=reason)
 
     if not data:
         return bad("empty file (0 bytes)")
@@ -147,4 +148,5 @@ def check_image(source: SourceFile, max_bytes: int = MAX_BYTES, max_pixels: int 
         return bad(f"decompression bomb: {exc}")
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         return bad(f"corrupt or truncated image: {exc}")
-    return CheckedImage(source, sample_id=sample_id, data=data, format=fmt, width=width, height=height)
+    return CheckedImage(source, sample_id=sample_id, data=data, format=fmt, width=width, height=height,
+                        n_bytes=len(data))

@@ -138,7 +138,7 @@ class Memory:
         self.layout = Layout(resolve_home(home)).create()
         self.ledger = Ledger(self.layout.ledger)
         self._encoder_choice = encoder
-        self._index_cache: tuple[str, IndexVersion, object] | None = None
+        self._index_cache: tuple[tuple, IndexVersion, object] | None = None
 
     # ---- encoder -----------------------------------------------------------------------------
 
@@ -178,7 +178,7 @@ class Memory:
     def ingest(self, source: str | Path, name: str | None = None) -> IngestReport:
         """Register a set's images in the ledger and the image store; bad files go to quarantine."""
         source = Path(source)
-        name = check_set_name(name or source.stem)
+        name = check_set_name(name or (source.name if source.is_dir() else source.stem))
         files = read_image_set(source)
         blocklist = set(self.ledger.query("SELECT sample_id FROM samples WHERE status = 'forgotten'")["sample_id"])
         good: dict[str, CheckedImage] = {}
@@ -235,7 +235,7 @@ class Memory:
                 "ingest_id": ("BIGINT", [report.ingest_id] * len(arrivals)),
             }, arrived_at="now()")
             quarantined_new = [c for c in {c.sample_id: c for c in bad if c.sample_id}.values()
-                               if c.sample_id not in known]
+                               if c.sample_id not in known and c.sample_id not in good]
             self._insert_samples(con, name, quarantined_new, "quarantined")
             _insert(con, "quarantine", {
                 "ingest_id": ("BIGINT", [report.ingest_id] * len(bad)),
@@ -286,6 +286,7 @@ class Memory:
             "format": ("VARCHAR", [c.format for c in items]),
             "width": ("INTEGER", [c.width for c in items]),
             "height": ("INTEGER", [c.height for c in items]),
+            "n_bytes": ("BIGINT", [c.n_bytes for c in items]),
         }, added_at="now()", **({"vector_id": "nextval('vector_id_seq')"} if active else {}))
         if active:
             _insert(con, "label_history", {
@@ -318,11 +319,12 @@ class Memory:
             folder = image_set or chunk["image_set"][0]
             part = self.embeddings.write(folder, chunk["sample_id"].to_list(), chunk["vector_id"].to_numpy(), vectors)
             with self.ledger.transaction() as con:
+                # Another run may have embedded some of these meanwhile: the first record stands.
                 _insert(con, "embeddings", {
                     "encoder_id": ("VARCHAR", [self.encoder.id] * len(chunk)),
                     "sample_id": ("VARCHAR", chunk["sample_id"].to_list()),
                     "path": ("VARCHAR", [part] * len(chunk)),
-                }, embedded_at="now()")
+                }, on_conflict="ON CONFLICT DO NOTHING", embedded_at="now()")
             done += len(chunk)
         return done
 
@@ -373,8 +375,8 @@ class Memory:
             hint = (f" This memory has indexes for: {', '.join(others['encoder_id'])}; pass the encoder that built them"
                     if len(others) else " Add an image set first: vismem add SET_PATH")
             raise FileNotFoundError(f"no index for encoder {self.encoder.id}.{hint}")
-        if self._index_cache is None or self._index_cache[0] != live.sha256:
-            self._index_cache = (live.sha256, *self.indexes.load(live))
+        if self._index_cache is None or self._index_cache[0] != (live.version, live.sha256):
+            self._index_cache = ((live.version, live.sha256), *self.indexes.load(live))
         return self._index_cache[1], self._index_cache[2]
 
     def catalog(self) -> Catalog:
@@ -555,14 +557,14 @@ def _without_bytes(c: CheckedImage, keep_marker: bool = False) -> CheckedImage:
     return replace(c, data=b"" if keep_marker else None)
 
 
-def _insert(con, table: str, columns: dict[str, tuple[str, list]], **constants: str) -> None:
+def _insert(con, table: str, columns: dict[str, tuple[str, list]], on_conflict: str = "", **constants: str) -> None:
     """Bulk insert: one statement of parallel unnest()s, plus SQL constants for the other columns."""
     n = len(next(iter(columns.values()))[1])
     if n == 0:
         return
     names = list(columns) + list(constants)
     exprs = [f"unnest(?::{sqltype}[])" for sqltype, _ in columns.values()] + list(constants.values())
-    con.execute(f"INSERT INTO {table} ({', '.join(names)}) SELECT {', '.join(exprs)}",
+    con.execute(f"INSERT INTO {table} ({', '.join(names)}) SELECT {', '.join(exprs)} {on_conflict}",
                 [values for _, values in columns.values()])
 
 
