@@ -30,10 +30,19 @@ STAMP=.venv/.installed
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   echo "setup: creating .venv and installing pinned dependencies (first time: a few minutes)"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
   # torch is pinned to the CPU build (2.13.0); torchvision is never installed.
-  .venv/bin/python -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+  if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e '.[test]'; } \
+      > .venv/pip.log 2>&1; then
+    tail -n 30 .venv/pip.log >&2
+    echo "setup: pip could not install the dependencies (full log: .venv/pip.log)" >&2
+    exit 1
+  fi
   .venv/bin/python -c 'import torch, faiss, duckdb, polars, transformers, dagster, vismem_assets' \
-    || { echo "setup: the environment did not install cleanly; see pip's output above" >&2; exit 1; }
+    || { echo "setup: the environment does not import cleanly (pip log: .venv/pip.log)" >&2; exit 1; }
   touch "$STAMP"
 fi
+
+# The Dagster instance lives apart from the memory home, git-ignored.
+DAGSTER_HOME_DIR=${DAGSTER_HOME:-$PWD/.dagster_home}
+mkdir -p "$DAGSTER_HOME_DIR"
+[ -f "$DAGSTER_HOME_DIR/dagster.yaml" ] || cp dagster_project/dagster.yaml "$DAGSTER_HOME_DIR/dagster.yaml"
