@@ -121,8 +121,8 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
 def evaluation(context: AssetExecutionContext, visual_memory: VisualMemory):
     memory = visual_memory.memory()
     t0 = time.perf_counter()
-    if visual_memory.query_set:
-        query_set = memory.layout.root / visual_memory.query_set
+    query_set = visual_memory.query_set_path()
+    if query_set is not None:
         result = memory.evaluate(query_set, k_max=visual_memory.k_max, progress=False)
     else:
         result = memory.evaluate_leave_one_out(k_max=visual_memory.k_max)
