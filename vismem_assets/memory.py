@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 
 from .encoders import DEFAULT_ENCODER, Encoder, EncoderMismatchError, load_encoder
+from .atomic import atomic_path, write_bytes_atomic
 from .embeddings import EmbeddingStore
 from .home import Layout, resolve_home
 from .imagesets import CheckedImage, ImageSetError, check_image, check_set_name, read_image_set
@@ -260,8 +261,6 @@ class Memory:
         return self.layout.quarantine / f"{c.sample_id}{c.source.path.suffix.lower() or '.bin'}"
 
     def _store_image(self, c: CheckedImage) -> None:
-        from .atomic import write_bytes_atomic
-
         path = self._image_path(c)
         if not path.exists():  # content-addressed: same name, same bytes
             write_bytes_atomic(path, c.data)
@@ -432,7 +431,7 @@ class Memory:
         if not usable:
             raise ImageSetError(f"{source} holds no usable labelled image to evaluate with")
         version, _ = self.live_index()
-        vectors = self.encoder.embed([c.source.path for c in usable], progress=progress, desc="embedding queries")
+        vectors = self._query_vectors(usable, progress)
         sims, ids = self.search(vectors, k_max)
         in_memory = self.ledger.query(
             "SELECT count(*) AS n FROM samples WHERE status = 'active' AND sample_id IN (SELECT unnest(?::VARCHAR[]))",
@@ -440,6 +439,21 @@ class Memory:
         result = self._score(str(source), version.version, sims, ids, [c.source.label for c in usable], strategies)
         result.n_skipped, result.n_in_memory = len(checked) - len(usable), int(in_memory)
         return self.record_evaluation(result) if record else result
+
+    def _query_vectors(self, images: list[CheckedImage], progress: bool | None) -> np.ndarray:
+        """Query embeddings, cached by content hash: a query set is re-evaluated after every change."""
+        cache = self.embeddings.root / "_queries.parquet"
+        known = pl.read_parquet(cache) if cache.exists() else None
+        have = dict(zip(known["sample_id"], known["vector"].to_numpy())) if known is not None else {}
+        todo = list({c.sample_id: c for c in images if c.sample_id not in have}.values())
+        if todo:
+            new = self.encoder.embed([c.source.path for c in todo], progress=progress, desc="embedding queries")
+            have.update(zip((c.sample_id for c in todo), new))
+            frame = pl.DataFrame({"sample_id": list(have),
+                                  "vector": pl.Series(np.stack(list(have.values())), dtype=pl.Array(pl.Float32, self.encoder.dim))})
+            with atomic_path(cache) as tmp:
+                frame.write_parquet(tmp)
+        return np.stack([have[c.sample_id] for c in images]).astype(np.float32)
 
     def evaluate_leave_one_out(self, k_max: int = 100, strategies=STRATEGIES, record: bool = True,
                                batch: int = 4096) -> Evaluation:
