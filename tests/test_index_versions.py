@@ -266,6 +266,7 @@ def test_crash_while_writing_a_version_leaves_the_previous_one_live(memory, fm_s
     new = parent.index_pending()
 
     assert (new.version, new.parent_version, new.n_added) == (2, 1, len(b))
+    assert not tmp_written.exists()                                     # the next writer cleared the leftover
     assert_chain(versions(parent))
     _, ids = plain_ids(memory.layout.absolute(new.path))
     assert ids == vector_ids_of(parent, a) | vector_ids_of(parent, b) == active_vector_ids(parent)

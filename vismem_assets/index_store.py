@@ -155,6 +155,10 @@ class IndexStore:
             ).fetchone()[0]
             version = last + 1
             final = self.root / f"v{version:06d}.faiss"
+            # We hold the ledger lock, so no other write is under way: temp files here are
+            # what a killed writer left behind.
+            for stale in self.root.glob(".v*.faiss.*.tmp"):
+                stale.unlink(missing_ok=True)
             with atomic_path(final) as tmp:
                 faiss.write_index(index, str(tmp))
             digest = sha256_file(final)
