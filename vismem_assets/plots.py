@@ -6,12 +6,27 @@ from pathlib import Path
 import polars as pl
 
 
-def plot_accuracy(accuracy: pl.DataFrame, out: str | Path, title: str = "accuracy against k") -> Path:
-    """Accuracy of each voting strategy against k (log scale), best point marked."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display here or in a Dagster run
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str | Path) -> Path:
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    _pyplot().close(fig)
+    return out
+
+
+def plot_accuracy(accuracy: pl.DataFrame, out: str | Path, title: str = "accuracy against k") -> Path:
+    """Accuracy of each voting strategy against k (log scale), best point marked."""
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for strategy, frame in accuracy.sort("k").group_by("strategy", maintain_order=True):
@@ -26,21 +41,13 @@ def plot_accuracy(accuracy: pl.DataFrame, out: str | Path, title: str = "accurac
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(title="strategy")
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def contact_sheet(images: list[str | Path], captions: list[str], out: str | Path, columns: int = 6,
                   title: str | None = None) -> Path:
     """A grid of thumbnails with a caption each: what a person looks at to see what arrived."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     from PIL import Image
 
     n = max(len(images), 1)
@@ -55,9 +62,4 @@ def contact_sheet(images: list[str | Path], captions: list[str], out: str | Path
         ax.set_title(caption, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
