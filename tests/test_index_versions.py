@@ -95,7 +95,11 @@ def test_each_add_writes_a_new_plain_faiss_version(memory, fm_sets, tmp_path):
 
     r1 = memory.add(make_set(tmp_path / "A", a))
     assert r1.index_version == 1 and r1.n_vectors == len(a)
-    assert [p.name for p in folder.iterdir()] == ["v000001.faiss"]      # no temp file left behind
+    # The version and its manifest, no temp file left behind.
+    assert sorted(p.name for p in folder.iterdir()) == ["v000001.faiss", "v000001.json"]
+    manifest = json.loads((folder / "v000001.json").read_text())
+    assert manifest["sha256"] == sha_file(folder / "v000001.faiss") and manifest["n_vectors"] == len(a)
+    assert manifest["chain_head"] == "0" * 64 and manifest["n_deletions"] == 0
 
     r2 = memory.add(make_set(tmp_path / "B", b))
     assert r2.index_version == 2 and r2.n_vectors == len(a) + len(b)
@@ -302,7 +306,7 @@ def test_wrong_dimension_never_enters_an_index(memory, fm_sets, tmp_path):
     with pytest.raises(EncoderMismatchError):
         memory.search(np.ones((1, 32), np.float32), 3)
     assert versions(memory).equals(before)
-    assert len(list(memory.layout.indexes(memory.encoder.slug).iterdir())) == 1
+    assert len(list(memory.layout.indexes(memory.encoder.slug).glob("v*.faiss"))) == 1
     # A store that expects another dimension refuses the file instead of serving it.
     other = IndexStore(memory.layout, memory.ledger, memory.encoder.id, memory.encoder.slug, 32)
     with pytest.raises(EncoderMismatchError, match="dimension 1280"):

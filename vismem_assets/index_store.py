@@ -8,18 +8,20 @@ previous version live and loadable; the ledger never names a file that was not c
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import atomic_path, write_bytes_atomic
 from .encoders.base import EncoderMismatchError
 from .home import Layout
 from .ledger import Ledger
 
 FLAT = "IDMap2,Flat"
+GENESIS = "0" * 64  # prev_hash of the first deletion
 
 
 class IndexIntegrityError(RuntimeError):
@@ -38,6 +40,16 @@ class IndexVersion:
     n_added: int
     n_removed: int
     status: str
+
+
+def manifest_path(index_path: Path) -> Path:
+    return Path(index_path).with_suffix(".json")
+
+
+def chain_head(con) -> tuple[str, int]:
+    """(row_hash of the last deletion, number of deletions): what every manifest records."""
+    row = con.execute("SELECT row_hash, seq FROM deletions ORDER BY seq DESC LIMIT 1").fetchone()
+    return (row[0], int(row[1])) if row else (GENESIS, 0)
 
 
 def sha256_file(path: Path) -> str:
@@ -129,6 +141,62 @@ class IndexStore:
         with self.ledger.connect():
             return self._commit(index, self.live(), operation)
 
+    def remove(self, vector_ids: np.ndarray) -> IndexVersion | None:
+        """A new live version without these vectors (really removed, not filtered at search time)."""
+        with self.ledger.connect():
+            parent = self.live()
+            if parent is None:
+                return None
+            _, index = self.load(parent)
+            present = np.intersect1d(index_ids(index), vector_ids)
+            if not len(present):
+                return None
+            index.remove_ids(faiss.IDSelectorBatch(present))
+            return self._commit(index, parent, "forget", removed=present)
+
+    def rewrite_without(self, version: IndexVersion, vector_ids: np.ndarray, request_id: str) -> bool:
+        """Rewrite a retained version without these vectors under a new file name; the ledger
+        switches to it (old and new sha256 recorded) before the old file is deleted."""
+        with self.ledger.connect() as con:
+            _, index = self.load(version)
+            present = np.intersect1d(index_ids(index), vector_ids)
+            if not len(present):
+                return False
+            index.remove_ids(faiss.IDSelectorBatch(present))
+            final = self.root / f"v{version.version:06d}.r{request_id[:12]}.faiss"
+            with atomic_path(final) as tmp:
+                faiss.write_index(index, str(tmp))
+            digest = sha256_file(final)
+            head, n_deletions = chain_head(con)
+            self.write_manifest(final, version=version.version, sha256=digest, parent_version=version.parent_version,
+                                operation=version.operation, n_vectors=index.ntotal, chain_head=head,
+                                n_deletions=n_deletions, rewritten_for=request_id)
+            with self.ledger.transaction():
+                con.execute("INSERT INTO index_rewrites VALUES (?, ?, ?, ?, ?, ?, now())",
+                            [self.encoder_id, version.version, request_id, version.sha256, digest, len(present)])
+                con.execute("UPDATE index_versions SET path = ?, sha256 = ?, n_vectors = ?, chain_head = ?"
+                            " WHERE encoder_id = ? AND version = ?",
+                            [self.layout.relative(final), digest, index.ntotal, head, self.encoder_id, version.version])
+            old = self.layout.absolute(version.path)
+            old.unlink(missing_ok=True)
+            manifest_path(old).unlink(missing_ok=True)
+            return True
+
+    def remove_unreferenced_files(self) -> list[Path]:
+        """Index files the ledger does not name (left by a crash between write and record)."""
+        with self.ledger.connect():
+            named = {self.layout.absolute(v.path) for v in self.versions() if v.status != "purged"}
+            stray = [p for p in self.root.glob("v*.faiss") if p not in named] if self.root.exists() else []
+            for p in stray:
+                p.unlink(missing_ok=True)
+                manifest_path(p).unlink(missing_ok=True)
+            return stray
+
+    def write_manifest(self, index_path: Path, **fields) -> None:
+        """A JSON sidecar a person (or an auditor) can read without the ledger."""
+        body = {"encoder_id": self.encoder_id, "index_file": index_path.name, **fields}
+        write_bytes_atomic(manifest_path(index_path), json.dumps(body, indent=2, default=str).encode())
+
     def retain(self, keep: int) -> list[IndexVersion]:
         """Keep the live version and the `keep - 1` newest before it; purge (delete) older files."""
         with self.ledger.transaction() as con:
@@ -139,6 +207,7 @@ class IndexStore:
                             [self.encoder_id, v.version])
         for v in old:  # files go after the ledger says so: a crash here leaves only an orphan file
             self.layout.absolute(v.path).unlink(missing_ok=True)
+            manifest_path(self.layout.absolute(v.path)).unlink(missing_ok=True)
         return old
 
     def _check(self, vectors: np.ndarray) -> None:
@@ -164,6 +233,9 @@ class IndexStore:
             digest = sha256_file(final)
             n_added = len(added) if added is not None else 0
             n_removed = len(removed) if removed is not None else 0
+            head, n_deletions = chain_head(con)
+            self.write_manifest(final, version=version, sha256=digest, parent_version=parent.version if parent else None,
+                                operation=operation, n_vectors=index.ntotal, chain_head=head, n_deletions=n_deletions)
             with self.ledger.transaction():
                 con.execute(
                     "UPDATE index_versions SET status = 'retained' WHERE encoder_id = ? AND status = 'live'",
@@ -171,10 +243,10 @@ class IndexStore:
                 )
                 con.execute(
                     "INSERT INTO index_versions (encoder_id, version, path, sha256, parent_version, operation,"
-                    " n_vectors, created_at, status, index_type, n_added, n_removed)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, now(), 'live', ?, ?, ?)",
+                    " n_vectors, created_at, status, index_type, n_added, n_removed, chain_head)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, now(), 'live', ?, ?, ?, ?)",
                     [self.encoder_id, version, self.layout.relative(final), digest,
-                     parent.version if parent else None, operation, index.ntotal, FLAT, n_added, n_removed],
+                     parent.version if parent else None, operation, index.ntotal, FLAT, n_added, n_removed, head],
                 )
                 for change, ids in (("add", added), ("remove", removed)):
                     if ids is not None and len(ids):
