@@ -19,6 +19,20 @@ if [ ! -f "$DATA/train-images-idx3-ubyte.gz" ]; then
   fi
 fi
 
+# Debian's chromium, for the headless UI test (driven by the Python package playwright; no
+# browser is ever downloaded). VISMEM_SKIP_BROWSER=1 skips both the install and that test.
+if [ ! -x /usr/bin/chromium ] && [ "${VISMEM_SKIP_BROWSER:-0}" != 1 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing the Debian package chromium (headless UI test)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q chromium >/dev/null 2>&1 || {
+      apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+  else
+    echo "setup: chromium is missing (the UI test needs it). Install it with: sudo apt-get install chromium" >&2
+    echo "       (or set VISMEM_SKIP_BROWSER=1 to skip the browser test)" >&2
+  fi
+fi
+
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then

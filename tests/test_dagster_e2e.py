@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -275,15 +274,15 @@ def arrived(dagster, fm_sets):
     drop_set(dagster.home, fm_sets["train"], SET_NAME)
 
     def ingested():
-        found = materializations(dagster, "embeddings", [SET_NAME], 1)
-        return found and materializations(dagster, "image_sets", [SET_NAME], 1) + found
+        both = [materializations(dagster, key, [SET_NAME], 1) for key in ("image_sets", "embeddings")]
+        return all(both) and [found[0] for found in both]
 
     image_set, embedding = wait_for("the image_set_sensor's run to ingest and embed the set",
                                     ingested, PIPELINE_S, dagster, every=2)
 
     def evaluated():
-        found = materializations(dagster, "evaluation", None, 1)
-        return found and materializations(dagster, "memory_index", None, 1) + found
+        both = [materializations(dagster, key, None, 1) for key in ("memory_index", "evaluation")]
+        return all(both) and [found[0] for found in both]
 
     index, evaluation = wait_for("the embeddings_sensor's run to index and evaluate",
                                  evaluated, PIPELINE_S, dagster, every=2)
@@ -355,9 +354,10 @@ def test_inbox_to_evaluation_with_no_other_action_then_launch_over_graphql(dagst
     assert not tracebacks(dagster), "tracebacks in test-artifacts/dagster-dev.log:\n" + "\n\n".join(tracebacks(dagster))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's chromium driven by Playwright (never a downloaded browser)."""
+    """Debian's chromium driven by Playwright (never a downloaded browser). Module-scoped and asked
+    for first, so that a missing browser is reported before any server starts."""
     if os.environ.get("VISMEM_SKIP_BROWSER") == "1":
         pytest.skip("VISMEM_SKIP_BROWSER=1: the headless browser test is skipped on request")
     try:
@@ -376,7 +376,7 @@ def browser():
             chromium.close()
 
 
-def test_materialize_button_in_the_ui_launches_a_run_that_succeeds(dagster, arrived, browser):
+def test_materialize_button_in_the_ui_launches_a_run_that_succeeds(browser, dagster, arrived):
     ARTIFACTS.mkdir(exist_ok=True)
     context = browser.new_context(viewport={"width": 1440, "height": 900})
     page = context.new_page()

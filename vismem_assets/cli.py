@@ -136,15 +136,92 @@ def cmd_rebuild(args) -> int:
     return 0
 
 
-def cmd_query(args) -> int:
-    from .ledger import named_query
+def cmd_forget(args) -> int:
+    from .forgetting import ForgetRequest
 
-    frame = _memory(args).ledger.query(named_query(args.name))
+    memory = _memory(args)
+    if args.resume:
+        resumed = memory.resume_forgetting()
+        _print_json({"resumed": resumed}) if args.json else print(
+            f"finished {len(resumed)} pending forget request(s)" + (f": {', '.join(resumed)}" if resumed else ""))
+        return 0
+    request = ForgetRequest(requested_by=args.requested_by or "", reason=args.reason or "",
+                            sample_ids=args.sample or [], images=args.image or [], label=args.label,
+                            image_set=args.set, category=args.category, external_ref=args.external_ref)
+    report = memory.forget(request, dry_run=args.dry_run)
     if args.json:
-        _print_json(frame.with_columns(pl.selectors.temporal().cast(pl.String)).to_dicts())
+        _print_json(report.to_dict())
+        return 0
+    if report.already_applied:
+        print(f"request {report.request_id[:16]}… was already applied; nothing left to forget "
+              f"(see: vismem audit query forget_requests)")
+        return 0
+    verb = "would forget" if report.dry_run else "forgot"
+    print(f"{verb} {report.n_samples} sample(s) — request {report.request_id[:16]}…")
+    if report.samples:
+        _table(pl.DataFrame({"label": list(report.per_label()), "samples": list(report.per_label().values())}))
+    if not report.dry_run:
+        print(f"new live index version(s): {', '.join(report.index_versions) or 'none (no vectors held)'}")
+        print(f"retained versions rewritten: {', '.join(report.versions_rewritten) or 'none'}")
+        print(f"embedding/image files purged: {report.files_removed}; took {report.seconds:.2f} s")
+        print("check it: vismem audit verify")
+    return 0
+
+
+def cmd_audit_verify(args) -> int:
+    from .audit import verify
+
+    report = verify(_memory(args))
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(f"deletions chain: {report.chain_rows} rows, head {report.chain_head[:16]}…")
+        print("checked: " + ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in report.files_checked.items()))
+        if report.ok:
+            print("OK: the chain is intact and no forgotten sample exists in any index, embedding or image file")
+        else:
+            print(f"FAILED: {len(report.problems)} problem(s):", file=sys.stderr)
+            for problem in report.problems:
+                print(f"  - {problem}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def cmd_audit_query(args) -> int:
+    params = dict(p.split("=", 1) for p in args.param or [])
+    frame = _memory(args).ledger.run_named(args.name, params)
+    frame = frame.with_columns(pl.selectors.temporal().cast(pl.String))
+    if args.json:
+        _print_json(frame.to_dicts())
+    elif args.csv:
+        print(frame.write_csv(), end="")
     else:
         _table(frame)
     return 0
+
+
+def cmd_audit_proof(args) -> int:
+    from .audit import proof
+    from .forgetting import image_hash
+
+    target = args.target
+    sample_id = image_hash(target) if Path(target).is_file() else target
+    result = proof(_memory(args), sample_id)
+    if args.json:
+        _print_json(result)
+        return 0 if result["present_nowhere"] else 1
+    print(f"sample   {result['sample_id']}\nlabel    {result['label']}\nstatus   {result['status']}")
+    print(f"arrived  {result['arrived_at']} with set(s) {result['arrived_with']}")
+    for r in result["requests"]:
+        print(f"forgotten on request {r['request_id'][:16]}… by {r['requested_by']} ({r['category'] or 'no category'}): "
+              f"{r['reason']}\n  requested {r['requested_at']}, applied {r['applied_at']}, "
+              f"versions rewritten {r['versions_rewritten']}\n  chain row seq={r['seq']} hash {r['row_hash'][:16]}…")
+    if result["present_nowhere"]:
+        print("present nowhere now: no index file, embedding file or image holds it")
+    else:
+        print("NOT gone:" if result["status"] == "forgotten" else "not forgotten: it is still in the memory")
+        for t in result["traces"]:
+            print(f"  - {t}")
+    return 0 if result["present_nowhere"] else 1
 
 
 def cmd_demo(args) -> int:
@@ -203,8 +280,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("rebuild", cmd_rebuild, "write a fresh index version from the ledger and embedding files")
     encoder_option(p)
 
-    p = command("query", cmd_query, "run a named audit query from sql/queries (e.g. index_lineage, quarantined_files)")
-    p.add_argument("name")
+    p = command("forget", cmd_forget, "forget samples for good: the index, retained versions, embeddings, images")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sample", nargs="+", metavar="ID", help="sample ids (sha256 of the image bytes)")
+    target.add_argument("--image", nargs="+", metavar="FILE", help="image files, matched by content")
+    target.add_argument("--label", help="every sample of this label")
+    target.add_argument("--set", help="every sample of this image set")
+    target.add_argument("--resume", action="store_true", help="finish forget requests a crash left pending")
+    p.add_argument("--requested-by", metavar="WHO")
+    p.add_argument("--reason", metavar="TEXT")
+    p.add_argument("--category", help="gdpr, license, quality, bias or other")
+    p.add_argument("--external-ref", metavar="REF", help="e.g. a ticket number")
+    p.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
+
+    audit = sub.add_parser("audit", help="verify, query and prove forgetting").add_subparsers(dest="audit", required=True)
+
+    def audit_command(name, func, help):
+        a = audit.add_parser(name, help=help, description=help)
+        a.add_argument("--json", action="store_true", help="print JSON instead of tables")
+        a.set_defaults(func=func)
+        return a
+
+    audit_command("verify", cmd_audit_verify, "check the deletions chain and that nothing forgotten remains anywhere")
+    a = audit_command("query", cmd_audit_query, "run a named audit query from sql/audit/")
+    a.add_argument("name", help="e.g. deletions_by_requester, deletions_by_category, proof_of_forgetting, "
+                                "index_lineage, memory_size_over_time, forget_requests, quarantined_files")
+    a.add_argument("--param", action="append", metavar="KEY=VALUE", help="set a query parameter (repeatable)")
+    a.add_argument("--csv", action="store_true", help="print CSV")
+    a = audit_command("proof", cmd_audit_proof, "proof of forgetting for one sample id or image file")
+    a.add_argument("target", metavar="SAMPLE_ID_OR_FILE")
 
     p = command("demo", cmd_demo, "the main job on built-in data: Fashion-MNIST memory, evaluation table and plot")
     p.add_argument("--n-memory", type=int, default=2000)
@@ -220,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as exc:
         # Expected failures get one clear line, not a traceback.
-        print(f"vismem {args.command}: error: {exc}", file=sys.stderr)
+        command = args.command + (f" {args.audit}" if args.command == "audit" else "")
+        print(f"vismem {command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -19,9 +19,11 @@ from typing import Iterator
 import duckdb
 import polars as pl
 
+from .atomic import fsync_dir
+
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 MIGRATIONS_DIR = SQL_DIR / "migrations"
-QUERIES_DIR = SQL_DIR / "queries"
+AUDIT_DIR = SQL_DIR / "audit"
 
 
 class LedgerLockTimeout(TimeoutError):
@@ -40,11 +42,14 @@ def migrations() -> list[tuple[int, str, str]]:
     return found
 
 
+def audit_queries() -> list[str]:
+    return sorted(p.stem for p in AUDIT_DIR.glob("*.sql"))
+
+
 def named_query(name: str) -> str:
-    path = QUERIES_DIR / f"{name}.sql"
+    path = AUDIT_DIR / f"{name}.sql"
     if not path.exists():
-        known = ", ".join(sorted(p.stem for p in QUERIES_DIR.glob("*.sql")))
-        raise KeyError(f"no named query {name!r}; known: {known}")
+        raise ValueError(f"no audit query {name!r}; known: {', '.join(audit_queries())}")
     return path.read_text()
 
 
@@ -124,6 +129,20 @@ class Ledger:
         with self.connect() as con:
             return to_frame(con.execute(sql, params or []))
 
+    def run_named(self, name: str, variables: dict[str, str] | None = None) -> pl.DataFrame:
+        """An audit query from sql/audit/, its parameters set as DuckDB variables (as in the CLI)."""
+        sql = named_query(name)
+        with self.connect() as con:
+            for key, value in (variables or {}).items():
+                if not key.isidentifier():
+                    raise ValueError(f"parameter name {key!r} is not an identifier")
+                con.execute(f"SET VARIABLE {key} = ?", [value])
+            try:
+                return to_frame(con.execute(sql))  # one statement per file
+            finally:
+                for key in variables or {}:
+                    con.execute(f"RESET VARIABLE {key}")
+
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
         con.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -144,6 +163,27 @@ class Ledger:
                 con.rollback()
                 raise
         self._migrated = True
+
+    def rewrite_file(self) -> None:
+        """Copy the database into a fresh file and swap it in: DuckDB keeps the old bytes of
+        updated or deleted rows in its file, and forgetting must not leave them there."""
+        if getattr(self._local, "con", None) is not None:
+            raise RuntimeError("rewrite_file needs the ledger closed: call it outside connect()")
+        fresh = self.path.with_name(self.path.name + ".fresh")
+        with self._lock():
+            fresh.unlink(missing_ok=True)
+            con = duckdb.connect(str(self.path))
+            try:
+                source = con.execute("SELECT current_database()").fetchone()[0]
+                con.execute(f"ATTACH '{fresh}' AS fresh")
+                con.execute(f'COPY FROM DATABASE "{source}" TO fresh')
+                con.execute("DETACH fresh")
+            finally:
+                con.close()
+            with open(fresh, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(fresh, self.path)
+            fsync_dir(self.path.parent)
 
     def schema_version(self) -> int:
         with self.connect() as con:

@@ -213,6 +213,11 @@ class Memory:
                 "SELECT sample_id, label FROM samples WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [list(good)]
             ).fetchall())
             new = [c for sid, c in good.items() if known.get(sid) in (None, "quarantined")]
+            # Forgotten while we were reading the set: blocked, and its stored copy goes again.
+            for sid in [sid for sid in good if known.get(sid) == "forgotten"]:
+                report.blocked += sum(1 for c in arrivals if c.sample_id == sid)
+                self._image_path(good[sid]).unlink(missing_ok=True)
+            arrivals = [c for c in arrivals if known.get(c.sample_id) != "forgotten"]
             revived = [c.sample_id for c in new if known.get(c.sample_id) == "quarantined"]
             if revived:  # bytes once refused (e.g. for a missing label) now arrive usable
                 con.execute("DELETE FROM samples WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [revived])
@@ -316,8 +321,17 @@ class Memory:
             vectors = self.encoder.embed(paths, progress=progress,
                                          desc=f"embedding {start + len(chunk)}/{len(pending)}")
             folder = image_set or chunk["image_set"][0]
-            part = self.embeddings.write(folder, chunk["sample_id"].to_list(), chunk["vector_id"].to_numpy(), vectors)
             with self.ledger.transaction() as con:
+                # A sample forgotten while we embedded must not come back through its vector.
+                gone = {sid for (sid,) in con.execute(
+                    "SELECT sample_id FROM samples WHERE status <> 'active' AND sample_id IN (SELECT unnest(?::VARCHAR[]))",
+                    [chunk["sample_id"].to_list()]).fetchall()}
+                if gone:
+                    keep = ~chunk["sample_id"].is_in(list(gone)).to_numpy()
+                    chunk, vectors = chunk.filter(keep), vectors[keep]
+                if chunk.is_empty():
+                    continue
+                part = self.embeddings.write(folder, chunk["sample_id"].to_list(), chunk["vector_id"].to_numpy(), vectors)
                 # Another run may have embedded some of these meanwhile: the first record stands.
                 _insert(con, "embeddings", {
                     "encoder_id": ("VARCHAR", [self.encoder.id] * len(chunk)),
@@ -538,6 +552,18 @@ class Memory:
             sql += " AND e.sample_id IN (SELECT sample_id FROM sample_sources WHERE image_set = ?)"
             params.append(image_set)
         return self.ledger.query(sql + " ORDER BY 1", params)["path"].to_list()
+
+    def forget(self, request, dry_run: bool = False):
+        """Forget samples for good (see forgetting.py); returns a ForgetReport."""
+        from .forgetting import forget
+
+        return forget(self, request, dry_run=dry_run)
+
+    def resume_forgetting(self) -> list[str]:
+        """Finish forget requests a crash left pending; returns their ids."""
+        from .forgetting import apply_pending
+
+        return list(apply_pending(self))
 
     def compact(self, retain: int = 5) -> tuple[IndexVersion, list[IndexVersion]]:
         """Nightly compaction: a full rebuild into a fresh version, then keep only the newest `retain`."""

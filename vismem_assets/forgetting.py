@@ -1,0 +1,316 @@
+"""Forgetting with proof.
+
+A request is accepted in one transaction (its samples become 'forgotten', so their hashes
+are blocked at once), then every trace is removed — the live index through a new version,
+every retained version rewritten, embedding rows, images, quarantine copies, pruning weights —
+and only then are the hash-chained `deletions` rows written and the request marked applied.
+A crash anywhere leaves the request 'pending'; running it again (or `resume_pending`) finishes
+it, since each step is idempotent. Finally the ledger file itself is rewritten, because DuckDB
+keeps old bytes (a redacted file name) in its file after an UPDATE or DELETE.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .atomic import atomic_path
+from .index_store import GENESIS, IndexStore, index_ids
+from .ledger import to_frame
+
+CATEGORIES = ("gdpr", "license", "quality", "bias", "other")
+
+
+class ForgetError(ValueError):
+    """A request that cannot be applied as asked: nothing was changed."""
+
+
+@dataclass
+class ForgetRequest:
+    requested_by: str
+    reason: str
+    sample_ids: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)       # files: forgotten by their content hash
+    label: str | None = None
+    image_set: str | None = None
+    category: str | None = None
+    external_ref: str | None = None
+
+    def validate(self) -> None:
+        kinds = [k for k, v in (("sample", self.sample_ids), ("image", self.images), ("label", self.label),
+                                ("image_set", self.image_set)) if v]
+        if len(kinds) != 1:
+            raise ForgetError("say what to forget with exactly one of: sample ids, image files, a label, an image set")
+        if not (self.requested_by or "").strip():
+            raise ForgetError("a forget request needs requested_by (who asked)")
+        if not (self.reason or "").strip():
+            raise ForgetError("a forget request needs a reason")
+        if self.category and self.category not in CATEGORIES:
+            raise ForgetError(f"unknown category {self.category!r}; use one of {', '.join(CATEGORIES)}")
+
+    @property
+    def target_kind(self) -> str:
+        return "sample" if self.sample_ids else "image" if self.images else "label" if self.label else "image_set"
+
+    def target(self) -> list[str]:
+        return {"sample": sorted(self.sample_ids), "image": [image_hash(p) for p in self.images],
+                "label": [self.label], "image_set": [self.image_set]}[self.target_kind]
+
+    @property
+    def request_id(self) -> str:
+        """The same request (same target, requester and reason) has the same id: applied once."""
+        body = [self.target_kind, self.target(), self.requested_by, self.reason, self.category, self.external_ref]
+        return hashlib.sha256(json.dumps(body).encode()).hexdigest()
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ForgetRequest":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ForgetError(f"unknown field(s) {sorted(unknown)} in forget request; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class ForgetReport:
+    request_id: str
+    dry_run: bool
+    samples: list[dict]                      # sample_id, label, image_set, status
+    already_applied: bool = False
+    index_versions: list[str] = field(default_factory=list)   # new live versions, "slug:version"
+    versions_rewritten: list[str] = field(default_factory=list)
+    files_removed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.samples)
+
+    def per_label(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.samples:
+            out[s["label"]] = out.get(s["label"], 0) + 1
+        return dict(sorted(out.items()))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "n_samples": self.n_samples, "per_label": self.per_label()}
+
+
+def image_hash(path: str | Path) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as exc:
+        raise ForgetError(f"cannot read {path} to find its content hash: {exc.strerror or exc}") from exc
+
+
+def resolve(memory, request: ForgetRequest) -> pl.DataFrame:
+    """The samples a request names, or a clear error if it names something the memory never had."""
+    request.validate()
+    q = memory.ledger.query
+    kind, target = request.target_kind, request.target()
+    columns = "SELECT sample_id, vector_id, label, image_set, status FROM samples"
+    if kind in ("sample", "image"):
+        found = q(f"{columns} WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [target])
+        missing = sorted(set(target) - set(found["sample_id"]))
+        if missing:
+            what = "sample id" if kind == "sample" else "image (by content hash)"
+            names = missing if kind == "sample" else [p for p in request.images if image_hash(p) in missing]
+            raise ForgetError(f"unknown {what}: {', '.join(map(str, names[:5]))}"
+                              f"{' …' if len(names) > 5 else ''}; nothing was changed")
+        return found
+    if kind == "label":
+        found = q(f"{columns} WHERE label = ?", [request.label])
+        if found.is_empty():
+            labels = q("SELECT DISTINCT label FROM samples WHERE status = 'active' ORDER BY 1")["label"].to_list()
+            raise ForgetError(f"no sample has label {request.label!r}; labels: {', '.join(labels)}")
+        return found
+    found = q(f"{columns} WHERE sample_id IN (SELECT sample_id FROM sample_sources WHERE image_set = ?)",
+              [request.image_set])
+    if found.is_empty():
+        raise ForgetError(f"unknown image set {request.image_set!r}; nothing was changed")
+    return found
+
+
+def forget(memory, request: ForgetRequest, dry_run: bool = False) -> ForgetReport:
+    t0 = time.perf_counter()
+    found = resolve(memory, request)
+    todo = found.filter(pl.col("status") != "forgotten")
+    report = ForgetReport(request.request_id, dry_run, todo.select("sample_id", "label", "image_set", "status").to_dicts())
+    state = memory.ledger.query("SELECT state FROM forget_requests WHERE request_id = ?", [request.request_id])
+    if len(state) and state["state"][0] == "applied":
+        report.already_applied = True
+        return report
+    if dry_run:
+        return report
+    if todo.is_empty() and not len(state):
+        raise ForgetError("every sample this request names is already forgotten; nothing to do")
+    with memory.ledger.transaction() as con:
+        if not len(state):
+            con.execute(
+                "INSERT INTO forget_requests VALUES (?, ?, ?, ?, ?, ?, ?, now(), NULL, 'pending', ?)",
+                [request.request_id, request.requested_by, request.reason, request.category, request.external_ref,
+                 request.target_kind, json.dumps(request.target()), len(todo)])
+            con.execute("INSERT INTO forget_targets SELECT ?, unnest(?::VARCHAR[]), unnest(?::BIGINT[])",
+                        [request.request_id, todo["sample_id"].to_list(), todo["vector_id"].to_list()])
+            # From here on the hashes are blocked: ingest refuses them, search never returns them.
+            con.execute("UPDATE samples SET status = 'forgotten' WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))",
+                        [todo["sample_id"].to_list()])
+    finished = apply_pending(memory, only=request.request_id)
+    report.index_versions, report.versions_rewritten, report.files_removed = finished[request.request_id]
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def apply_pending(memory, only: str | None = None) -> dict[str, tuple[list[str], list[str], int]]:
+    """Finish accepted requests (all pending ones, or one): purge every trace, then chain the proof."""
+    pending = memory.ledger.query(
+        "SELECT request_id FROM forget_requests WHERE state = 'pending'" + (" AND request_id = ?" if only else "")
+        + " ORDER BY requested_at", [only] if only else [])
+    done = {}
+    for request_id in pending["request_id"]:
+        with memory.ledger.connect() as con:  # one writer: nothing else changes the memory meanwhile
+            targets = to_frame(con.execute(
+                "SELECT t.sample_id, t.vector_id, s.image_path FROM forget_targets t JOIN samples s USING (sample_id)"
+                " WHERE t.request_id = ?", [request_id]))
+            vector_ids = targets["vector_id"].drop_nulls().to_numpy().astype(np.int64)
+            sample_ids = targets["sample_id"].to_list()
+            new_versions, rewritten = _purge_indexes(memory, vector_ids, request_id)
+            removed = _purge_embeddings(memory, con, sample_ids) + _purge_files(memory, targets)
+            con.execute("DELETE FROM sample_weights WHERE vector_id IN (SELECT unnest(?::BIGINT[]))",
+                        [vector_ids.tolist()])
+            _chain(con, request_id, rewritten)
+            for store in _index_stores(memory, con):  # every version written from now on carries the new head
+                live = store.live()
+                if live is not None:
+                    _refresh_manifest(store, live, con)
+        memory.ledger.rewrite_file()  # drop the redacted names' old bytes from the DuckDB file
+        memory._index_cache = None
+        done[request_id] = (new_versions, rewritten, removed)
+    return done
+
+
+def _index_stores(memory, con) -> list[IndexStore]:
+    rows = con.execute("SELECT encoder_id, slug, dim FROM encoders ORDER BY encoder_id").fetchall()
+    return [IndexStore(memory.layout, memory.ledger, encoder_id, slug, dim) for encoder_id, slug, dim in rows]
+
+
+def _purge_indexes(memory, vector_ids: np.ndarray, request_id: str) -> tuple[list[str], list[str]]:
+    """A new live version without the vectors, and every retained version rewritten without them."""
+    new_versions, rewritten = [], []
+    with memory.ledger.connect() as con:
+        for store in _index_stores(memory, con):
+            slug = store.root.name
+            version = store.remove(vector_ids)
+            if version is not None:
+                new_versions.append(f"{slug}:{version.version}")
+            for old in store.versions():
+                if old.status == "retained" and store.rewrite_without(old, vector_ids, request_id):
+                    rewritten.append(f"{slug}:{old.version}")
+            store.remove_unreferenced_files()
+    return new_versions, rewritten
+
+
+def _purge_embeddings(memory, con, sample_ids: list[str]) -> int:
+    """Rewrite each parquet part that holds a forgotten row; the ledger moves to the new part first."""
+    parts = [p for (p,) in con.execute(
+        "SELECT DISTINCT path FROM embeddings WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [sample_ids]).fetchall()]
+    forgotten = set(sample_ids)
+    for rel in parts:
+        old = memory.layout.absolute(rel)
+        frame = pl.read_parquet(old) if old.exists() else None
+        if frame is not None:
+            keep = frame.filter(~pl.col("sample_id").is_in(list(forgotten)))
+            new_rel = None
+            if len(keep):
+                new = old.with_name(f"part-{uuid.uuid4().hex[:16]}.parquet")
+                with atomic_path(new) as tmp:
+                    keep.write_parquet(tmp)
+                new_rel = memory.layout.relative(new)
+        with memory.ledger.transaction():
+            con.execute("DELETE FROM embeddings WHERE path = ? AND sample_id IN (SELECT unnest(?::VARCHAR[]))",
+                        [rel, sample_ids])
+            if frame is not None and new_rel:
+                con.execute("UPDATE embeddings SET path = ? WHERE path = ?", [new_rel, rel])
+        old.unlink(missing_ok=True)
+    # Cached query embeddings are vectors too.
+    for cache in memory.layout.root.glob("embeddings/*/_queries.parquet"):
+        frame = pl.read_parquet(cache)
+        keep = frame.filter(~pl.col("sample_id").is_in(list(forgotten)))
+        if len(keep) < len(frame):
+            with atomic_path(cache) as tmp:
+                keep.write_parquet(tmp)
+    return len(parts)
+
+
+def _purge_files(memory, targets: pl.DataFrame) -> int:
+    """Stored images and quarantine copies of the forgotten hashes."""
+    removed = 0
+    for sample_id, image_path in targets.select("sample_id", "image_path").iter_rows():
+        candidates = [memory.layout.absolute(image_path)] if image_path else []
+        candidates += list((memory.layout.images / sample_id[:2]).glob(f"{sample_id}.*"))
+        candidates += list(memory.layout.quarantine.glob(f"{sample_id}.*"))
+        for path in set(candidates):
+            if path.exists():
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def _chain(con, request_id: str, rewritten: list[str]) -> None:
+    """Append the deletions rows (hash-chained), redact names, mark the request applied."""
+    with_rows = to_frame(con.execute(
+        "SELECT t.sample_id, s.label, r.requested_by, r.reason, r.category, r.external_ref, r.requested_at"
+        " FROM forget_targets t JOIN samples s USING (sample_id) JOIN forget_requests r USING (request_id)"
+        " WHERE t.request_id = ? ORDER BY t.sample_id", [request_id]))
+    prev, seq = con.execute("SELECT row_hash, seq FROM deletions ORDER BY seq DESC LIMIT 1").fetchone() or (GENESIS, 0)
+    applied_at = con.execute("SELECT now()::TIMESTAMP").fetchone()[0]
+    versions = json.dumps(rewritten)
+    con.begin()
+    try:
+        for row in with_rows.iter_rows(named=True):
+            seq += 1
+            fields = {"seq": seq, "request_id": request_id, **row, "applied_at": applied_at,
+                      "versions_rewritten": versions}
+            digest = row_hash(prev, fields)
+            con.execute("INSERT INTO deletions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [seq, request_id, row["sample_id"], row["label"], row["requested_by"], row["reason"],
+                         row["category"], row["external_ref"], row["requested_at"], applied_at, versions, prev, digest])
+            prev = digest
+        ids = with_rows["sample_id"].to_list()
+        # A file name can itself be personal data: only the hash and the label stay.
+        con.execute("UPDATE samples SET original_name = NULL, image_path = NULL WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
+        con.execute("UPDATE sample_sources SET original_name = NULL WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
+        con.execute("UPDATE quarantine SET original_name = '[redacted]', stored_path = NULL"
+                    " WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
+        con.execute("UPDATE forget_requests SET state = 'applied', applied_at = ? WHERE request_id = ?",
+                    [applied_at, request_id])
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+
+
+HASHED_FIELDS = ("seq", "request_id", "sample_id", "label", "requested_by", "reason", "category", "external_ref",
+                 "requested_at", "applied_at", "versions_rewritten")
+
+
+def row_hash(prev_hash: str, fields: dict) -> str:
+    canonical = json.dumps([fields[k] for k in HASHED_FIELDS], default=str, separators=(",", ":"))
+    return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
+
+
+def _refresh_manifest(store: IndexStore, version, con) -> None:
+    from .index_store import chain_head
+
+    head, n = chain_head(con)
+    path = store.layout.absolute(version.path)
+    store.write_manifest(path, version=version.version, sha256=version.sha256, parent_version=version.parent_version,
+                         operation=version.operation, n_vectors=version.n_vectors, chain_head=head, n_deletions=n)
+    con.execute("UPDATE index_versions SET chain_head = ? WHERE encoder_id = ? AND version = ?",
+                [head, store.encoder_id, version.version])
