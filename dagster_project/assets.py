@@ -2,6 +2,7 @@
 -> evaluation. Each asset is one call on the core plus the metadata a person wants to see."""
 
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -18,6 +19,7 @@ from dagster import (
 )
 from pydantic import Field
 
+from vismem_assets.forgetting import ForgetRequest
 from vismem_assets.plots import contact_sheet, plot_accuracy
 
 from .metadata import image_markdown, table
@@ -84,8 +86,25 @@ def embeddings(context: AssetExecutionContext, visual_memory: VisualMemory):
     )
 
 
+class ForgetConfig(Config):
+    """A forget request, as typed run config (the Launchpad form, or a file in inbox/forget/)."""
+    requested_by: str = Field(description="who asked")
+    reason: str = Field(description="why, in free text")
+    category: str | None = Field(default=None, description="gdpr, license, quality, bias or other")
+    external_ref: str | None = Field(default=None, description="e.g. a ticket number")
+    sample_ids: list[str] = Field(default=[], description="sample ids (sha256 of the image bytes)")
+    images: list[str] = Field(default=[], description="image files, matched by content")
+    label: str | None = Field(default=None, description="forget every sample of this label")
+    image_set: str | None = Field(default=None, description="forget every sample of this image set")
+    request_file: str | None = Field(default=None, description="inbox file it came from; archived once applied")
+
+    def request(self) -> ForgetRequest:
+        return ForgetRequest(**self.model_dump(exclude={"request_file"}))
+
+
 class MemoryIndexConfig(Config):
     rebuild: bool = Field(default=False, description="compaction: rebuild from ledger + embeddings and purge old versions")
+    forget: ForgetConfig | None = Field(default=None, description="forget these samples everywhere (new version)")
 
 
 @asset(deps=[embeddings], pool=LEDGER_POOL, group_name="visual_memory",
@@ -94,7 +113,23 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
                  visual_memory: VisualMemory) -> MaterializeResult:
     memory = visual_memory.memory()
     t0 = time.perf_counter()
-    purged = []
+    purged, forgotten = [], {}
+    resumed = memory.resume_forgetting()  # a crash mid-forget is finished before anything else
+    if resumed:
+        context.log.warning(f"finished {len(resumed)} forget request(s) a crash had left pending")
+    if config.forget is not None:
+        try:
+            report = memory.forget(config.forget.request())
+        except ValueError:  # a request naming what the memory never held: nothing changed
+            archive_request_file(config.forget.request_file, "rejected")
+            raise
+        context.log.info(f"forgot {report.n_samples} samples (request {report.request_id[:12]}); "
+                         f"retained versions rewritten: {report.versions_rewritten}")
+        forgotten = {"forgotten": report.n_samples, "forget_request_id": report.request_id,
+                     "forgotten_per_label": table(pl.DataFrame({"label": list(report.per_label()),
+                                                                "samples": list(report.per_label().values())})),
+                     "versions_rewritten": report.versions_rewritten}
+        archive_request_file(config.forget.request_file, "applied")
     if config.rebuild:
         version, purged = memory.compact(retain=visual_memory.retain_versions)
     else:
@@ -111,8 +146,16 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
         "operation": version.operation, "n_vectors": version.n_vectors, "n_added": version.n_added,
         "purged_versions": [v.version for v in purged], "sha256": version.sha256,
         "path": MetadataValue.path(str(memory.layout.absolute(version.path))),
-        "seconds": round(seconds, 3), "lineage": table(lineage),
+        "seconds": round(seconds, 3), "lineage": table(lineage), **forgotten,
     })
+
+
+def archive_request_file(path: str | None, outcome: str) -> None:
+    """Move an inbox forget request to inbox/forget/<outcome>/ so it is never taken again."""
+    if path and Path(path).exists():
+        target = Path(path).parent / outcome / Path(path).name
+        target.parent.mkdir(exist_ok=True)
+        Path(path).replace(target)
 
 
 @asset(deps=[memory_index], pool=LEDGER_POOL, group_name="visual_memory",
@@ -134,11 +177,7 @@ def evaluation(context: AssetExecutionContext, visual_memory: VisualMemory):
     wide = (result.accuracy.filter(pl.col("k").is_in(SHOWN_K))
             .with_columns(pl.col("accuracy").round(4)).pivot(on="strategy", index="k", values="accuracy").sort("k"))
     best = result.best()
-    previous = memory.ledger.query(
-        "SELECT e.index_version, e.accuracy FROM evaluations e WHERE e.encoder_id = ? AND e.query_set = ?"
-        " AND e.strategy = 'rank' AND e.k = ? AND e.index_version < ? ORDER BY e.evaluation_id DESC LIMIT 1",
-        [memory.encoder.id, result.query_set, min(20, result.accuracy["k"].max()), result.index_version])
-    drop = float(previous["accuracy"][0]) - top1 if len(previous) else 0.0
+    change = memory.compare_with_previous(result)
     context.log.info(f"top-1 (rank, k=20) {top1:.4f} on {result.n_queries} queries ({result.query_set})")
     yield MaterializeResult(metadata={
         "top1": MetadataValue.float(top1),
@@ -151,8 +190,8 @@ def evaluation(context: AssetExecutionContext, visual_memory: VisualMemory):
         "chart_path": MetadataValue.path(str(chart)),
     })
     yield AssetCheckResult(
-        check_name="top1_not_dropped", passed=drop <= visual_memory.max_top1_drop,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={"top1": top1, "previous_top1": float(previous["accuracy"][0]) if len(previous) else None,
-                  "previous_index_version": int(previous["index_version"][0]) if len(previous) else None,
-                  "drop": drop, "max_drop": visual_memory.max_top1_drop})
+        check_name="top1_not_dropped", severity=AssetCheckSeverity.ERROR,
+        passed=change is None or change["drop"] <= visual_memory.max_top1_drop,
+        metadata={"max_drop": visual_memory.max_top1_drop,
+                  **({k: v for k, v in change.items() if k != "labels_compared"} if change else {"previous": "none"}),
+                  "labels_compared": ", ".join(change["labels_compared"]) if change else ""})

@@ -1,7 +1,7 @@
 """Checks that stop a wrong index from being built upon: blocking, so evaluation and
 everything downstream wait until they pass."""
 
-from dagster import AssetCheckResult, asset_check
+from dagster import AssetCheckResult, MetadataValue, asset_check
 
 from vismem_assets.index_store import sha256_file
 
@@ -28,3 +28,16 @@ def index_file_matches_sha256(visual_memory: VisualMemory) -> AssetCheckResult:
         metadata={"version": live.version, "path": str(path), "recorded_sha256": live.sha256,
                   "actual_sha256": actual or "file missing",
                   "next_step": "ok" if actual == live.sha256 else "run `vismem rebuild` (or the compaction job)"})
+
+
+@asset_check(asset=memory_index, blocking=True,
+             description="Nothing forgotten remains anywhere: no index file, embedding file or image holds it, "
+                         "and no forget request is left half-done.")
+def nothing_forgotten_remains(visual_memory: VisualMemory) -> AssetCheckResult:
+    from vismem_assets.audit import verify
+
+    report = verify(visual_memory.memory())
+    return AssetCheckResult(passed=report.ok, metadata={
+        "deletions_in_chain": report.chain_rows, "chain_head": report.chain_head,
+        **{f"checked_{k}": v for k, v in report.files_checked.items()},
+        "problems": MetadataValue.md("\n".join(f"- {p}" for p in report.problems) or "none")})

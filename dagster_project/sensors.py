@@ -1,6 +1,7 @@
 """Sensors: new image sets in the inbox, and new embeddings folded into the index.
 A tick only lists folders; all heavy work happens in the runs it requests."""
 
+import hashlib
 import json
 
 from dagster import (
@@ -16,6 +17,7 @@ from dagster import (
     sensor,
 )
 
+from vismem_assets.forgetting import ForgetRequest
 from vismem_assets.home import Layout, resolve_home
 from vismem_assets.imagesets import SET_NAME
 
@@ -74,3 +76,36 @@ def embeddings_sensor(context: SensorEvaluationContext, asset_event: EventLogEnt
     # refresh run folds in everything pending, so events that arrived together need one run.
     return RunRequest(run_key=f"embeddings:{asset_event.run_id}:{asset_event.timestamp}",
                       tags={"vismem/trigger": f"embeddings {asset_event.dagster_event.partition}"})
+
+
+forget_job = define_asset_job(
+    "forget", selection=[memory_index, evaluation],
+    description="Forget samples everywhere (typed run config: ops > memory_index > config > forget), then re-evaluate.",
+)
+
+
+@sensor(job=forget_job, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=10,
+        description="Applies each JSON forget request dropped in $VISMEM_HOME/inbox/forget/ exactly once.")
+def forget_request_sensor(context: SensorEvaluationContext, visual_memory: VisualMemory):
+    inbox = Layout(resolve_home(visual_memory.home)).inbox_forget
+    requests, rejected = [], []
+    for path in sorted(inbox.glob("*.json")) if inbox.exists() else []:
+        body = path.read_bytes()
+        try:
+            data = json.loads(body)
+            ForgetRequest.from_dict(data).validate()
+        except (ValueError, TypeError) as exc:  # JSONDecodeError and ForgetError are ValueErrors
+            rejected.append(path.name)
+            (inbox / "rejected").mkdir(exist_ok=True)
+            (inbox / "rejected" / f"{path.name}.error.txt").write_text(f"{exc}\n")
+            path.replace(inbox / "rejected" / path.name)
+            context.log.warning(f"forget request {path.name} rejected: {exc}")
+            continue
+        digest = hashlib.sha256(body).hexdigest()
+        requests.append(RunRequest(
+            run_key=f"forget:{digest}",  # the same file content is applied once, whatever its name
+            run_config={"ops": {"memory_index": {"config": {"forget": {**data, "request_file": str(path)}}}}},
+            tags={"vismem/forget_request": path.name}))
+    if not requests:
+        return SkipReason(f"no forget request in {inbox}" + (f" ({len(rejected)} rejected)" if rejected else ""))
+    return requests

@@ -533,6 +533,30 @@ class Memory:
             })
         return result
 
+    def compare_with_previous(self, result: Evaluation) -> dict | None:
+        """Top-1 (default strategy and k) against the previous index version's evaluation on the
+        same query set, over the labels the memory still holds: forgetting a class on purpose
+        is not a regression, losing accuracy on the classes that stay is."""
+        prev = self.ledger.query(
+            "SELECT evaluation_id, index_version FROM evaluations WHERE encoder_id = ? AND query_set = ?"
+            " AND index_version < ? ORDER BY evaluation_id DESC LIMIT 1",
+            [self.encoder.id, result.query_set, result.index_version])
+        if prev.is_empty():
+            return None
+        before = self.ledger.query("SELECT label, n_queries, accuracy FROM evaluation_labels WHERE evaluation_id = ?",
+                                   [prev["evaluation_id"][0]])
+        held = set(self.ledger.query("SELECT DISTINCT label FROM samples WHERE status = 'active'")["label"])
+        labels = held & set(before["label"]) & set(result.per_label["label"])
+
+        def top1(frame: pl.DataFrame) -> float:
+            frame = frame.filter(pl.col("label").is_in(list(labels)))
+            n = frame["n_queries"].sum()
+            return float((frame["accuracy"] * frame["n_queries"]).sum() / n) if n else 0.0
+
+        old, new = top1(before), top1(result.per_label)
+        return {"previous_index_version": int(prev["index_version"][0]), "previous_top1": old, "top1": new,
+                "drop": old - new, "labels_compared": sorted(labels)}
+
     def index_consistency(self) -> dict:
         """Does the live index hold exactly the active embedded samples of this encoder?"""
         _, index = self.live_index()
