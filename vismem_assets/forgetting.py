@@ -209,6 +209,9 @@ def _purge_indexes(memory, vector_ids: np.ndarray, request_id: str) -> tuple[lis
             version = store.remove(vector_ids)
             if version is not None:
                 new_versions.append(f"{slug}:{version.version}")
+                # The version it replaced, rewritten without them, would equal it byte for byte
+                # in content: purge it instead of writing the same vectors twice.
+                store.purge(version.parent_version, note=f"superseded by forget version {version.version}")
             for old in store.versions():
                 if old.status == "retained" and store.rewrite_without(old, vector_ids, request_id):
                     rewritten.append(f"{slug}:{old.version}")

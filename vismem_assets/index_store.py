@@ -199,16 +199,22 @@ class IndexStore:
 
     def retain(self, keep: int) -> list[IndexVersion]:
         """Keep the live version and the `keep - 1` newest before it; purge (delete) older files."""
+        retained = [v for v in self.versions() if v.status == "retained"]  # oldest first
+        old = retained[: max(len(retained) - (keep - 1), 0)]
+        self._purge(old, note=f"retention: newest {keep} kept")
+        return old
+
+    def purge(self, version: int | None, note: str) -> None:
+        self._purge([v for v in self.versions() if v.version == version and v.status == "retained"], note)
+
+    def _purge(self, versions: list[IndexVersion], note: str) -> None:
         with self.ledger.transaction() as con:
-            retained = [v for v in self.versions() if v.status == "retained"]  # oldest first
-            old = retained[: max(len(retained) - (keep - 1), 0)]
-            for v in old:
-                con.execute("UPDATE index_versions SET status = 'purged' WHERE encoder_id = ? AND version = ?",
-                            [self.encoder_id, v.version])
-        for v in old:  # files go after the ledger says so: a crash here leaves only an orphan file
+            for v in versions:
+                con.execute("UPDATE index_versions SET status = 'purged', note = ? WHERE encoder_id = ? AND version = ?",
+                            [note, self.encoder_id, v.version])
+        for v in versions:  # files go after the ledger says so: a crash here leaves only an orphan file
             self.layout.absolute(v.path).unlink(missing_ok=True)
             manifest_path(self.layout.absolute(v.path)).unlink(missing_ok=True)
-        return old
 
     def _check(self, vectors: np.ndarray) -> None:
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:

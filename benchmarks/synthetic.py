@@ -1,0 +1,58 @@
+"""A memory of N synthetic vectors, clustered like real embeddings (random uniform vectors
+make approximate indexes and neighbourhoods look wrong): each vector is a cluster centre plus
+Gaussian noise, L2-normalised; its label is its cluster. No images: only the ledger rows,
+embedding files and index a real memory of that size would have."""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vismem_assets.memory import Memory, _insert
+
+
+def clustered_vectors(n: int, d: int, n_clusters: int = 100, noise: float = 0.6, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, d)).astype(np.float32)
+    labels = rng.integers(0, n_clusters, n)
+    x = centres[labels] + noise * rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, labels
+
+
+def build_memory(home: Path, n: int, encoder, chunk: int = 20_000, seed: int = 0) -> Memory:
+    """Ledger rows + parquet embeddings + a live index for n synthetic samples of `encoder`'s dimension."""
+    memory = Memory(home, encoder=encoder)
+    vectors, labels = clustered_vectors(n, encoder.dim, seed=seed)
+    ids = [hashlib.sha256(f"synthetic-{seed}-{i}".encode()).hexdigest() for i in range(n)]
+    t0 = time.perf_counter()
+    for start in range(0, n, chunk):
+        part = slice(start, start + chunk)
+        name = f"synthetic-{start // chunk:03d}"
+        with memory.ledger.transaction() as con:
+            con.execute("INSERT INTO image_sets VALUES (?, 'synthetic', now(), now())", [name])
+            _insert(con, "samples", {
+                "sample_id": ("VARCHAR", ids[part]),
+                "label": ("VARCHAR", [f"c{c:03d}" for c in labels[part]]),
+                "image_set": ("VARCHAR", [name] * len(ids[part])),
+                "status": ("VARCHAR", ["active"] * len(ids[part])),
+                "original_name": ("VARCHAR", [f"img-{i}.png" for i in range(start, start + len(ids[part]))]),
+            }, added_at="now()", vector_id="nextval('vector_id_seq')")
+            _insert(con, "sample_sources", {
+                "sample_id": ("VARCHAR", ids[part]), "image_set": ("VARCHAR", [name] * len(ids[part])),
+                "ingest_id": ("BIGINT", [0] * len(ids[part])),
+            }, arrived_at="now()")
+            vector_ids = memory.ledger.query(
+                "SELECT vector_id FROM samples WHERE sample_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY vector_id",
+                [ids[part]])["vector_id"].to_numpy()
+        # vector ids follow insertion order within a chunk
+        path = memory.embeddings.write(name, ids[part], vector_ids, vectors[part])
+        with memory.ledger.transaction() as con:
+            _insert(con, "embeddings", {"encoder_id": ("VARCHAR", [encoder.id] * len(ids[part])),
+                                        "sample_id": ("VARCHAR", ids[part]), "path": ("VARCHAR", [path] * len(ids[part]))},
+                    embedded_at="now()")
+    memory.index_pending()
+    print(f"built a synthetic memory of {n} vectors (d={encoder.dim}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    return memory
