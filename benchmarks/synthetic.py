@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from vismem_assets.memory import Memory, _insert
+from vismem_assets.ledger import insert_rows
+from vismem_assets.memory import Memory
 
 
 def clustered_vectors(n: int, d: int, n_clusters: int = 100, noise: float = 0.6, seed: int = 0):
@@ -33,14 +34,14 @@ def build_memory(home: Path, n: int, encoder, chunk: int = 20_000, seed: int = 0
         name = f"synthetic-{start // chunk:03d}"
         with memory.ledger.transaction() as con:
             con.execute("INSERT INTO image_sets VALUES (?, 'synthetic', now(), now())", [name])
-            _insert(con, "samples", {
+            insert_rows(con, "samples", {
                 "sample_id": ("VARCHAR", ids[part]),
                 "label": ("VARCHAR", [f"c{c:03d}" for c in labels[part]]),
                 "image_set": ("VARCHAR", [name] * len(ids[part])),
                 "status": ("VARCHAR", ["active"] * len(ids[part])),
                 "original_name": ("VARCHAR", [f"img-{i}.png" for i in range(start, start + len(ids[part]))]),
             }, added_at="now()", vector_id="nextval('vector_id_seq')")
-            _insert(con, "sample_sources", {
+            insert_rows(con, "sample_sources", {
                 "sample_id": ("VARCHAR", ids[part]), "image_set": ("VARCHAR", [name] * len(ids[part])),
                 "ingest_id": ("BIGINT", [0] * len(ids[part])),
             }, arrived_at="now()")
@@ -50,7 +51,7 @@ def build_memory(home: Path, n: int, encoder, chunk: int = 20_000, seed: int = 0
         # vector ids follow insertion order within a chunk
         path = memory.embeddings.write(name, ids[part], vector_ids, vectors[part])
         with memory.ledger.transaction() as con:
-            _insert(con, "embeddings", {"encoder_id": ("VARCHAR", [encoder.id] * len(ids[part])),
+            insert_rows(con, "embeddings", {"encoder_id": ("VARCHAR", [encoder.id] * len(ids[part])),
                                         "sample_id": ("VARCHAR", ids[part]), "path": ("VARCHAR", [path] * len(ids[part]))},
                     embedded_at="now()")
     memory.index_pending()

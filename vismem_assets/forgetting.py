@@ -22,7 +22,7 @@ import polars as pl
 
 from .atomic import atomic_path
 from .index_store import GENESIS, IndexStore, index_ids
-from .ledger import to_frame
+from .ledger import insert_rows, to_frame
 
 CATEGORIES = ("gdpr", "license", "quality", "bias", "other")
 
@@ -255,8 +255,8 @@ def _purge_files(memory, targets: pl.DataFrame) -> int:
     """Stored images and quarantine copies of the forgotten hashes."""
     removed = 0
     for sample_id, image_path in targets.select("sample_id", "image_path").iter_rows():
-        candidates = [memory.layout.absolute(image_path)] if image_path else []
-        candidates += list((memory.layout.images / sample_id[:2]).glob(f"{sample_id}.*"))
+        candidates = [memory.layout.absolute(image_path)] if image_path else list(
+            (memory.layout.images / sample_id[:2]).glob(f"{sample_id}.*"))
         candidates += list(memory.layout.quarantine.glob(f"{sample_id}.*"))
         for path in set(candidates):
             if path.exists():
@@ -274,17 +274,20 @@ def _chain(con, request_id: str, rewritten: list[str]) -> None:
     prev, seq = con.execute("SELECT row_hash, seq FROM deletions ORDER BY seq DESC LIMIT 1").fetchone() or (GENESIS, 0)
     applied_at = con.execute("SELECT now()::TIMESTAMP").fetchone()[0]
     versions = json.dumps(rewritten)
+    rows = []
+    for row in with_rows.iter_rows(named=True):
+        seq += 1
+        fields = {"seq": seq, "request_id": request_id, **row, "applied_at": applied_at, "versions_rewritten": versions}
+        fields["prev_hash"] = prev
+        fields["row_hash"] = prev = row_hash(prev, fields)
+        rows.append(fields)
+    columns = {"seq": "BIGINT", "request_id": "VARCHAR", "sample_id": "VARCHAR", "label": "VARCHAR",
+               "requested_by": "VARCHAR", "reason": "VARCHAR", "category": "VARCHAR", "external_ref": "VARCHAR",
+               "requested_at": "TIMESTAMP", "applied_at": "TIMESTAMP", "versions_rewritten": "VARCHAR",
+               "prev_hash": "VARCHAR", "row_hash": "VARCHAR"}
     con.begin()
     try:
-        for row in with_rows.iter_rows(named=True):
-            seq += 1
-            fields = {"seq": seq, "request_id": request_id, **row, "applied_at": applied_at,
-                      "versions_rewritten": versions}
-            digest = row_hash(prev, fields)
-            con.execute("INSERT INTO deletions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [seq, request_id, row["sample_id"], row["label"], row["requested_by"], row["reason"],
-                         row["category"], row["external_ref"], row["requested_at"], applied_at, versions, prev, digest])
-            prev = digest
+        insert_rows(con, "deletions", {name: (sqltype, [r[name] for r in rows]) for name, sqltype in columns.items()})
         ids = with_rows["sample_id"].to_list()
         # A file name can itself be personal data: only the hash and the label stay.
         con.execute("UPDATE samples SET original_name = NULL, image_path = NULL WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [ids])

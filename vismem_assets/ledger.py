@@ -59,6 +59,17 @@ def to_frame(cursor: duckdb.DuckDBPyConnection) -> pl.DataFrame:
     return pl.DataFrame(cursor.fetchall(), schema=columns, orient="row", infer_schema_length=None)
 
 
+def insert_rows(con, table: str, columns: dict[str, tuple[str, list]], on_conflict: str = "", **constants: str) -> None:
+    """Bulk insert: one statement of parallel unnest()s, plus SQL constants for the other columns."""
+    n = len(next(iter(columns.values()))[1])
+    if n == 0:
+        return
+    names = list(columns) + list(constants)
+    exprs = [f"unnest(?::{sqltype}[])" for sqltype, _ in columns.values()] + list(constants.values())
+    con.execute(f"INSERT INTO {table} ({', '.join(names)}) SELECT {', '.join(exprs)} {on_conflict}",
+                [values for _, values in columns.values()])
+
+
 class Ledger:
     def __init__(self, path: Path, lock_timeout: float | None = None):
         self.path = Path(path)

@@ -18,7 +18,7 @@ from .embeddings import EmbeddingStore
 from .home import Layout, resolve_home
 from .imagesets import CheckedImage, ImageSetError, check_image, check_set_name, read_image_set
 from .index_store import IndexStore, IndexVersion, index_ids, index_vectors
-from .ledger import Ledger, to_frame
+from .ledger import Ledger, insert_rows, to_frame
 from .voting import DEFAULT_STRATEGY, STRATEGIES, accuracy_by_k, vote_all_k, vote_weights
 
 DEFAULT_K = 20     # neighbours voting, unless asked otherwise
@@ -233,7 +233,7 @@ class Memory:
                         report.label_conflicts.append(
                             {"name": c.source.name, "label": c.source.label, "stored_label": first_label[c.sample_id]})
                 seen.add(c.sample_id)
-            _insert(con, "sample_sources", {
+            insert_rows(con, "sample_sources", {
                 "sample_id": ("VARCHAR", [c.sample_id for c in arrivals]),
                 "image_set": ("VARCHAR", [name] * len(arrivals)),
                 "original_name": ("VARCHAR", [c.source.name for c in arrivals]),
@@ -243,7 +243,7 @@ class Memory:
             quarantined_new = [c for c in {c.sample_id: c for c in bad if c.sample_id}.values()
                                if c.sample_id not in known and c.sample_id not in good]
             self._insert_samples(con, name, quarantined_new, "quarantined")
-            _insert(con, "quarantine", {
+            insert_rows(con, "quarantine", {
                 "ingest_id": ("BIGINT", [report.ingest_id] * len(bad)),
                 "image_set": ("VARCHAR", [name] * len(bad)),
                 "original_name": ("VARCHAR", [c.source.name for c in bad]),
@@ -280,7 +280,7 @@ class Memory:
 
     def _insert_samples(self, con, image_set: str, items: list[CheckedImage], status: str) -> None:
         active = status == "active"
-        _insert(con, "samples", {
+        insert_rows(con, "samples", {
             "sample_id": ("VARCHAR", [c.sample_id for c in items]),
             "label": ("VARCHAR", [c.source.label for c in items]),
             "image_set": ("VARCHAR", [image_set] * len(items)),
@@ -293,7 +293,7 @@ class Memory:
             "n_bytes": ("BIGINT", [c.n_bytes for c in items]),
         }, added_at="now()", **({"vector_id": "nextval('vector_id_seq')"} if active else {}))
         if active:
-            _insert(con, "label_history", {
+            insert_rows(con, "label_history", {
                 "sample_id": ("VARCHAR", [c.sample_id for c in items]),
                 "label": ("VARCHAR", [c.source.label for c in items]),
             }, changed_at="now()", reason="'ingest'")
@@ -333,7 +333,7 @@ class Memory:
                     continue
                 part = self.embeddings.write(folder, chunk["sample_id"].to_list(), chunk["vector_id"].to_numpy(), vectors)
                 # Another run may have embedded some of these meanwhile: the first record stands.
-                _insert(con, "embeddings", {
+                insert_rows(con, "embeddings", {
                     "encoder_id": ("VARCHAR", [self.encoder.id] * len(chunk)),
                     "sample_id": ("VARCHAR", chunk["sample_id"].to_list()),
                     "path": ("VARCHAR", [part] * len(chunk)),
@@ -513,7 +513,7 @@ class Memory:
         acc, per = result.accuracy, result.per_label
         with self.ledger.transaction() as con:
             result.evaluation_id = con.execute("SELECT nextval('evaluation_id_seq')").fetchone()[0]
-            _insert(con, "evaluations", {
+            insert_rows(con, "evaluations", {
                 "evaluation_id": ("BIGINT", [result.evaluation_id] * len(acc)),
                 "encoder_id": ("VARCHAR", [self.encoder.id] * len(acc)),
                 "index_version": ("INTEGER", [result.index_version] * len(acc)),
@@ -523,7 +523,7 @@ class Memory:
                 "accuracy": ("DOUBLE", acc["accuracy"].to_list()),
                 "n_queries": ("INTEGER", [result.n_queries] * len(acc)),
             }, created_at="now()")
-            _insert(con, "evaluation_labels", {
+            insert_rows(con, "evaluation_labels", {
                 "evaluation_id": ("BIGINT", [result.evaluation_id] * len(per)),
                 "label": ("VARCHAR", per["label"].to_list()),
                 "strategy": ("VARCHAR", per["strategy"].to_list()),
@@ -619,17 +619,6 @@ def _without_bytes(c: CheckedImage, keep_marker: bool = False) -> CheckedImage:
     from dataclasses import replace
 
     return replace(c, data=b"" if keep_marker else None)
-
-
-def _insert(con, table: str, columns: dict[str, tuple[str, list]], on_conflict: str = "", **constants: str) -> None:
-    """Bulk insert: one statement of parallel unnest()s, plus SQL constants for the other columns."""
-    n = len(next(iter(columns.values()))[1])
-    if n == 0:
-        return
-    names = list(columns) + list(constants)
-    exprs = [f"unnest(?::{sqltype}[])" for sqltype, _ in columns.values()] + list(constants.values())
-    con.execute(f"INSERT INTO {table} ({', '.join(names)}) SELECT {', '.join(exprs)} {on_conflict}",
-                [values for _, values in columns.values()])
 
 
 def _du(path: Path) -> int:
