@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from vismem_assets.ledger import insert_rows
-from vismem_assets.memory import Memory
+from vismem_assets.memory import EMBED_CHUNK, Memory
 
 
 def clustered_vectors(n: int, d: int, n_clusters: int = 100, noise: float = 0.6, seed: int = 0):
@@ -23,8 +23,9 @@ def clustered_vectors(n: int, d: int, n_clusters: int = 100, noise: float = 0.6,
     return x, labels
 
 
-def build_memory(home: Path, n: int, encoder, chunk: int = 20_000, seed: int = 0) -> Memory:
-    """Ledger rows + parquet embeddings + a live index for n synthetic samples of `encoder`'s dimension."""
+def build_memory(home: Path, n: int, encoder, chunk: int = EMBED_CHUNK, seed: int = 0) -> Memory:
+    """Ledger rows + parquet embeddings (parts of EMBED_CHUNK rows, as `vismem add` writes them) + a live
+    index for n synthetic samples of the encoder's dimension."""
     memory = Memory(home, encoder=encoder)
     vectors, labels = clustered_vectors(n, encoder.dim, seed=seed)
     ids = [hashlib.sha256(f"synthetic-{seed}-{i}".encode()).hexdigest() for i in range(n)]

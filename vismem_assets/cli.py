@@ -47,6 +47,8 @@ def cmd_add(args) -> int:
         "img/s": [round(report.images_per_second, 1)], "index version": [report.index_version],
         "vectors": [report.n_vectors], "seconds": [round(report.seconds, 1)],
     }))
+    if i.blocked:
+        print(f"\n{i.blocked} file(s) hold images this memory was asked to forget: they stay out (blocklist)")
     if i.quarantined:
         print(f"\n{len(i.quarantined)} file(s) quarantined (the rest of the set went in):")
         _table(pl.DataFrame(i.quarantined))
