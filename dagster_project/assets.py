@@ -68,7 +68,8 @@ def embeddings(context: AssetExecutionContext, visual_memory: VisualMemory):
     name = context.partition_key
     encoder = memory.encoder
     t0 = time.perf_counter()
-    n = memory.embed_pending(name, progress=True)
+    n = memory.embed_pending(name, progress=False, on_chunk=lambda done, total: context.log.info(
+        f"{name}: embedded {done}/{total} ({done / max(time.perf_counter() - t0, 1e-9):.1f} img/s)"))
     seconds = time.perf_counter() - t0
     context.log.info(f"{name}: embedded {n} images with {encoder.id} in {seconds:.1f} s")
     files = memory.embedding_files(name)
@@ -130,6 +131,7 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
                                                                 "samples": list(report.per_label().values())})),
                      "versions_rewritten": report.versions_rewritten}
         archive_request_file(config.forget.request_file, "applied")
+    before = memory.indexes.live()
     if config.rebuild:
         version, purged = memory.compact(retain=visual_memory.retain_versions)
     else:
@@ -137,12 +139,14 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
     if version is None:
         raise FileNotFoundError("nothing to index yet: no image set has been embedded; drop a set in the inbox")
     seconds = time.perf_counter() - t0
-    context.log.info(f"index version {version.version} ({version.operation}): {version.n_vectors} vectors")
+    new_version = before is None or version.version != before.version
+    context.log.info(f"index version {version.version} ({version.operation}): {version.n_vectors} vectors"
+                     if new_version else f"nothing new to fold in: version {version.version} stays live")
     lineage = memory.ledger.query(
         "SELECT version, parent_version, operation, status, n_vectors, n_added, n_removed, created_at"
         " FROM index_versions WHERE encoder_id = ? ORDER BY version DESC LIMIT 20", [memory.encoder.id])
     return MaterializeResult(metadata={
-        "index_version": version.version, "parent_version": version.parent_version,
+        "index_version": version.version, "new_version": new_version, "parent_version": version.parent_version,
         "operation": version.operation, "n_vectors": version.n_vectors, "n_added": version.n_added,
         "purged_versions": [v.version for v in purged], "sha256": version.sha256,
         "path": MetadataValue.path(str(memory.layout.absolute(version.path))),

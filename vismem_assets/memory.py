@@ -311,8 +311,10 @@ class Memory:
             params.append(image_set)
         return self.ledger.query(sql + " ORDER BY s.vector_id", params)
 
-    def embed_pending(self, image_set: str | None = None, progress: bool | None = None) -> int:
-        """Embed only what this encoder has not embedded; parts are recorded chunk by chunk."""
+    def embed_pending(self, image_set: str | None = None, progress: bool | None = None,
+                      on_chunk=None) -> int:
+        """Embed only what this encoder has not embedded; parts are recorded chunk by chunk.
+        `on_chunk(done, total)` is called after each recorded chunk (for logs without a bar)."""
         pending = self.pending_embeddings(image_set)
         done = 0
         for start in range(0, len(pending), EMBED_CHUNK):
@@ -339,6 +341,8 @@ class Memory:
                     "path": ("VARCHAR", [part] * len(chunk)),
                 }, on_conflict="ON CONFLICT DO NOTHING", embedded_at="now()")
             done += len(chunk)
+            if on_chunk:
+                on_chunk(start + len(chunk), len(pending))
         return done
 
     def _embedded_active(self, con) -> pl.DataFrame:
