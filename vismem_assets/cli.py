@@ -88,6 +88,20 @@ def cmd_classify(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from .explain import render
+
+    memory = _memory(args)
+    (prediction,) = memory.classify([Path(args.image)], k=args.k, strategy=args.strategy, progress=False)
+    out = Path(args.out or Path(args.image).with_suffix("").name + "-explained.png")
+    render(prediction, Path(args.image), out)
+    if args.json:
+        _print_json(prediction.to_dict() | {"out": str(out)})
+    else:
+        print(f"{args.image} -> {prediction.label} (confidence {prediction.confidence:.2f}); explanation: {out}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .plots import plot_accuracy
 
@@ -268,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY)
     p.add_argument("--show", type=int, default=5, help="neighbours shown per image in the table")
+    encoder_option(p)
+
+    p = command("explain", cmd_explain, "render why an image gets its label: the query, its neighbours, the vote")
+    p.add_argument("image")
+    p.add_argument("--out", help="FILE.png or FILE.html (default: <image name>-explained.png)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY)
     encoder_option(p)
 
     p = command("eval", cmd_eval, "accuracy of every voting strategy for k = 1..k-max on a labelled query set")

@@ -64,8 +64,9 @@ class Neighbor:
     vector_id: int
     label: str
     similarity: float
-    weight: float
+    weight: float             # its vote: strategy weight x pruning factor
     image_path: str
+    pruning_factor: float = 1.0
 
 
 @dataclass
