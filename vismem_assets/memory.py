@@ -12,16 +12,21 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .encoders import DEFAULT_ENCODER, Encoder, EncoderMismatchError, load_encoder
 from .atomic import atomic_path, write_bytes_atomic
+from .catalog import Catalog
 from .embeddings import EmbeddingStore
+from .encoders import DEFAULT_ENCODER, Encoder, EncoderMismatchError, load_encoder
+from .evaluation import DEFAULT_K, Evaluation, score
+from .evaluation import record as record_rows
 from .home import Layout, resolve_home
 from .imagesets import CheckedImage, ImageSetError, check_image, check_set_name, read_image_set
 from .index_store import IndexStore, IndexVersion, index_ids, index_vectors
 from .ledger import Ledger, insert_rows, to_frame
-from .voting import DEFAULT_STRATEGY, STRATEGIES, accuracy_by_k, vote_all_k, vote_weights
+from .voting import DEFAULT_STRATEGY, STRATEGIES, vote_all_k, vote_weights
 
-DEFAULT_K = 20     # neighbours voting, unless asked otherwise
+UNKNOWN = "unknown"           # the answer for an image unlike anything in the memory
+NOVELTY_PERCENTILE = 99.0
+NOVELTY_SAMPLE = 5000         # vectors whose nearest-neighbour distance estimates the threshold
 EMBED_CHUNK = 2048  # images per embedding part file: a crash loses at most one chunk of work
 
 
@@ -72,67 +77,16 @@ class Neighbor:
 @dataclass
 class Prediction:
     path: str
-    label: str | None
-    confidence: float
+    label: str | None         # the answer: the vote's winner, or UNKNOWN
+    confidence: float         # the winner's share of the vote
     scores: dict[str, float]
     neighbors: list[Neighbor]
+    voted_label: str | None = None
+    unknown: bool = False
+    nearest_distance: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Evaluation:
-    query_set: str
-    index_version: int
-    n_queries: int
-    n_skipped: int
-    n_in_memory: int          # queries whose exact bytes are also stored in the memory
-    accuracy: pl.DataFrame    # strategy, k, accuracy
-    per_label: pl.DataFrame   # label, n_queries, accuracy, strategy, k (default strategy, default k)
-    evaluation_id: int | None = None
-
-    def top1(self, strategy: str = DEFAULT_STRATEGY, k: int | None = None) -> float:
-        """Accuracy of one strategy at k (default: DEFAULT_K, or the largest k evaluated)."""
-        frame = self.accuracy.filter(pl.col("strategy") == strategy)
-        k = min(k or DEFAULT_K, frame["k"].max())
-        return float(frame.filter(pl.col("k") == k)["accuracy"][0])
-
-    def best(self) -> pl.DataFrame:
-        """Best k and accuracy per strategy."""
-        return (self.accuracy.sort("accuracy", "k", descending=[True, False])
-                .group_by("strategy", maintain_order=True).first().sort("strategy"))
-
-    def to_dict(self) -> dict:
-        return {"evaluation_id": self.evaluation_id, "query_set": self.query_set,
-                "index_version": self.index_version, "n_queries": self.n_queries, "n_skipped": self.n_skipped,
-                "n_in_memory": self.n_in_memory, "accuracy": self.accuracy.to_dicts(),
-                "per_label": self.per_label.to_dicts()}
-
-
-class Catalog:
-    """Active samples of the memory, addressable by FAISS vector id."""
-
-    def __init__(self, frame: pl.DataFrame):
-        frame = frame.sort("vector_id")
-        self.vector_ids = frame["vector_id"].to_numpy()
-        self.sample_ids = frame["sample_id"].to_list()
-        self.image_paths = frame["image_path"].to_list()
-        labels = frame["label"].to_list()
-        self.label_names = sorted(set(labels))
-        code = {name: i for i, name in enumerate(self.label_names)}
-        self.label_codes = np.array([code[x] for x in labels], dtype=np.int64)
-
-    def rows(self, vector_ids: np.ndarray) -> np.ndarray:
-        """Row positions of the given vector ids (-1 where unknown, e.g. FAISS's -1 padding)."""
-        pos = np.searchsorted(self.vector_ids, vector_ids)
-        pos = np.clip(pos, 0, max(len(self.vector_ids) - 1, 0))
-        found = (len(self.vector_ids) > 0) & (self.vector_ids[pos] == vector_ids) if len(self.vector_ids) else np.zeros(vector_ids.shape, bool)
-        return np.where(found, pos, -1)
-
-    def codes(self, labels: list[str]) -> np.ndarray:
-        code = {name: i for i, name in enumerate(self.label_names)}
-        return np.array([code.get(x, -2) for x in labels], dtype=np.int64)  # -2: a label the memory lacks
 
 
 class Memory:
@@ -411,10 +365,13 @@ class Memory:
         return sims, ids
 
     def classify(self, images: list, k: int = DEFAULT_K, strategy: str = DEFAULT_STRATEGY,
-                 progress: bool | None = None) -> list[Prediction]:
-        """Predict a label for each image, with the neighbours that decided it."""
+                 progress: bool | None = None, unknown: bool = False) -> list[Prediction]:
+        """Predict a label for each image, with the neighbours that decided it. With `unknown`,
+        an image farther from its nearest neighbour than the memory's novelty threshold is
+        answered UNKNOWN (the vote is kept in `voted_label`)."""
         vote_weights(np.zeros((1, 1)), strategy)  # fail early on an unknown strategy
         self.live_index()  # ... and on a memory with nothing to search, before embedding anything
+        threshold = self.novelty_threshold() if unknown else None
         vectors = self.encoder.embed(images, progress=progress)
         sims, ids = self.search(vectors, k)
         catalog = self.catalog()
@@ -434,9 +391,12 @@ class Memory:
                 scores[name] = scores.get(name, 0.0) + float(weights[i, r])
                 neighbors.append(Neighbor(r, catalog.sample_ids[j], int(ids[i, r]), name, float(sims[i, r]),
                                           float(weights[i, r]), str(self.layout.absolute(catalog.image_paths[j]))))
-            label = catalog.label_names[pred[i, -1]] if pred[i, -1] >= 0 else None
+            voted = catalog.label_names[pred[i, -1]] if pred[i, -1] >= 0 else None
+            distance = float(1.0 - sims[i, 0])
+            novel = threshold is not None and distance > threshold
             out.append(Prediction(str(image) if isinstance(image, (str, Path)) else f"image[{i}]",
-                                  label, float(conf[i, -1]), scores, neighbors))
+                                  UNKNOWN if novel else voted, float(conf[i, -1]), scores, neighbors,
+                                  voted_label=voted, unknown=novel, nearest_distance=distance))
         return out
 
     # ---- evaluation ----------------------------------------------------------------------------
@@ -455,7 +415,8 @@ class Memory:
         in_memory = self.ledger.query(
             "SELECT count(*) AS n FROM samples WHERE status = 'active' AND sample_id IN (SELECT unnest(?::VARCHAR[]))",
             [[c.sample_id for c in usable]])["n"][0]
-        result = self._score(str(source), version.version, sims, ids, [c.source.label for c in usable], strategies)
+        result = score(str(source), version.version, sims, ids, [c.source.label for c in usable], self.catalog(),
+                       strategies, novelty=(self.novelty_threshold(), NOVELTY_PERCENTILE))
         result.n_skipped, result.n_in_memory = len(checked) - len(usable), int(in_memory)
         return self.record_evaluation(result) if record else result
 
@@ -493,50 +454,36 @@ class Memory:
             ids[start:start + batch] = i[keep].reshape(len(i), k)
         catalog = self.catalog()
         truth = [catalog.label_names[c] for c in catalog.label_codes[catalog.rows(ids_all)]]
-        result = self._score("leave-one-out", version.version, sims, ids, truth, strategies, catalog)
+        result = score("leave-one-out", version.version, sims, ids, truth, catalog, strategies,
+                       novelty=(self.novelty_threshold(), NOVELTY_PERCENTILE))
         return self.record_evaluation(result) if record else result
 
-    def _score(self, query_set: str, version: int, sims: np.ndarray, ids: np.ndarray, truth_labels: list[str],
-               strategies, catalog: Catalog | None = None) -> Evaluation:
-        catalog = catalog or self.catalog()
-        rows = catalog.rows(ids)
-        labels = np.where(rows >= 0, catalog.label_codes[rows], -1)
-        truth = catalog.codes(truth_labels)
-        frames, per_label = [], None
-        k_label = min(DEFAULT_K, ids.shape[1])
-        for strategy in strategies:
-            pred, _ = vote_all_k(labels, vote_weights(sims, strategy), len(catalog.label_names))
-            acc = accuracy_by_k(pred, truth)
-            frames.append(pl.DataFrame({"strategy": strategy, "k": np.arange(1, len(acc) + 1), "accuracy": acc}))
-            if strategy == DEFAULT_STRATEGY or per_label is None:
-                per_label = (pl.DataFrame({"label": truth_labels, "correct": pred[:, k_label - 1] == truth})
-                             .group_by("label").agg(pl.len().alias("n_queries"), pl.col("correct").mean().alias("accuracy"))
-                             .sort("label").with_columns(strategy=pl.lit(strategy), k=pl.lit(k_label)))
-        return Evaluation(query_set, version, len(truth_labels), 0, 0, pl.concat(frames), per_label)
-
     def record_evaluation(self, result: Evaluation) -> Evaluation:
-        acc, per = result.accuracy, result.per_label
         with self.ledger.transaction() as con:
-            result.evaluation_id = con.execute("SELECT nextval('evaluation_id_seq')").fetchone()[0]
-            insert_rows(con, "evaluations", {
-                "evaluation_id": ("BIGINT", [result.evaluation_id] * len(acc)),
-                "encoder_id": ("VARCHAR", [self.encoder.id] * len(acc)),
-                "index_version": ("INTEGER", [result.index_version] * len(acc)),
-                "query_set": ("VARCHAR", [result.query_set] * len(acc)),
-                "strategy": ("VARCHAR", acc["strategy"].to_list()),
-                "k": ("INTEGER", acc["k"].to_list()),
-                "accuracy": ("DOUBLE", acc["accuracy"].to_list()),
-                "n_queries": ("INTEGER", [result.n_queries] * len(acc)),
-            }, created_at="now()")
-            insert_rows(con, "evaluation_labels", {
-                "evaluation_id": ("BIGINT", [result.evaluation_id] * len(per)),
-                "label": ("VARCHAR", per["label"].to_list()),
-                "strategy": ("VARCHAR", per["strategy"].to_list()),
-                "k": ("INTEGER", per["k"].to_list()),
-                "n_queries": ("INTEGER", per["n_queries"].to_list()),
-                "accuracy": ("DOUBLE", per["accuracy"].to_list()),
-            })
+            result.evaluation_id = record_rows(con, self.encoder.id, result)
         return result
+
+    def novelty_threshold(self, percentile: float = NOVELTY_PERCENTILE) -> float:
+        """Nearest-neighbour distance (1 - cosine) beyond which a query is 'unknown': that
+        percentile of the memory's own leave-one-out nearest-neighbour distances (estimated on
+        a sample of its vectors, cached per index version)."""
+        version, index = self.live_index()
+        cached = self.ledger.query(
+            "SELECT distance FROM novelty_thresholds WHERE encoder_id = ? AND index_version = ? AND percentile = ?",
+            [self.encoder.id, version.version, percentile])
+        if len(cached):
+            return float(cached["distance"][0])
+        if index.ntotal < 2:
+            raise ValueError("a novelty threshold needs at least two samples in the memory")
+        ids, vectors = index_ids(index), index_vectors(index)
+        pick = np.random.default_rng(version.version).choice(len(ids), min(len(ids), NOVELTY_SAMPLE), replace=False)
+        sims, nn = index.search(vectors[pick], 2)
+        nearest_other = np.where(nn[:, 0] == ids[pick], sims[:, 1], sims[:, 0])
+        distance = float(np.percentile(1.0 - nearest_other, percentile))
+        with self.ledger.transaction() as con:
+            con.execute("INSERT INTO novelty_thresholds VALUES (?, ?, ?, ?, ?, now())",
+                        [self.encoder.id, version.version, percentile, distance, len(pick)])
+        return distance
 
     def compare_with_previous(self, result: Evaluation) -> dict | None:
         """Top-1 (default strategy and k) against the previous index version's evaluation on the
@@ -548,7 +495,8 @@ class Memory:
             [self.encoder.id, result.query_set, result.index_version])
         if prev.is_empty():
             return None
-        before = self.ledger.query("SELECT label, n_queries, accuracy FROM evaluation_labels WHERE evaluation_id = ?",
+        before = self.ledger.query("SELECT label, n_queries, accuracy FROM evaluation_labels"
+                                   " WHERE evaluation_id = ? AND pruning = 'none'",
                                    [prev["evaluation_id"][0]])
         held = set(self.ledger.query("SELECT DISTINCT label FROM samples WHERE status = 'active'")["label"])
         labels = held & set(before["label"]) & set(result.per_label["label"])
