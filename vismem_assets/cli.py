@@ -73,12 +73,14 @@ def _expand(paths: list[str]) -> list[Path]:
 
 def cmd_classify(args) -> int:
     memory = _memory(args)
-    predictions = memory.classify(_expand(args.paths), k=args.k, strategy=args.strategy, progress=_progress(args))
+    predictions = memory.classify(_expand(args.paths), k=args.k, strategy=args.strategy, progress=_progress(args),
+                                  unknown=args.unknown)
     for p in predictions:
         if args.json:
             _print_json(p.to_dict())
             continue
-        print(f"\n{p.path}\n  -> {p.label}  (confidence {p.confidence:.2f}, {args.strategy} vote over k={args.k})")
+        novel = f"; nearest neighbour at distance {p.nearest_distance:.3f}, beyond the memory's threshold" if p.unknown else ""
+        print(f"\n{p.path}\n  -> {p.label}  (confidence {p.confidence:.2f}, {args.strategy} vote over k={args.k}{novel})")
         shown = p.neighbors[: args.show]
         _table(pl.DataFrame({
             "rank": [n.rank for n in shown], "label": [n.label for n in shown],
@@ -118,6 +120,13 @@ def cmd_eval(args) -> int:
     _table(wide)
     print("\nbest k per strategy:")
     _table(result.best())
+    if result.novelty:
+        n = result.novelty
+        print(f"\nnovelty (distance > {n['distance']:.3f}, the {n['percentile']:g}th percentile of the memory's own "
+              f"nearest-neighbour distances): flagged {n['flagged_known']}/{n['n_known']} queries of known labels, "
+              f"{n['flagged_unseen']}/{n['n_unseen']} of labels the memory lacks")
+    print("\nreliability diagram (rank vote, k=20): accuracy per confidence bin")
+    _table(result.calibration.filter(pl.col("n_queries") > 0))
     if args.plot:
         print(f"\nplot: {args.plot}")
     return 0
@@ -282,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY)
     p.add_argument("--show", type=int, default=5, help="neighbours shown per image in the table")
+    p.add_argument("--unknown", action="store_true",
+                   help="answer 'unknown' when the nearest neighbour is farther than the memory's novelty threshold")
     encoder_option(p)
 
     p = command("explain", cmd_explain, "render why an image gets its label: the query, its neighbours, the vote")
