@@ -178,7 +178,7 @@ def evaluation(context: AssetExecutionContext, visual_memory: VisualMemory):
     chart = plot_accuracy(result.accuracy, memory.layout.root / "reports" / "evaluation" /
                           f"v{result.index_version:06d}.png",
                           title=f"{result.query_set}: index v{result.index_version}, {result.n_queries} queries")
-    wide = (result.accuracy.filter(pl.col("k").is_in(SHOWN_K))
+    wide = (result.accuracy.filter(pl.col("k").is_in(SHOWN_K) & (pl.col("pruning") == "none"))
             .with_columns(pl.col("accuracy").round(4)).pivot(on="strategy", index="k", values="accuracy").sort("k"))
     best = result.best()
     change = memory.compare_with_previous(result)

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import duckdb
 import polars as pl
 
 from .imagesets import IMAGE_EXTENSIONS
@@ -115,11 +116,15 @@ def cmd_eval(args) -> int:
         return 0
     print(f"{result.n_queries} queries ({result.n_skipped} unusable skipped, {result.n_in_memory} also stored in "
           f"the memory) against index version {result.index_version}\n")
-    wide = (result.accuracy.filter(pl.col("k").is_in(SHOWN_K))
+    wide = (result.accuracy.filter(pl.col("k").is_in(SHOWN_K) & (pl.col("pruning") == "none"))
             .pivot(on="strategy", index="k", values="accuracy").sort("k"))
     _table(wide)
     print("\nbest k per strategy:")
     _table(result.best())
+    for mode in ("soft", "hard"):
+        if mode in result.accuracy["pruning"]:
+            print(f"\nbest k per strategy with {mode} pruning:")
+            _table(result.best(mode))
     if result.novelty:
         n = result.novelty
         print(f"\nnovelty (distance > {n['distance']:.3f}, the {n['percentile']:g}th percentile of the memory's own "
@@ -356,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError, TimeoutError, duckdb.Error) as exc:
         # Expected failures get one clear line, not a traceback.
         command = args.command + (f" {args.audit}" if args.command == "audit" else "")
         print(f"vismem {command}: error: {exc}", file=sys.stderr)

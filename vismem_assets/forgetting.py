@@ -128,10 +128,11 @@ def resolve(memory, request: ForgetRequest) -> pl.DataFrame:
         found = q(f"{columns} WHERE label = ?", [request.label])
         if found.is_empty():
             labels = q("SELECT DISTINCT label FROM samples WHERE status = 'active' ORDER BY 1")["label"].to_list()
-            raise ForgetError(f"no sample has label {request.label!r}; labels: {', '.join(labels)}")
+            raise ForgetError(f"no sample has label {request.label!r} (labels: {', '.join(labels)}); nothing was changed")
         return found
-    found = q(f"{columns} WHERE sample_id IN (SELECT sample_id FROM sample_sources WHERE image_set = ?)",
-              [request.image_set])
+    # Quarantined files of the set count too: their bytes sit in quarantine/ and their names in the ledger.
+    found = q(f"{columns} WHERE image_set = ? OR sample_id IN (SELECT sample_id FROM sample_sources WHERE image_set = ?"
+              " UNION SELECT sample_id FROM quarantine WHERE image_set = ?)", [request.image_set] * 3)
     if found.is_empty():
         raise ForgetError(f"unknown image set {request.image_set!r}; nothing was changed")
     return found
@@ -140,9 +141,14 @@ def resolve(memory, request: ForgetRequest) -> pl.DataFrame:
 def forget(memory, request: ForgetRequest, dry_run: bool = False) -> ForgetReport:
     t0 = time.perf_counter()
     found = resolve(memory, request)
-    todo = found.filter(pl.col("status") != "forgotten")
-    report = ForgetReport(request.request_id, dry_run, todo.select("sample_id", "label", "image_set", "status").to_dicts())
     state = memory.ledger.query("SELECT state FROM forget_requests WHERE request_id = ?", [request.request_id])
+    if len(state):  # accepted before (a retry after a crash): report what the request itself named
+        found = found.filter(pl.col("sample_id").is_in(memory.ledger.query(
+            "SELECT sample_id FROM forget_targets WHERE request_id = ?", [request.request_id])["sample_id"].to_list()))
+        todo = found
+    else:
+        todo = found.filter(pl.col("status") != "forgotten")
+    report = ForgetReport(request.request_id, dry_run, todo.select("sample_id", "label", "image_set", "status").to_dicts())
     if len(state) and state["state"][0] == "applied":
         report.already_applied = True
         return report
@@ -180,19 +186,45 @@ def apply_pending(memory, only: str | None = None) -> dict[str, tuple[list[str],
                 " WHERE t.request_id = ?", [request_id]))
             vector_ids = targets["vector_id"].drop_nulls().to_numpy().astype(np.int64)
             sample_ids = targets["sample_id"].to_list()
-            new_versions, rewritten = _purge_indexes(memory, vector_ids, request_id)
+            new_versions = _purge_indexes(memory, vector_ids, request_id)
+            rewritten = _rewritten_versions(con, request_id)
             removed = _purge_embeddings(memory, con, sample_ids) + _purge_files(memory, targets)
             con.execute("DELETE FROM sample_weights WHERE vector_id IN (SELECT unnest(?::BIGINT[]))",
                         [vector_ids.tolist()])
-            _chain(con, request_id, rewritten)
+            memory._index_cache = None
+            _forget_in_reliability(memory, con)
+            _chain(con, request_id)
             for store in _index_stores(memory, con):  # every version written from now on carries the new head
                 live = store.live()
                 if live is not None:
                     _refresh_manifest(store, live, con)
         memory.ledger.rewrite_file()  # drop the redacted names' old bytes from the DuckDB file
-        memory._index_cache = None
+        # Applied only now: a crash before this leaves the request pending, and a retry finishes it.
+        with memory.ledger.transaction() as con:
+            con.execute("UPDATE forget_requests SET state = 'applied', applied_at = (SELECT max(applied_at)"
+                        " FROM deletions WHERE request_id = ?) WHERE request_id = ?", [request_id, request_id])
         done[request_id] = (new_versions, rewritten, removed)
     return done
+
+
+def _forget_in_reliability(memory, con) -> None:
+    """Pruning statistics that counted the forgotten samples go: the newest ones are brought to
+    the new live version (the forgotten rows removed, their neighbours re-queried), the rest deleted."""
+    from . import pruning
+
+    stored = to_frame(con.execute("SELECT encoder_id, index_version, k, path FROM reliability_runs"))
+    keep = set()
+    if memory.indexes.live() is not None:
+        for k in stored.filter(pl.col("encoder_id") == memory.encoder.id)["k"].unique().to_list():
+            pruning.reliability(memory, k)
+            keep.add((memory.encoder.id, memory.indexes.live().version, k))
+    for row in stored.iter_rows(named=True):
+        if (row["encoder_id"], row["index_version"], row["k"]) not in keep:
+            memory.layout.absolute(row["path"]).unlink(missing_ok=True)
+            con.execute("DELETE FROM reliability_runs WHERE encoder_id = ? AND index_version = ? AND k = ?",
+                        [row["encoder_id"], row["index_version"], row["k"]])
+            con.execute("DELETE FROM reliability WHERE encoder_id = ? AND index_version = ? AND k = ?",
+                        [row["encoder_id"], row["index_version"], row["k"]])
 
 
 def _index_stores(memory, con) -> list[IndexStore]:
@@ -200,9 +232,10 @@ def _index_stores(memory, con) -> list[IndexStore]:
     return [IndexStore(memory.layout, memory.ledger, encoder_id, slug, dim) for encoder_id, slug, dim in rows]
 
 
-def _purge_indexes(memory, vector_ids: np.ndarray, request_id: str) -> tuple[list[str], list[str]]:
-    """A new live version without the vectors, and every retained version rewritten without them."""
-    new_versions, rewritten = [], []
+def _purge_indexes(memory, vector_ids: np.ndarray, request_id: str) -> list[str]:
+    """A new live version without the vectors, and every retained version rewritten without them;
+    returns the new live versions ("slug:version")."""
+    new_versions = []
     with memory.ledger.connect() as con:
         for store in _index_stores(memory, con):
             slug = store.root.name
@@ -213,10 +246,10 @@ def _purge_indexes(memory, vector_ids: np.ndarray, request_id: str) -> tuple[lis
                 # in content: purge it instead of writing the same vectors twice.
                 store.purge(version.parent_version, note=f"superseded by forget version {version.version}")
             for old in store.versions():
-                if old.status == "retained" and store.rewrite_without(old, vector_ids, request_id):
-                    rewritten.append(f"{slug}:{old.version}")
+                if old.status == "retained":
+                    store.rewrite_without(old, vector_ids, request_id)
             store.remove_unreferenced_files()
-    return new_versions, rewritten
+    return new_versions
 
 
 def _purge_embeddings(memory, con, sample_ids: list[str]) -> int:
@@ -265,8 +298,19 @@ def _purge_files(memory, targets: pl.DataFrame) -> int:
     return removed
 
 
-def _chain(con, request_id: str, rewritten: list[str]) -> None:
-    """Append the deletions rows (hash-chained), redact names, mark the request applied."""
+def _rewritten_versions(con, request_id: str) -> list[str]:
+    """Every retained version this request rewrote, in this attempt or one a crash interrupted."""
+    return [f"{slug}:{version}" for slug, version in con.execute(
+        "SELECT e.slug, r.version FROM index_rewrites r JOIN encoders e USING (encoder_id)"
+        " WHERE r.request_id = ? ORDER BY e.slug, r.version", [request_id]).fetchall()]
+
+
+def _chain(con, request_id: str) -> None:
+    """Append the deletions rows (hash-chained; once per request) and redact names."""
+    if con.execute("SELECT count(*) FROM deletions WHERE request_id = ?", [request_id]).fetchone()[0]:
+        _redact(con, request_id)  # a retry after a crash: the proof is written, finish the rest
+        return
+    rewritten = _rewritten_versions(con, request_id)
     with_rows = to_frame(con.execute(
         "SELECT t.sample_id, s.label, r.requested_by, r.reason, r.category, r.external_ref, r.requested_at"
         " FROM forget_targets t JOIN samples s USING (sample_id) JOIN forget_requests r USING (request_id)"
@@ -288,18 +332,20 @@ def _chain(con, request_id: str, rewritten: list[str]) -> None:
     con.begin()
     try:
         insert_rows(con, "deletions", {name: (sqltype, [r[name] for r in rows]) for name, sqltype in columns.items()})
-        ids = with_rows["sample_id"].to_list()
-        # A file name can itself be personal data: only the hash and the label stay.
-        con.execute("UPDATE samples SET original_name = NULL, image_path = NULL WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
-        con.execute("UPDATE sample_sources SET original_name = NULL WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
-        con.execute("UPDATE quarantine SET original_name = '[redacted]', stored_path = NULL"
-                    " WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [ids])
-        con.execute("UPDATE forget_requests SET state = 'applied', applied_at = ? WHERE request_id = ?",
-                    [applied_at, request_id])
+        _redact(con, request_id)
         con.commit()
     except BaseException:
         con.rollback()
         raise
+
+
+def _redact(con, request_id: str) -> None:
+    """A file name can itself be personal data: only the hash and the label stay."""
+    targets = "SELECT sample_id FROM forget_targets WHERE request_id = ?"
+    con.execute(f"UPDATE samples SET original_name = NULL, image_path = NULL WHERE sample_id IN ({targets})", [request_id])
+    con.execute(f"UPDATE sample_sources SET original_name = NULL WHERE sample_id IN ({targets})", [request_id])
+    con.execute(f"UPDATE quarantine SET original_name = '[redacted]', stored_path = NULL WHERE sample_id IN ({targets})",
+                [request_id])
 
 
 HASHED_FIELDS = ("seq", "request_id", "sample_id", "label", "requested_by", "reason", "category", "external_ref",

@@ -147,12 +147,12 @@ class Ledger:
             for key, value in (variables or {}).items():
                 if not key.isidentifier():
                     raise ValueError(f"parameter name {key!r} is not an identifier")
-                con.execute(f"SET VARIABLE {key} = ?", [value])
+                con.execute(f'SET VARIABLE "{key}" = ?', [value])  # quoted: 'from' and 'to' are keywords
             try:
                 return to_frame(con.execute(sql))  # one statement per file
             finally:
                 for key in variables or {}:
-                    con.execute(f"RESET VARIABLE {key}")
+                    con.execute(f'RESET VARIABLE "{key}"')
 
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
         con.execute(

@@ -365,10 +365,13 @@ class Memory:
         return sims, ids
 
     def classify(self, images: list, k: int = DEFAULT_K, strategy: str = DEFAULT_STRATEGY,
-                 progress: bool | None = None, unknown: bool = False) -> list[Prediction]:
+                 progress: bool | None = None, unknown: bool = False, pruning: str | None = None) -> list[Prediction]:
         """Predict a label for each image, with the neighbours that decided it. With `unknown`,
         an image farther from its nearest neighbour than the memory's novelty threshold is
-        answered UNKNOWN (the vote is kept in `voted_label`)."""
+        answered UNKNOWN (the vote is kept in `voted_label`). `pruning`: 'none', 'soft', 'hard',
+        or None for the memory's active weight set (vismem prune)."""
+        from . import pruning as pruning_mod
+
         vote_weights(np.zeros((1, 1)), strategy)  # fail early on an unknown strategy
         self.live_index()  # ... and on a memory with nothing to search, before embedding anything
         threshold = self.novelty_threshold() if unknown else None
@@ -377,7 +380,12 @@ class Memory:
         catalog = self.catalog()
         rows = catalog.rows(ids)
         labels = np.where(rows >= 0, catalog.label_codes[rows], -1)
-        weights = vote_weights(sims, strategy)
+        threshold_hard = None
+        if pruning is None:
+            pruning, threshold_hard = pruning_mod.active_mode(self) or ("none", None)
+        row_weight = pruning_mod.weights_by_row(self, catalog, pruning, threshold_hard)
+        factors = np.where(rows >= 0, row_weight[rows], 0.0) if row_weight is not None else np.ones(ids.shape)
+        weights = vote_weights(sims, strategy) * factors
         pred, conf = vote_all_k(labels, weights, len(catalog.label_names))
         out = []
         for i, image in enumerate(images):
@@ -390,7 +398,8 @@ class Memory:
                 name = catalog.label_names[labels[i, r]]
                 scores[name] = scores.get(name, 0.0) + float(weights[i, r])
                 neighbors.append(Neighbor(r, catalog.sample_ids[j], int(ids[i, r]), name, float(sims[i, r]),
-                                          float(weights[i, r]), str(self.layout.absolute(catalog.image_paths[j]))))
+                                          float(weights[i, r]), str(self.layout.absolute(catalog.image_paths[j])),
+                                          float(factors[i, r])))
             voted = catalog.label_names[pred[i, -1]] if pred[i, -1] >= 0 else None
             distance = float(1.0 - sims[i, 0])
             novel = threshold is not None and distance > threshold
@@ -401,8 +410,16 @@ class Memory:
 
     # ---- evaluation ----------------------------------------------------------------------------
 
+    def _pruning_weights(self, catalog: Catalog, pruning: bool) -> dict:
+        """'none' always; with `pruning`, also the soft and hard weight sets of the live version."""
+        if not pruning:
+            return {"none": None}
+        from . import pruning as pruning_mod
+
+        return {"none": None, **{m: pruning_mod.weights_by_row(self, catalog, m) for m in ("soft", "hard")}}
+
     def evaluate(self, source: str | Path, k_max: int = 100, strategies=STRATEGIES,
-                 progress: bool | None = None, record: bool = True) -> Evaluation:
+                 progress: bool | None = None, record: bool = True, pruning: bool = False) -> Evaluation:
         """Accuracy of each strategy for every k in 1..k_max on a labelled query set (not stored)."""
         files = read_image_set(Path(source))
         checked = [check_image(f) for f in files]
@@ -415,8 +432,10 @@ class Memory:
         in_memory = self.ledger.query(
             "SELECT count(*) AS n FROM samples WHERE status = 'active' AND sample_id IN (SELECT unnest(?::VARCHAR[]))",
             [[c.sample_id for c in usable]])["n"][0]
-        result = score(str(source), version.version, sims, ids, [c.source.label for c in usable], self.catalog(),
-                       strategies, novelty=(self.novelty_threshold(), NOVELTY_PERCENTILE))
+        catalog = self.catalog()
+        result = score(str(source), version.version, sims, ids, [c.source.label for c in usable], catalog,
+                       strategies, self._pruning_weights(catalog, pruning),
+                       novelty=(self.novelty_threshold(), NOVELTY_PERCENTILE))
         result.n_skipped, result.n_in_memory = len(checked) - len(usable), int(in_memory)
         return self.record_evaluation(result) if record else result
 
@@ -436,7 +455,7 @@ class Memory:
         return np.stack([have[c.sample_id] for c in images]).astype(np.float32)
 
     def evaluate_leave_one_out(self, k_max: int = 100, strategies=STRATEGIES, record: bool = True,
-                               batch: int = 4096) -> Evaluation:
+                               batch: int = 4096, pruning: bool = False) -> Evaluation:
         """Each stored sample classified by all the others (for memories without a query split)."""
         version, index = self.live_index()
         if index.ntotal < 2:
@@ -455,7 +474,7 @@ class Memory:
         catalog = self.catalog()
         truth = [catalog.label_names[c] for c in catalog.label_codes[catalog.rows(ids_all)]]
         result = score("leave-one-out", version.version, sims, ids, truth, catalog, strategies,
-                       novelty=(self.novelty_threshold(), NOVELTY_PERCENTILE))
+                       self._pruning_weights(catalog, pruning), novelty=(self.novelty_threshold(), NOVELTY_PERCENTILE))
         return self.record_evaluation(result) if record else result
 
     def record_evaluation(self, result: Evaluation) -> Evaluation:

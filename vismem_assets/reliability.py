@@ -40,6 +40,7 @@ SOFT_GAMMA = 1.75
 BLOCK_BYTES = 256 << 20  # the largest similarity block materialised at once
 PAIR_BYTES = 32 << 20  # working memory of the canonical re-scoring
 K_METADATA = "vismem.reliability.k"
+EXHAUSTIVE_BELOW = 256  # fewer queries than this: one numpy block beats faiss's per-call overhead
 
 VectorsOf = Callable[[np.ndarray], np.ndarray]
 
@@ -129,8 +130,9 @@ def _select(n: int, rows: np.ndarray, cols: np.ndarray, sims: np.ndarray, k: int
 
 
 def _exhaustive(q_pos: np.ndarray, db: np.ndarray, k: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of db rows q_pos among all other db rows: every entry within 2 tol of the
-    float32 k-th best is re-scored canonically (the rare rows the candidate search can't settle)."""
+    """Exact top-k of the db rows q_pos among all other db rows: everything within 2 tol of the
+    float32 k-th best is re-scored canonically. For few queries, tiny memories, and the rows
+    the candidate search could not settle."""
     n_db = len(db)
     pos = np.empty((len(q_pos), k), np.int64)
     sim = np.empty((len(q_pos), k), np.float32)
@@ -139,25 +141,27 @@ def _exhaustive(q_pos: np.ndarray, db: np.ndarray, k: int, tol: float) -> tuple[
         qp = q_pos[s:s + step]
         scores = db[qp] @ db.T
         scores[np.arange(len(qp)), qp] = -np.inf
-        kth = np.partition(scores, n_db - k, axis=1)[:, n_db - k]
-        rows, cols = np.nonzero(scores >= (kth - 2 * tol)[:, None])
+        kth = np.partition(scores, max(n_db - k, 0), axis=1)[:, max(n_db - k, 0)]  # -inf if n_db <= k
+        keep = scores >= (kth - 2 * tol)[:, None]
+        keep[np.arange(len(qp)), qp] = False
+        rows, cols = np.nonzero(keep)
         pos[s:s + step], sim[s:s + step] = _select(len(qp), rows, cols, canonical_similarity(db, qp[rows], db, cols), k)
     return pos, sim
 
 
-def _topk(q_pos: np.ndarray, db: np.ndarray, k: int, batch: int, tol: float,
-          index: faiss.Index | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _topk(q_pos: np.ndarray, db: np.ndarray, k: int, batch: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
     """Exact canonical top-k of the db rows q_pos among the other db rows, as db positions.
     db must be sorted by vector id (ties go to the lower position)."""
     n_db, n = len(db), len(q_pos)
-    pos = np.full((n, k), -1, np.int64)
-    sim = np.full((n, k), -np.inf, np.float32)
+    kk = k + _margin(k) + 1
     if n == 0 or n_db < 2:
-        return pos, sim
-    if index is None:
-        index = faiss.IndexFlatIP(db.shape[1])
-        index.add(db)
-    kk = min(k + _margin(k) + 1, n_db)
+        return np.full((n, k), -1, np.int64), np.full((n, k), -np.inf, np.float32)
+    if n < EXHAUSTIVE_BELOW or n_db <= kk:
+        return _exhaustive(q_pos, db, k, tol)
+    index = faiss.IndexFlatIP(db.shape[1])
+    index.add(db)
+    pos = np.empty((n, k), np.int64)
+    sim = np.empty((n, k), np.float32)
     redo = []
     for s in range(0, n, batch):
         qp = q_pos[s:s + batch]
@@ -168,9 +172,10 @@ def _topk(q_pos: np.ndarray, db: np.ndarray, k: int, batch: int, tol: float,
         rows, cols = rows[ok], cols[ok]
         p, m = _select(len(qp), rows, cols, canonical_similarity(db, qp[rows], db, cols), k)
         pos[s:s + batch], sim[s:s + batch] = p, m
-        if kk < n_db:  # whatever the search left out scored <= its last result
-            redo.append(s + np.flatnonzero(~(m[:, -1] > scores[:, -1] + tol)))
-    redo = np.concatenate(redo) if redo else np.empty(0, np.int64)
+        # Whatever the search left out scored <= its last result in float32, so at most
+        # tol above it canonically: the row is settled if its k-th beats that.
+        redo.append(s + np.flatnonzero(~(m[:, -1] > scores[:, -1] + tol)))
+    redo = np.concatenate(redo)
     if len(redo):
         pos[redo], sim[redo] = _exhaustive(q_pos[redo], db, k, tol)
     return pos, sim

@@ -1,0 +1,197 @@
+"""Pruning as weights, never as deletion: reliability per index version (brought up to date
+incrementally from the previous version), and soft / hard weight sets in the ledger that
+classification honours, which can be switched off or rolled back."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from . import reliability as rel_mod
+from .index_store import index_ids, index_vectors
+from .ledger import insert_rows
+
+SOFT_K, HARD_K = rel_mod.SOFT_K, rel_mod.HARD_K
+HARD_PERCENTILE = 90         # default hard threshold: drop the least reliable tenth of the memory
+INCREMENTAL_UP_TO = 0.5      # beyond this fraction changed, a full pass is cheaper
+MODES = ("none", "soft", "hard")
+
+
+def label_code(label: str) -> int:
+    """A stable integer per label, the same in every version (incremental updates compare them)."""
+    return int.from_bytes(hashlib.sha256(label.encode()).digest()[:8], "little", signed=True)
+
+
+@dataclass
+class ReliabilityRun:
+    version: int
+    k: int
+    mode: str
+    base_version: int | None
+    n_samples: int
+    n_requeried: int
+    seconds: float
+
+
+def reliability(memory, k: int) -> tuple[rel_mod.Reliability, ReliabilityRun]:
+    """Reliability of the live version at k: stored, or updated from the newest earlier
+    version that has it (only what changed is re-queried), or a full pass."""
+    version, index = memory.live_index()
+    enc = memory.encoder.id
+    stored = memory.ledger.query(
+        "SELECT index_version, mode, base_version, n_samples, n_requeried, seconds, path FROM reliability_runs"
+        " WHERE encoder_id = ? AND k = ? AND index_version <= ? ORDER BY index_version DESC LIMIT 1",
+        [enc, k, version.version])
+    ids = index_ids(index)
+    if len(stored) and stored["index_version"][0] == version.version:
+        row = stored.row(0, named=True)
+        return rel_mod.load(memory.layout.absolute(row["path"])), ReliabilityRun(
+            version.version, k, row["mode"], row["base_version"], row["n_samples"], row["n_requeried"], row["seconds"])
+    vectors = index_vectors(index)
+    order = np.argsort(ids)
+    sorted_ids = ids[order]
+
+    def vectors_of(wanted: np.ndarray) -> np.ndarray:
+        return vectors[order[np.searchsorted(sorted_ids, wanted)]]
+
+    catalog = memory.catalog()
+    codes = {name: label_code(name) for name in catalog.label_names}
+    label_of = dict(zip(catalog.vector_ids.tolist(), (codes[catalog.label_names[c]] for c in catalog.label_codes)))
+    t0 = time.perf_counter()
+    base = None
+    if len(stored):
+        base = rel_mod.load(memory.layout.absolute(stored["path"][0]))
+        added = np.setdiff1d(ids, base.vector_ids)
+        removed = np.setdiff1d(base.vector_ids, ids)
+        if len(added) + len(removed) > INCREMENTAL_UP_TO * max(len(ids), 1):
+            base = None
+    if base is None:
+        result = rel_mod.compute(ids, vectors, [label_of[i] for i in ids.tolist()], k)
+        mode, base_version, n_requeried = "full", None, len(ids)
+    else:
+        result, n_requeried = base, 0
+        if len(removed):
+            result, stats = rel_mod.remove(result, removed, vectors_of)
+            n_requeried += stats.get("n_requeried", 0)
+        if len(added):
+            result, stats = rel_mod.add(result, added, vectors_of(added), [label_of[i] for i in added.tolist()],
+                                        vectors_of)
+            n_requeried += stats.get("n_touched", 0) + stats.get("n_new", 0)
+        mode, base_version = "incremental", int(stored["index_version"][0])
+    seconds = time.perf_counter() - t0
+    path = memory.layout.root / "reliability" / memory.encoder.slug / f"v{version.version:06d}-k{k}.parquet"
+    rel_mod.save(result, path)
+    with memory.ledger.transaction() as con:
+        con.execute("DELETE FROM reliability WHERE encoder_id = ? AND index_version = ? AND k = ?",
+                    [enc, version.version, k])
+        insert_rows(con, "reliability", {
+            "encoder_id": ("VARCHAR", [enc] * len(result.vector_ids)),
+            "index_version": ("INTEGER", [version.version] * len(result.vector_ids)),
+            "k": ("INTEGER", [k] * len(result.vector_ids)),
+            "vector_id": ("BIGINT", result.vector_ids.tolist()),
+            "v": ("INTEGER", result.v.tolist()),
+        })
+        con.execute("INSERT OR REPLACE INTO reliability_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+                    [enc, version.version, k, mode, base_version, len(result.vector_ids), n_requeried, seconds,
+                     memory.layout.relative(path)])
+    return result, ReliabilityRun(version.version, k, mode, base_version, len(result.vector_ids), n_requeried, seconds)
+
+
+def default_hard_threshold(v: np.ndarray) -> int:
+    """v grows with k and with how crowded the memory is, so a fixed default would drop nothing
+    in one memory and everything in another: by default the least reliable tenth goes."""
+    return max(1, int(np.ceil(np.percentile(v, HARD_PERCENTILE)))) if len(v) else 1
+
+
+def weights(memory, mode: str, hard_threshold: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(vector_ids, weight) of the live version for 'soft' or 'hard' pruning."""
+    if mode == "soft":
+        rel, _ = reliability(memory, SOFT_K)
+        return rel.vector_ids, rel_mod.soft_weights(rel.v)
+    if mode == "hard":
+        rel, _ = reliability(memory, HARD_K)
+        threshold = hard_threshold if hard_threshold is not None else default_hard_threshold(rel.v)
+        return rel.vector_ids, rel_mod.hard_weights(rel.v, threshold)
+    raise ValueError(f"unknown pruning {mode!r}; choose one of {', '.join(MODES)}")
+
+
+def weights_by_row(memory, catalog, mode: str | None, hard_threshold: int | None = None) -> np.ndarray | None:
+    """Per-catalog-row weights for `mode` ('none'/None: no weights)."""
+    if mode in (None, "none"):
+        return None
+    ids, w = weights(memory, mode, hard_threshold)
+    out = np.ones(len(catalog.vector_ids))
+    pos = np.searchsorted(ids, catalog.vector_ids)
+    pos = np.clip(pos, 0, len(ids) - 1)
+    found = ids[pos] == catalog.vector_ids
+    out[found] = w[pos[found]]
+    return out
+
+
+def plan(memory, mode: str, hard_threshold: int | None = None) -> pl.DataFrame:
+    """What a weight set would change: per label, samples down-weighted (soft) or excluded (hard)."""
+    ids, w = weights(memory, mode, hard_threshold)
+    catalog = memory.catalog()
+    rows = catalog.rows(ids)
+    labels = [catalog.label_names[catalog.label_codes[r]] for r in rows]
+    frame = pl.DataFrame({"label": labels, "weight": w})
+    return (frame.group_by("label").agg(pl.len().alias("samples"), (pl.col("weight") < 1).sum().alias("changed"),
+                                        pl.col("weight").mean().alias("mean_weight"))
+            .sort("label"))
+
+
+def activate(memory, mode: str, hard_threshold: int | None = None) -> dict:
+    """Store the weight set for the live version and make it the one classification uses."""
+    version, _ = memory.live_index()
+    enc = memory.encoder.id
+    if mode == "hard" and hard_threshold is None:
+        hard_threshold = default_hard_threshold(reliability(memory, HARD_K)[0].v)
+    ids, w = weights(memory, mode, hard_threshold)
+    params = json.dumps({"k": SOFT_K if mode == "soft" else HARD_K,
+                         **({"threshold": hard_threshold} if mode == "hard" else {"gamma": rel_mod.SOFT_GAMMA})})
+    with memory.ledger.transaction() as con:
+        con.execute("DELETE FROM sample_weights WHERE encoder_id = ? AND index_version = ? AND name = ?",
+                    [enc, version.version, mode])
+        insert_rows(con, "sample_weights", {
+            "encoder_id": ("VARCHAR", [enc] * len(ids)), "index_version": ("INTEGER", [version.version] * len(ids)),
+            "name": ("VARCHAR", [mode] * len(ids)), "vector_id": ("BIGINT", ids.tolist()),
+            "weight": ("DOUBLE", w.tolist())})
+        con.execute("UPDATE weight_sets SET active = FALSE WHERE encoder_id = ?", [enc])
+        con.execute("INSERT OR REPLACE INTO weight_sets VALUES (?, ?, ?, ?, TRUE, now())",
+                    [enc, version.version, mode, params])
+    return {"index_version": version.version, "pruning": mode, "params": json.loads(params),
+            "changed": int((w < 1).sum()), "samples": len(w)}
+
+
+def deactivate(memory) -> None:
+    with memory.ledger.transaction() as con:
+        con.execute("UPDATE weight_sets SET active = FALSE WHERE encoder_id = ?", [memory.encoder.id])
+
+
+def rollback(memory) -> dict | None:
+    """Make the weight set activated before the current one active again (None: pruning off)."""
+    sets = memory.ledger.query("SELECT index_version, name, active FROM weight_sets WHERE encoder_id = ?"
+                               " ORDER BY created_at DESC", [memory.encoder.id])
+    current = sets.filter(pl.col("active"))
+    earlier = sets.filter(~pl.col("active")) if len(current) else sets.slice(1)
+    with memory.ledger.transaction() as con:
+        con.execute("UPDATE weight_sets SET active = FALSE WHERE encoder_id = ?", [memory.encoder.id])
+        if earlier.is_empty():
+            return None
+        row = earlier.row(0, named=True)
+        con.execute("UPDATE weight_sets SET active = TRUE WHERE encoder_id = ? AND index_version = ? AND name = ?",
+                    [memory.encoder.id, row["index_version"], row["name"]])
+    return row
+
+
+def active_mode(memory) -> tuple[str, int | None] | None:
+    """(mode, hard threshold) of the active weight set, if pruning is switched on."""
+    row = memory.ledger.query("SELECT name, params FROM weight_sets WHERE encoder_id = ? AND active",
+                              [memory.encoder.id])
+    if row.is_empty():
+        return None
+    return row["name"][0], json.loads(row["params"][0] or "{}").get("threshold")
