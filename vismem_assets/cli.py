@@ -75,7 +75,7 @@ def _expand(paths: list[str]) -> list[Path]:
 def cmd_classify(args) -> int:
     memory = _memory(args)
     predictions = memory.classify(_expand(args.paths), k=args.k, strategy=args.strategy, progress=_progress(args),
-                                  unknown=args.unknown)
+                                  unknown=args.unknown, pruning=args.pruning)
     for p in predictions:
         if args.json:
             _print_json(p.to_dict())
@@ -86,8 +86,40 @@ def cmd_classify(args) -> int:
         _table(pl.DataFrame({
             "rank": [n.rank for n in shown], "label": [n.label for n in shown],
             "similarity": [round(n.similarity, 4) for n in shown], "weight": [round(n.weight, 4) for n in shown],
+            "pruning": [round(n.pruning_factor, 3) for n in shown],
             "sample_id": [n.sample_id[:12] for n in shown], "image": [n.image_path for n in shown],
         }))
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from . import pruning
+
+    memory = _memory(args)
+    if args.off:
+        pruning.deactivate(memory)
+        _print_json({"pruning": "none"}) if args.json else print("pruning switched off: every sample votes fully")
+        return 0
+    if args.rollback:
+        row = pruning.rollback(memory)
+        _print_json({"active": row}) if args.json else print(
+            f"rolled back to {row['name']} pruning (weights of index version {row['index_version']})" if row
+            else "rolled back: no earlier weight set, pruning is off")
+        return 0
+    mode = "hard" if args.hard is not None else "soft"
+    threshold = args.hard if args.hard is not None and args.hard > 0 else None
+    changes = pruning.plan(memory, mode, threshold)
+    result = None if args.dry_run else pruning.activate(memory, mode, threshold)
+    if args.json:
+        _print_json({"dry_run": args.dry_run, "pruning": mode, "per_label": changes.to_dicts(), "activated": result})
+        return 0
+    what = "down-weighted" if mode == "soft" else "excluded"
+    print(f"{mode} pruning {'would change' if args.dry_run else 'changes'} {int(changes['changed'].sum())} of "
+          f"{int(changes['samples'].sum())} samples ({what}); per label:")
+    _table(changes.rename({"changed": what}))
+    if result:
+        print(f"active for classification: {mode} pruning, {result['params']} (index version {result['index_version']});"
+              " vismem prune --off or --rollback to undo")
     return 0
 
 
@@ -108,7 +140,8 @@ def cmd_explain(args) -> int:
 def cmd_eval(args) -> int:
     from .plots import plot_accuracy
 
-    result = _memory(args).evaluate(args.set_path, k_max=args.k_max, progress=_progress(args))
+    result = _memory(args).evaluate(args.set_path, k_max=args.k_max, progress=_progress(args),
+                                    pruning=not args.no_pruning)
     if args.plot:
         plot_accuracy(result.accuracy, args.plot, title=f"{Path(args.set_path).name}: index v{result.index_version}")
     if args.json:
@@ -296,8 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY)
     p.add_argument("--show", type=int, default=5, help="neighbours shown per image in the table")
+    p.add_argument("--pruning", choices=("none", "soft", "hard"),
+                   help="vote weights from pruning (default: the memory's active weight set, see vismem prune)")
     p.add_argument("--unknown", action="store_true",
                    help="answer 'unknown' when the nearest neighbour is farther than the memory's novelty threshold")
+    encoder_option(p)
+
+    p = command("prune", cmd_prune, "weight samples by reliability (soft) or exclude unreliable ones (hard); never deletes")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--soft", action="store_true", help="vote weight 1.75 / (1 + v), v at k=10 (default)")
+    how.add_argument("--hard", type=int, metavar="THRESHOLD", nargs="?", const=0,
+                     help="exclude samples with v >= THRESHOLD at k=100 (no value: the least reliable tenth)")
+    how.add_argument("--off", action="store_true", help="switch pruning off")
+    how.add_argument("--rollback", action="store_true", help="go back to the previously active weight set")
+    p.add_argument("--dry-run", action="store_true", help="report what would change; activate nothing")
     encoder_option(p)
 
     p = command("explain", cmd_explain, "render why an image gets its label: the query, its neighbours, the vote")
@@ -309,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("eval", cmd_eval, "accuracy of every voting strategy for k = 1..k-max on a labelled query set")
     p.add_argument("set_path")
+    p.add_argument("--no-pruning", action="store_true", help="skip the soft and hard pruning columns")
     p.add_argument("--k-max", type=int, default=100)
     p.add_argument("--plot", help="write a PNG chart of accuracy against k here")
     encoder_option(p)
