@@ -20,7 +20,7 @@ from dagster import (
 from pydantic import Field
 
 from vismem_assets.forgetting import ForgetRequest
-from vismem_assets.plots import contact_sheet, plot_accuracy
+from vismem_assets.plots import contact_sheet, plot_accuracy, plot_reliability_diagram
 
 from .metadata import image_markdown, table
 from .resources import VisualMemory
@@ -154,6 +154,22 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
     })
 
 
+def misclassified_gallery(memory, result, folder: Path, n: int = 4) -> str | None:
+    """Markdown with a few misclassified queries beside their neighbours (query sets only:
+    in leave-one-out the query is itself stored)."""
+    from vismem_assets.explain import render_png
+
+    paths = [result.query_paths[i] for i in result.misclassified[:n]] if result.query_paths else []
+    if not paths:
+        return None
+    parts = []
+    for path, prediction in zip(paths, memory.classify(paths, k=10, progress=False)):
+        page = render_png(prediction, path, folder / f"{Path(path).stem}.png")
+        parts.append(f"**{Path(path).parent.name}/{Path(path).name}** → predicted **{prediction.label}**\n\n"
+                     + image_markdown(page, "explanation").value)
+    return "\n\n".join(parts)
+
+
 def archive_request_file(path: str | None, outcome: str) -> None:
     """Move an inbox forget request to inbox/forget/<outcome>/ so it is never taken again."""
     if path and Path(path).exists():
@@ -163,6 +179,35 @@ def archive_request_file(path: str | None, outcome: str) -> None:
 
 
 @asset(deps=[memory_index], pool=LEDGER_POOL, group_name="visual_memory",
+       description="Reliability of every sample (k=10 and k=100, updated incrementally from the previous version) "
+                   "and the soft and hard pruning weight sets of the live index version.")
+def pruning_weights(context: AssetExecutionContext, visual_memory: VisualMemory) -> MaterializeResult:
+    from vismem_assets import pruning
+
+    memory = visual_memory.memory()
+    runs = {}
+    for k in (pruning.SOFT_K, pruning.HARD_K):
+        rel, run = pruning.reliability(memory, k)
+        runs[k] = run
+        context.log.info(f"reliability k={k}: {run.mode} over {run.n_samples} samples, "
+                         f"{run.n_requeried} re-queried, {run.seconds:.2f} s")
+    active = pruning.active_mode(memory)
+    if active:  # keep the switched-on weight set current with the index
+        pruning.activate(memory, active[0], active[1])
+    plans = {mode: pruning.plan(memory, mode) for mode in ("soft", "hard")}
+    per_label = plans["soft"].select("label", "samples", pl.col("changed").alias("soft_down_weighted"),
+                                     pl.col("mean_weight").round(4).alias("soft_mean_weight")).join(
+        plans["hard"].select("label", pl.col("changed").alias("hard_excluded")), on="label")
+    return MaterializeResult(metadata={
+        "index_version": runs[pruning.SOFT_K].version, "active": active[0] if active else "none",
+        **{f"k{k}_mode": run.mode for k, run in runs.items()},
+        **{f"k{k}_requeried": run.n_requeried for k, run in runs.items()},
+        **{f"k{k}_seconds": round(run.seconds, 3) for k, run in runs.items()},
+        "samples": runs[pruning.SOFT_K].n_samples, "per_label": table(per_label),
+    })
+
+
+@asset(deps=[memory_index, pruning_weights], pool=LEDGER_POOL, group_name="visual_memory",
        check_specs=[AssetCheckSpec("top1_not_dropped", asset="evaluation")],
        description="Accuracy of every voting strategy for k = 1..k_max after each index change.")
 def evaluation(context: AssetExecutionContext, visual_memory: VisualMemory):
@@ -170,9 +215,9 @@ def evaluation(context: AssetExecutionContext, visual_memory: VisualMemory):
     t0 = time.perf_counter()
     query_set = visual_memory.query_set_path()
     if query_set is not None:
-        result = memory.evaluate(query_set, k_max=visual_memory.k_max, progress=False)
+        result = memory.evaluate(query_set, k_max=visual_memory.k_max, progress=False, pruning=True)
     else:
-        result = memory.evaluate_leave_one_out(k_max=visual_memory.k_max)
+        result = memory.evaluate_leave_one_out(k_max=visual_memory.k_max, pruning=True)
     seconds = time.perf_counter() - t0
     top1 = result.top1()
     chart = plot_accuracy(result.accuracy, memory.layout.root / "reports" / "evaluation" /
@@ -181,6 +226,11 @@ def evaluation(context: AssetExecutionContext, visual_memory: VisualMemory):
     wide = (result.accuracy.filter(pl.col("k").is_in(SHOWN_K) & (pl.col("pruning") == "none"))
             .with_columns(pl.col("accuracy").round(4)).pivot(on="strategy", index="k", values="accuracy").sort("k"))
     best = result.best()
+    best_by_pruning = pl.concat([result.best(m).with_columns(pruning=pl.lit(m)) for m in ("none", "soft", "hard")])
+    reports = memory.layout.root / "reports" / "evaluation"
+    diagram = plot_reliability_diagram(result.calibration, reports / f"v{result.index_version:06d}-calibration.png",
+                                       title=f"index v{result.index_version}: rank vote, k=20")
+    gallery = misclassified_gallery(memory, result, reports / f"v{result.index_version:06d}-misclassified")
     change = memory.compare_with_previous(result)
     context.log.info(f"top-1 (rank, k=20) {top1:.4f} on {result.n_queries} queries ({result.query_set})")
     yield MaterializeResult(metadata={
@@ -190,8 +240,15 @@ def evaluation(context: AssetExecutionContext, visual_memory: VisualMemory):
         "seconds": round(seconds, 2),
         "accuracy_by_k": table(wide), "best_k": table(best.with_columns(pl.col("accuracy").round(4))),
         "per_label": table(result.per_label.with_columns(pl.col("accuracy").round(4))),
+        "best_k_by_pruning": table(best_by_pruning.with_columns(pl.col("accuracy").round(4))),
+        "top1_soft_pruning": MetadataValue.float(result.top1(pruning="soft")),
+        "top1_hard_pruning": MetadataValue.float(result.top1(pruning="hard")),
         "chart": image_markdown(chart, "accuracy against k"),
         "chart_path": MetadataValue.path(str(chart)),
+        "reliability_diagram": image_markdown(diagram, "accuracy per confidence bin"),
+        "calibration": table(result.calibration.filter(pl.col("n_queries") > 0).with_columns(pl.col(pl.Float64).round(4))),
+        **({"novelty": MetadataValue.json(result.novelty)} if result.novelty else {}),
+        **({"misclassified": MetadataValue.md(gallery)} if gallery else {}),
     })
     yield AssetCheckResult(
         check_name="top1_not_dropped", severity=AssetCheckSeverity.ERROR,

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dagster import DefaultScheduleStatus, ScheduleDefinition, define_asset_job
 
-from .assets import evaluation, memory_index
+from .assets import evaluation, memory_index, pruning_weights
 
 compaction_job = define_asset_job(
-    "nightly_compaction", selection=[memory_index, evaluation],
+    "nightly_compaction", selection=[memory_index, pruning_weights, evaluation],
     config={"ops": {"memory_index": {"config": {"rebuild": True}}}},
     description="Full rebuild of the index from ledger + embeddings into a fresh version, purge old versions, evaluate.",
 )

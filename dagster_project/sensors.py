@@ -21,7 +21,7 @@ from vismem_assets.forgetting import ForgetRequest
 from vismem_assets.home import Layout, resolve_home
 from vismem_assets.imagesets import SET_NAME
 
-from .assets import embeddings, evaluation, image_set_partitions, image_sets, memory_index
+from .assets import embeddings, evaluation, image_set_partitions, image_sets, memory_index, pruning_weights
 from .resources import VisualMemory
 
 READY_MARKER = "_READY"
@@ -63,7 +63,7 @@ def image_set_sensor(context: SensorEvaluationContext, visual_memory: VisualMemo
 
 
 refresh_job = define_asset_job(
-    "refresh_memory", selection=[memory_index, evaluation],
+    "refresh_memory", selection=[memory_index, pruning_weights, evaluation],
     description="Fold newly embedded sets into a new index version, then evaluate it.",
 )
 
@@ -79,7 +79,7 @@ def embeddings_sensor(context: SensorEvaluationContext, asset_event: EventLogEnt
 
 
 forget_job = define_asset_job(
-    "forget", selection=[memory_index, evaluation],
+    "forget", selection=[memory_index, pruning_weights, evaluation],
     description="Forget samples everywhere (typed run config: ops > memory_index > config > forget), then re-evaluate.",
 )
 

@@ -27,6 +27,8 @@ class Evaluation:
     novelty: dict | None = None   # distance, percentile, n_known, flagged_known, n_unseen, flagged_unseen
     n_skipped: int = 0
     n_in_memory: int = 0          # queries whose exact bytes are also stored in the memory
+    misclassified: list[int] = field(default_factory=list)  # query positions wrong at the defaults
+    query_paths: list[str] = field(default_factory=list)
     evaluation_id: int | None = None
 
     def top1(self, strategy: str = DEFAULT_STRATEGY, k: int | None = None, pruning: str = "none") -> float:
@@ -58,7 +60,7 @@ def score(query_set: str, version: int, sims: np.ndarray, ids: np.ndarray, truth
     labels = np.where(rows >= 0, catalog.label_codes[rows], -1)
     truth = catalog.codes(truth_labels)
     k_default = min(DEFAULT_K, ids.shape[1])
-    frames, per_label, calibration = [], None, None
+    frames, per_label, calibration, misclassified = [], None, None, []
     for name, sample_weight in (pruning or {"none": None}).items():
         factor = np.where(rows >= 0, sample_weight[rows], 0.0) if sample_weight is not None else 1.0
         for strategy in strategies:
@@ -73,6 +75,7 @@ def score(query_set: str, version: int, sims: np.ndarray, ids: np.ndarray, truth
                              .sort("label").with_columns(strategy=pl.lit(strategy), k=pl.lit(k_default),
                                                          pruning=pl.lit(name)))
                 calibration = reliability_diagram(conf[:, k_default - 1], correct)
+                misclassified = np.flatnonzero(~correct).tolist()
     novelty_stats = None
     if novelty is not None:
         flagged = (1.0 - sims[:, 0]) > novelty[0]
@@ -80,7 +83,8 @@ def score(query_set: str, version: int, sims: np.ndarray, ids: np.ndarray, truth
         novelty_stats = {"distance": novelty[0], "percentile": novelty[1],
                          "n_known": int(known.sum()), "flagged_known": int((flagged & known).sum()),
                          "n_unseen": int((~known).sum()), "flagged_unseen": int((flagged & ~known).sum())}
-    return Evaluation(query_set, version, len(truth_labels), pl.concat(frames), per_label, calibration, novelty_stats)
+    return Evaluation(query_set, version, len(truth_labels), pl.concat(frames), per_label, calibration, novelty_stats,
+                      misclassified=misclassified)
 
 
 def reliability_diagram(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS) -> pl.DataFrame:

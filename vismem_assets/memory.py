@@ -437,6 +437,7 @@ class Memory:
                        strategies, self._pruning_weights(catalog, pruning),
                        novelty=(self.novelty_threshold(), NOVELTY_PERCENTILE))
         result.n_skipped, result.n_in_memory = len(checked) - len(usable), int(in_memory)
+        result.query_paths = [str(c.source.path) for c in usable]
         return self.record_evaluation(result) if record else result
 
     def _query_vectors(self, images: list[CheckedImage], progress: bool | None) -> np.ndarray:

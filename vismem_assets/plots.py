@@ -63,3 +63,22 @@ def contact_sheet(images: list[str | Path], captions: list[str], out: str | Path
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, out)
+
+
+def plot_reliability_diagram(calibration: pl.DataFrame, out: str | Path, title: str = "reliability diagram") -> Path:
+    """Accuracy per confidence bin against the diagonal of perfect calibration; bar width ~ queries."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.2), dpi=120)
+    frame = calibration.filter(pl.col("n_queries") > 0)
+    centres = ((frame["bin_low"] + frame["bin_high"]) / 2).to_numpy()
+    ax.bar(centres, frame["accuracy"].to_numpy(), width=0.09, color="tab:blue", alpha=0.8, label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfectly calibrated")
+    for x, y, n in zip(centres, frame["accuracy"].to_numpy(), frame["n_queries"].to_numpy()):
+        ax.annotate(str(n), (x, y), ha="center", va="bottom", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("confidence (winning label's share of the vote)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, out)
