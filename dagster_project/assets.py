@@ -14,6 +14,7 @@ from dagster import (
     Config,
     DynamicPartitionsDefinition,
     MaterializeResult,
+    StaticPartitionsDefinition,
     MetadataValue,
     asset,
 )
@@ -152,6 +153,33 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
         "path": MetadataValue.path(str(memory.layout.absolute(version.path))),
         "seconds": round(seconds, 3), "lineage": table(lineage), **forgotten,
     })
+
+
+class ExperimentConfig(Config):
+    n_memory: int = Field(default=2000, description="Fashion-MNIST training images in the experiment's memory")
+    n_queries: int = Field(default=500, description="Fashion-MNIST test images as queries")
+
+
+experiment_partitions = StaticPartitionsDefinition(["label-noise", "new-classes", "memory-scaling", "novelty"])
+
+
+@asset(partitions_def=experiment_partitions, group_name="experiments",
+       description="The paper's lifelong experiments on Fashion-MNIST copies (never the live memory): "
+                   "a table and a PNG chart per experiment.")
+def experiments(context: AssetExecutionContext, config: ExperimentConfig,
+                visual_memory: VisualMemory) -> MaterializeResult:
+    from vismem_assets.experiments import run
+
+    memory = visual_memory.memory()
+    name = context.partition_key
+    result = run(name, memory.encoder, memory.layout.root / "reports" / "experiments", n_memory=config.n_memory,
+                 n_queries=config.n_queries, cache_dir=memory.layout.root / "experiments" / "cache")
+    context.log.info(f"{name}: {result.summary}")
+    numbers = {k: MetadataValue.float(float(v)) for k, v in result.summary.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return MaterializeResult(metadata={"table": table(result.table.with_columns(pl.col(pl.Float64).round(4))),
+                                       "chart": image_markdown(result.chart, name),
+                                       "chart_path": MetadataValue.path(str(result.chart)), **numbers})
 
 
 def misclassified_gallery(memory, result, folder: Path, n: int = 4) -> str | None:

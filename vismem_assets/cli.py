@@ -123,6 +123,26 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from .encoders import load_encoder
+    from .experiments import run
+    from .home import resolve_home
+
+    home = resolve_home(args.home)  # only for where results and the vector cache go: the memory is not touched
+    out = Path(args.out or home / "reports" / "experiments")
+    result = run(args.name, load_encoder(args.encoder or "efficientnet-lite0"), out, n_memory=args.n_memory,
+                 n_queries=args.n_queries, cache_dir=home / "experiments" / "cache")
+    if args.json:
+        _print_json({"name": result.name, "summary": result.summary, "table": result.table.to_dicts(),
+                     "chart": str(result.chart)})
+        return 0
+    print(f"{result.name} on Fashion-MNIST ({args.n_memory} memory, {args.n_queries} queries), "
+          "on a copy: the live memory is not touched")
+    _table(result.table)
+    print(f"\nchart: {result.chart}\ntable: {result.chart.with_suffix('.csv')}")
+    return 0
+
+
 def cmd_explain(args) -> int:
     from .explain import render
 
@@ -343,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--off", action="store_true", help="switch pruning off")
     how.add_argument("--rollback", action="store_true", help="go back to the previously active weight set")
     p.add_argument("--dry-run", action="store_true", help="report what would change; activate nothing")
+    encoder_option(p)
+
+    p = command("experiment", cmd_experiment,
+                "the paper's lifelong experiments on Fashion-MNIST (never on the live memory): table + PNG")
+    p.add_argument("name", choices=("label-noise", "new-classes", "memory-scaling", "novelty"))
+    p.add_argument("--n-memory", type=int, default=2000)
+    p.add_argument("--n-queries", type=int, default=500)
+    p.add_argument("--out", help="folder for <name>.png and <name>.csv (default: <home>/reports/experiments)")
     encoder_option(p)
 
     p = command("explain", cmd_explain, "render why an image gets its label: the query, its neighbours, the vote")

@@ -352,10 +352,49 @@ def memory_scaling(mem_v, mem_l, q_v, q_l, per_class=None, k: int = DEFAULT_K, k
 
 # --- registry ---------------------------------------------------------------------------------
 
+# --- novelty -----------------------------------------------------------------------------------
+
+def novelty(mem_v, mem_l, q_v, q_l, percentile: float = 99.0, out_dir=None, label_names=None) -> ExperimentResult:
+    """Each class in turn held out of the memory: the 'unknown' threshold is the percentile of the
+    memory's own leave-one-out nearest-neighbour distances (as `Memory.novelty_threshold`); how many
+    queries of the held-out class are flagged unknown, and how many of the classes it holds.
+    Table: held_out, threshold, flagged_unseen, n_unseen, flagged_known, n_known."""
+    mem_v = np.asarray(mem_v, np.float32)
+    mem_l = np.asarray(mem_l, np.int64)
+    q_l = np.asarray(q_l, np.int64)
+    rows = []
+    for c in np.unique(mem_l):
+        keep = mem_l != c
+        own, _ = search(mem_v[keep], mem_v[keep], 2)
+        threshold = float(np.percentile(1.0 - own[:, 1], percentile))  # column 0 is the sample itself
+        nearest, _ = search(mem_v[keep], q_v, 1)
+        flagged = (1.0 - nearest[:, 0]) > threshold
+        unseen = q_l == c
+        rows.append({"held_out": label_names[c] if label_names is not None else str(c), "threshold": threshold,
+                     "flagged_unseen": float(flagged[unseen].mean()), "n_unseen": int(unseen.sum()),
+                     "flagged_known": float(flagged[~unseen].mean()), "n_known": int((~unseen).sum())})
+    table = pl.DataFrame(rows)
+    summary = {"percentile": percentile, "mean_flagged_unseen": float(table["flagged_unseen"].mean()),
+               "mean_flagged_known": float(table["flagged_known"].mean())}
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=120)
+    x = np.arange(len(table))
+    ax.bar(x - 0.2, table["flagged_unseen"], 0.4, label="queries of the held-out class", color="tab:red")
+    ax.bar(x + 0.2, table["flagged_known"], 0.4, label="queries of classes in memory", color="tab:gray")
+    ax.set_xticks(x, table["held_out"].to_list(), rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("flagged 'unknown'")
+    ax.set_title(f"novelty: nearest neighbour beyond the {percentile:g}th percentile of the memory's own")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    return ExperimentResult("novelty", table, _outputs("novelty", table, fig, out_dir), summary)
+
+
 EXPERIMENTS: dict[str, Callable[..., ExperimentResult]] = {
     "label-noise": label_noise,
     "new-classes": new_classes,
     "memory-scaling": memory_scaling,
+    "novelty": novelty,
 }
 
 

@@ -1,0 +1,123 @@
+"""Pruning through the memory: reliability kept current incrementally (equal to a full pass)
+after adding and forgetting sets, weight sets that classification honours, switched off and
+rolled back, and the experiments reachable from the CLI and Dagster."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from dagster import AssetKey, instance_for_test, materialize
+
+from vismem_assets import pruning
+from vismem_assets import reliability as rel_mod
+from vismem_assets.forgetting import ForgetRequest
+from vismem_assets.index_store import index_ids, index_vectors
+from vismem_assets.memory import Memory
+
+
+def full_pass(memory, k):
+    """A reliability computed from scratch on the live index, for comparison."""
+    _, index = memory.live_index()
+    ids = index_ids(index)
+    catalog = memory.catalog()
+    labels = {v: pruning.label_code(catalog.label_names[c]) for v, c in zip(catalog.vector_ids.tolist(),
+                                                                             catalog.label_codes)}
+    return rel_mod.compute(ids, index_vectors(index), [labels[i] for i in ids.tolist()], k)
+
+
+def copy_set(source, target, labels, n):
+    for label in labels:
+        (target / label).mkdir(parents=True)
+        for f in sorted((source / label).glob("*.png"))[:n]:
+            shutil.copy(f, target / label / f.name)
+    return target
+
+
+def test_incremental_reliability_equals_a_full_pass_after_add_and_forget(tmp_path, encoder, fm_sets):
+    memory = Memory(tmp_path / "home", encoder=encoder)
+    memory.add(copy_set(fm_sets["train"], tmp_path / "a", ("Bag", "Coat", "Shirt", "Sneaker"), 6), progress=False)
+    first, run = pruning.reliability(memory, 5)
+    assert run.mode == "full"
+    memory.add(copy_set(fm_sets["more"], tmp_path / "b", ("Bag", "Coat", "Trouser"), 3), progress=False)
+    second, run = pruning.reliability(memory, 5)
+    assert run.mode == "incremental" and run.base_version == 1
+    assert run.n_requeried < run.n_samples  # only what could change was looked at again
+    assert rel_mod.equal(second, full_pass(memory, 5))
+    memory.forget(ForgetRequest(requested_by="t", reason="test", image_set="b"))
+    # Forgetting brought the statistics to the new version and left none that counted the forgotten.
+    runs = memory.ledger.query("SELECT index_version, mode FROM reliability_runs WHERE k = 5")
+    live = memory.indexes.live().version
+    assert runs.to_dicts() == [{"index_version": live, "mode": "incremental"}]
+    third, _ = pruning.reliability(memory, 5)
+    assert rel_mod.equal(third, full_pass(memory, 5))
+    forgotten = memory.ledger.query("SELECT vector_id FROM samples WHERE status = 'forgotten'")["vector_id"]
+    assert not np.isin(third.neighbors, forgotten.to_numpy()).any()
+
+
+def test_weight_sets_are_honoured_switched_off_and_rolled_back(tmp_path, encoder, fm_sets):
+    memory = Memory(tmp_path / "home", encoder=encoder)
+    memory.add(copy_set(fm_sets["train"], tmp_path / "a", ("Pullover", "Coat", "Shirt"), 8), progress=False)
+    query = sorted((fm_sets["test"] / "Shirt").glob("*.png"))[:3]
+    plain = memory.classify(query, k=8, progress=False)
+    assert all(n.pruning_factor == 1.0 for p in plain for n in p.neighbors)
+    info = pruning.activate(memory, "soft")
+    assert info["pruning"] == "soft" and info["changed"] > 0
+    ids, w = pruning.weights(memory, "soft")
+    weight_of = dict(zip(ids.tolist(), w.tolist()))
+    for p in memory.classify(query, k=8, progress=False):  # the active set, without asking
+        for n in p.neighbors:
+            assert n.pruning_factor == pytest.approx(weight_of[n.vector_id])
+            assert n.weight == pytest.approx(n.pruning_factor / (2 + n.rank))
+    hard = pruning.activate(memory, "hard", 1)
+    excluded = [i for i, x in zip(*pruning.weights(memory, "hard", 1)) if x == 0]
+    assert hard["changed"] == len(excluded) > 0
+    for p in memory.classify(query, k=8, progress=False):
+        assert all(n.weight == 0 for n in p.neighbors if n.vector_id in excluded)
+        assert all(n.vector_id in {x.vector_id for x in p.neighbors} for n in p.neighbors)  # excluded, not deleted
+    assert pruning.rollback(memory)["name"] == "soft"
+    assert pruning.active_mode(memory)[0] == "soft"
+    pruning.deactivate(memory)
+    assert pruning.active_mode(memory) is None
+    assert [n.weight for n in memory.classify(query, k=8, progress=False)[0].neighbors] == \
+        [n.weight for n in plain[0].neighbors]
+    evaluation = memory.evaluate(fm_sets["test"], k_max=10, pruning=True, progress=False)
+    assert set(evaluation.accuracy["pruning"]) == {"none", "soft", "hard"}
+
+
+def test_prune_cli_dry_run_changes_nothing(tmp_path, encoder, fm_sets):
+    from vismem_assets.cli import main
+
+    home = tmp_path / "home"
+    Memory(home, encoder=encoder).add(copy_set(fm_sets["train"], tmp_path / "a", ("Bag", "Coat"), 5), progress=False)
+    assert main(["--home", str(home), "prune", "--soft", "--dry-run", "--json"]) == 0
+    memory = Memory(home, encoder=encoder)
+    assert memory.ledger.query("SELECT count(*) AS n FROM weight_sets")["n"][0] == 0
+    assert main(["--home", str(home), "prune", "--hard", "3"]) == 0
+    assert pruning.active_mode(Memory(home, encoder=encoder)) == ("hard", 3)
+
+
+def test_experiment_from_the_cli_and_from_dagster(tmp_path, encoder, monkeypatch, capsys):
+    from dagster_project import resources as res
+    from dagster_project.assets import experiments
+    from dagster_project.resources import VisualMemory
+    from vismem_assets.cli import main
+
+    home = tmp_path / "home"
+    assert main(["--home", str(home), "experiment", "new-classes", "--n-memory", "100", "--n-queries", "40",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["summary"]["new_before"] == 0.0 and out["summary"]["new_after"] > 0.5
+    assert (home / "reports" / "experiments" / "new-classes.png").exists()
+    assert not (home / "ledger.duckdb").exists() or Memory(home, encoder=encoder).indexes.live() is None
+
+    monkeypatch.setenv("VISMEM_HOME", str(home))
+    res._memory.cache_clear()
+    res._memory(str(home.resolve()), None)._encoder_choice = encoder
+    with instance_for_test() as instance:
+        result = materialize([experiments], partition_key="memory-scaling", instance=instance,
+                             resources={"visual_memory": VisualMemory()},
+                             run_config={"ops": {"experiments": {"config": {"n_memory": 100, "n_queries": 40}}}})
+        assert result.success
+        meta = instance.get_latest_materialization_event(AssetKey("experiments")).asset_materialization.metadata
+        assert meta["chart"].value.startswith("![memory-scaling](data:image/png;base64,")
+        assert len(meta["table"].value.records) >= 3
