@@ -23,16 +23,15 @@ def clustered_vectors(n: int, d: int, n_clusters: int = 100, noise: float = 0.6,
     return x, labels
 
 
-def build_memory(home: Path, n: int, encoder, chunk: int = EMBED_CHUNK, seed: int = 0) -> Memory:
-    """Ledger rows + parquet embeddings (parts of EMBED_CHUNK rows, as `vismem add` writes them) + a live
-    index for n synthetic samples of the encoder's dimension."""
-    memory = Memory(home, encoder=encoder)
-    vectors, labels = clustered_vectors(n, encoder.dim, seed=seed)
-    ids = [hashlib.sha256(f"synthetic-{seed}-{i}".encode()).hexdigest() for i in range(n)]
-    t0 = time.perf_counter()
+def insert_vectors(memory: Memory, vectors: np.ndarray, labels: np.ndarray, prefix: str,
+                   chunk: int = EMBED_CHUNK) -> None:
+    """Ledger rows + parquet embeddings (parts of EMBED_CHUNK rows, as `vismem add` writes them)
+    for synthetic samples; no index work (that is what the benchmarks time)."""
+    n = len(vectors)
+    ids = [hashlib.sha256(f"{prefix}-{i}".encode()).hexdigest() for i in range(n)]
     for start in range(0, n, chunk):
         part = slice(start, start + chunk)
-        name = f"synthetic-{start // chunk:03d}"
+        name = f"{prefix}-{start // chunk:04d}"
         with memory.ledger.transaction() as con:
             con.execute("INSERT INTO image_sets VALUES (?, 'synthetic', now(), now())", [name])
             insert_rows(con, "samples", {
@@ -46,15 +45,21 @@ def build_memory(home: Path, n: int, encoder, chunk: int = EMBED_CHUNK, seed: in
                 "sample_id": ("VARCHAR", ids[part]), "image_set": ("VARCHAR", [name] * len(ids[part])),
                 "ingest_id": ("BIGINT", [0] * len(ids[part])),
             }, arrived_at="now()")
-            vector_ids = memory.ledger.query(
-                "SELECT vector_id FROM samples WHERE sample_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY vector_id",
-                [ids[part]])["vector_id"].to_numpy()
-        # vector ids follow insertion order within a chunk
-        path = memory.embeddings.write(name, ids[part], vector_ids, vectors[part])
+            vector_of = dict(con.execute("SELECT sample_id, vector_id FROM samples"
+                                         " WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [ids[part]]).fetchall())
+        path = memory.embeddings.write(name, ids[part], np.array([vector_of[i] for i in ids[part]]), vectors[part])
         with memory.ledger.transaction() as con:
-            insert_rows(con, "embeddings", {"encoder_id": ("VARCHAR", [encoder.id] * len(ids[part])),
-                                        "sample_id": ("VARCHAR", ids[part]), "path": ("VARCHAR", [path] * len(ids[part]))},
-                    embedded_at="now()")
+            insert_rows(con, "embeddings", {"encoder_id": ("VARCHAR", [memory.encoder.id] * len(ids[part])),
+                                            "sample_id": ("VARCHAR", ids[part]),
+                                            "path": ("VARCHAR", [path] * len(ids[part]))}, embedded_at="now()")
+
+
+def build_memory(home: Path, n: int, encoder, seed: int = 0) -> Memory:
+    """A memory with a live index over n synthetic samples of the encoder's dimension."""
+    memory = Memory(home, encoder=encoder)
+    vectors, labels = clustered_vectors(n, encoder.dim, seed=seed)
+    t0 = time.perf_counter()
+    insert_vectors(memory, vectors, labels, f"synthetic-{seed}")
     memory.index_pending()
     print(f"built a synthetic memory of {n} vectors (d={encoder.dim}) in {time.perf_counter() - t0:.1f} s", flush=True)
     return memory

@@ -143,6 +143,13 @@ def cmd_experiment(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from benchmarks.suite import main as bench_main  # the benchmarks ship with the project
+
+    return bench_main((["--quick"] if args.quick else []) + (["--json"] if args.json else [])
+                      + (["--only", *args.only] if args.only else []))
+
+
 def cmd_explain(args) -> int:
     from .explain import render
 
@@ -372,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-queries", type=int, default=500)
     p.add_argument("--out", help="folder for <name>.png and <name>.csv (default: <home>/reports/experiments)")
     encoder_option(p)
+
+    p = command("bench", cmd_bench, "the benchmark suite: each figure next to its baseline from the same run")
+    p.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    p.add_argument("--only", nargs="+", choices=("embedding", "search", "add", "forget", "memory"))
 
     p = command("explain", cmd_explain, "render why an image gets its label: the query, its neighbours, the vote")
     p.add_argument("image")

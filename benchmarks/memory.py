@@ -1,0 +1,68 @@
+"""Peak resident memory of a process that searches the memory, against the index size on disk.
+
+    python -m benchmarks.memory [--n 100000] [--json]
+
+A child process opens the memory (sha256 check, faiss.read_index) and answers 100 queries; its
+peak RSS is compared with the index file's size and with a baseline child that only imports the
+same libraries.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from vismem_assets.encoders import load_encoder
+
+from .synthetic import build_memory
+
+IMPORTS = "import numpy, faiss, duckdb, polars, torch; import vismem_assets.memory"
+# VmHWM belongs to the process image, so the parent's memory at fork time does not count
+# (ru_maxrss would: it survives exec).
+REPORT = "\nprint([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+SEARCH = IMPORTS + """
+import numpy as np, sys
+from vismem_assets.encoders import load_encoder
+from vismem_assets.memory import Memory
+m = Memory(sys.argv[1], encoder=load_encoder())
+q = np.random.default_rng(0).standard_normal((100, m.encoder.dim)).astype(np.float32)
+q /= np.linalg.norm(q, axis=1, keepdims=True)
+m.search(q, 20)
+"""
+
+
+def peak_rss_mib(code: str, *args: str) -> float:
+    """Peak RSS (VmHWM) of a fresh child process running `code`."""
+    out = subprocess.run([sys.executable, "-c", code + REPORT, *args], check=True, capture_output=True, text=True)
+    return int(out.stdout.split()[-1]) / 1024  # kB
+
+
+def run(n: int) -> dict:
+    encoder = load_encoder("efficientnet-lite0")
+    with tempfile.TemporaryDirectory(prefix="vismem-bench-") as tmp:
+        memory = build_memory(Path(tmp) / "home", n, encoder)
+        index_mib = memory.layout.absolute(memory.indexes.live().path).stat().st_size / 2**20
+        baseline = peak_rss_mib(IMPORTS)
+        searching = peak_rss_mib(SEARCH, str(memory.layout.root))
+    return {"n": n, "d": encoder.dim, "index_mib": round(index_mib, 1), "baseline_rss_mib": round(baseline, 1),
+            "search_rss_mib": round(searching, 1), "rss_over_index": round((searching - baseline) / index_mib, 3)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = run(args.n)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"\nN = {result['n']}, d = {result['d']}: index file {result['index_mib']} MiB; peak RSS of a "
+              f"searching process {result['search_rss_mib']} MiB vs {result['baseline_rss_mib']} MiB for the "
+              f"imports alone: {result['rss_over_index']} x the index size above baseline")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
