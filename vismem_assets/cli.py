@@ -213,7 +213,24 @@ def cmd_status(args) -> int:
     print("\ndisk use:")
     _table(pl.DataFrame({"part": list(status["disk_bytes"]),
                          "MiB": [round(b / 2**20, 2) for b in status["disk_bytes"].values()]}))
+    _print_blas(status.get("blas"))
     return 0
+
+
+def _print_blas(blas: dict | None) -> None:
+    if not blas:
+        return
+    applied = "" if blas["applied"] else f" — NOT applied: {blas['not_applied_because']}"
+    print(f"\nBLAS:        OPENBLAS_CORETYPE={blas['openblas_coretype'] or '(unset)'} ({blas['action']}: "
+          f"{blas['reason']}){applied}")
+    for lib in blas["libraries"]:
+        print(f"             {lib['library']}: kernel {lib.get('kernel', '?')}, {lib.get('threads', '?')} threads")
+    threads = ", ".join(f"{k} {v}" for k, v in blas["threads"].items())
+    print(f"             threads: {threads}")
+    if blas["faiss"]:
+        f = blas["faiss"]
+        print(f"             faiss flat search uses BLAS from queries x d = {f['distance_compute_blas_threshold']}, "
+              f"blocks of {f['distance_compute_blas_query_bs']} queries x {f['distance_compute_blas_database_bs']} vectors")
 
 
 def cmd_rebuild(args) -> int:

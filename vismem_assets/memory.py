@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 
 from .atomic import atomic_path, write_bytes_atomic
+from .blas import blas_report
 from .catalog import Catalog
 from .embeddings import EmbeddingStore
 from .encoders import DEFAULT_ENCODER, Encoder, EncoderMismatchError, load_encoder
@@ -22,6 +23,7 @@ from .home import Layout, resolve_home
 from .imagesets import CheckedImage, ImageSetError, check_image, check_set_name, read_image_set
 from .index_store import IndexStore, IndexVersion, index_ids, index_vectors
 from .ledger import Ledger, insert_rows, to_frame
+from .search import flat_searcher
 from .voting import DEFAULT_STRATEGY, STRATEGIES, vote_all_k, vote_weights
 
 UNKNOWN = "unknown"           # the answer for an image unlike anything in the memory
@@ -95,6 +97,7 @@ class Memory:
         self.ledger = Ledger(self.layout.ledger)
         self._encoder_choice = encoder
         self._index_cache: tuple[tuple, IndexVersion, object] | None = None
+        self._searcher_cache: tuple[object, object] | None = None  # (index, its FlatSearcher or None)
 
     # ---- encoder -----------------------------------------------------------------------------
 
@@ -356,13 +359,25 @@ class Memory:
             "SELECT vector_id, sample_id, label, image_path FROM samples WHERE status = 'active' AND vector_id IS NOT NULL"))
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, vector_ids), each (n, min(k, N)), best first."""
+        """(similarities, vector_ids), each (n, min(k, N)), best first. A flat index is searched
+        exactly by blocked matrix multiplication over its own stored vectors (search.py; exact
+        ties: lower position first); other index types by FAISS."""
         if vectors.ndim != 2 or vectors.shape[1] != self.encoder.dim:
             raise EncoderMismatchError(f"query vectors of shape {vectors.shape} do not match encoder {self.encoder.id}")
         _, index = self.live_index()
         k = max(1, min(k, index.ntotal))
+        searcher = self._flat_searcher(index)
+        if searcher is not None:
+            return searcher.search(vectors, k)
         sims, ids = index.search(np.ascontiguousarray(vectors, np.float32), k)
         return sims, ids
+
+    def _flat_searcher(self, index):
+        """The exact searcher of the live index (None unless flat and not empty), cached with it:
+        it reads the index's own vectors (no copy) and keeps that index alive while cached."""
+        if self._searcher_cache is None or self._searcher_cache[0] is not index:
+            self._searcher_cache = (index, flat_searcher(index))
+        return self._searcher_cache[1]
 
     def classify(self, images: list, k: int = DEFAULT_K, strategy: str = DEFAULT_STRATEGY,
                  progress: bool | None = None, unknown: bool = False, pruning: str | None = None) -> list[Prediction]:
@@ -584,6 +599,7 @@ class Memory:
             "live_indexes": live.with_columns(pl.col("created_at").cast(pl.String)).to_dicts(),
             "disk_bytes": {d: _du(self.layout.root / d) for d in ("images", "embeddings", "indexes", "quarantine")}
                           | {"ledger": _du(self.layout.ledger)},
+            "blas": blas_report(),
         }
 
 

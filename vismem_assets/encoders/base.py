@@ -5,9 +5,13 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,9 +40,24 @@ class Preprocessing:
         std = ",".join(f"{s:g}" for s in self.std)
         return f"rgb-{self.resample}-{self.size}c{self.crop_fraction:g}-mean{mean}-std{std}"
 
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        """One image -> float32 CHW array."""
-        image = image.convert("RGB")
+    @cached_property
+    def lut(self) -> np.ndarray:
+        """(3, 256) float32: the scaled value of every uint8 level, per channel.
+
+        Computed with exactly the float32 operations of `(x / 255 - mean) / std`, so looking
+        values up gives the same bits as computing them, at a fraction of the cost.
+        """
+        levels = np.arange(256, dtype=np.float32) / 255.0
+        mean = np.asarray(self.mean, np.float32)[:, None]
+        std = np.asarray(self.std, np.float32)[:, None]
+        return np.ascontiguousarray((levels[None, :] - mean) / std)
+
+    def __call__(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
+        """One image -> float32 CHW array (written into `out` when given)."""
+        # A grey image is resized as one band: converting to RGB only copies it three times and
+        # PIL resamples each band alike, so the result is the same as resizing the RGB copy.
+        if image.mode != "L":
+            image = image.convert("RGB")
         w, h = image.size
         short = round(self.size / self.crop_fraction)
         scale = short / min(w, h)
@@ -46,10 +65,13 @@ class Preprocessing:
         image = image.resize(resized, getattr(Image.Resampling, self.resample.upper()))
         left = (resized[0] - self.size) // 2
         top = (resized[1] - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
-        x = np.asarray(image, dtype=np.float32) / 255.0
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+        pixels = np.asarray(image)[top : top + self.size, left : left + self.size]  # the centre crop
+        if out is None:
+            out = np.empty((3, self.size, self.size), dtype=np.float32)
+        lut = self.lut
+        for c in range(3):
+            np.take(lut[c], pixels if pixels.ndim == 2 else pixels[:, :, c], out=out[c], mode="clip")
+        return out
 
 
 def load_image(item) -> Image.Image:
@@ -89,6 +111,8 @@ class Encoder(ABC):
     weights_sha256: str
     preprocessing: Preprocessing
     batch_size: int = 32
+    # Batches decoded ahead of the one being encoded: 1 keeps at most two batches in memory.
+    prefetch_batches: int = 1
 
     @property
     def id(self) -> str:
@@ -104,19 +128,66 @@ class Encoder(ABC):
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) preprocessed -> (n, dim) raw features."""
 
-    def embed(self, images: Sequence, progress: bool | None = None, desc: str = "embedding") -> np.ndarray:
-        """Images (PIL, arrays or paths) -> float32 (n, dim), each row of unit L2 norm."""
+    def prepare(self, images: Sequence) -> torch.Tensor:
+        """Decode and preprocess a few images into one (n, 3, H, W) float32 batch."""
+        size = self.preprocessing.size
+        batch = np.empty((len(images), 3, size, size), dtype=np.float32)
+        for i, item in enumerate(images):
+            self.preprocessing(load_image(item), out=batch[i])
+        return torch.from_numpy(batch)
+
+    def runtime_info(self) -> dict:
+        """How `forward` runs in this process (backend, threads); loads the model if needed."""
+        return {"backend": "torch", "threads": torch.get_num_threads()}
+
+    def embed(self, images: Sequence, progress: bool | None = None, desc: str = "embedding",
+              overlap: bool | None = None) -> np.ndarray:
+        """Images (PIL, arrays or paths) -> float32 (n, dim), each row of unit L2 norm.
+
+        With `overlap` (the default whenever there is more than one batch) a helper thread
+        decodes and preprocesses batch i+1 while the model encodes batch i; PIL's decoders and
+        resampling and numpy release the GIL, so the two really run at once. The rows, their
+        order and the errors are those of the sequential path: an unreadable image raises the
+        same ValueError naming it.
+        """
         n = len(images)
         out = np.empty((n, self.dim), dtype=np.float32)
         show = n > self.batch_size if progress is None else progress
-        with tqdm(total=n, desc=desc, unit="img", disable=not show) as bar, torch.inference_mode():
-            for start in range(0, n, self.batch_size):
-                chunk = images[start : start + self.batch_size]
-                batch = torch.from_numpy(np.stack([self.preprocessing(load_image(x)) for x in chunk]))
+        starts = range(0, n, self.batch_size)
+        overlap = len(starts) > 1 if overlap is None else overlap
+        batches = self._batches(images, starts) if overlap else (
+            (start, self.prepare(images[start : start + self.batch_size])) for start in starts)
+        with tqdm(total=n, desc=desc, unit="img", disable=not show) as bar, torch.inference_mode(), \
+                closing(batches):
+            for start, batch in batches:
                 feats = self.forward(batch).float()
-                out[start : start + len(chunk)] = torch.nn.functional.normalize(feats, dim=1).numpy()
-                bar.update(len(chunk))
+                out[start : start + len(batch)] = torch.nn.functional.normalize(feats, dim=1).numpy()
+                bar.update(len(batch))
         return out
+
+    def _batches(self, images: Sequence, starts: range) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, batch) in order, each prepared on a helper thread ahead of its use."""
+        ahead = max(1, int(self.prefetch_batches))
+        todo = iter(starts)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vismem-decode") as pool:
+            pending: deque = deque()
+
+            def submit() -> None:
+                start = next(todo, None)
+                if start is not None:
+                    pending.append((start, pool.submit(self.prepare, images[start : start + self.batch_size])))
+
+            try:
+                for _ in range(ahead):
+                    submit()
+                while pending:
+                    start, future = pending.popleft()
+                    batch = future.result()  # re-raises the worker's error (a ValueError naming the image)
+                    submit()  # decode the next batch while the caller encodes this one
+                    yield start, batch
+            finally:
+                for _, future in pending:  # an error or an abandoned loop: decode nothing more
+                    future.cancel()
 
 
 def encoder_slug(encoder_id: str) -> str:
