@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; both set everything up first.
-.PHONY: setup demo demo-headless test
+.PHONY: setup demo demo-headless test bench
 
 setup:
 	@bash scripts/setup.sh
@@ -12,5 +12,12 @@ demo: setup
 demo-headless: setup
 	VISMEM_HOME=$${VISMEM_HOME:-$$PWD/vismem_home} .venv/bin/python -m dagster_project.demo headless
 
+# The tests, then the benchmark suite at small sizes (about two minutes) so it cannot rot.
 test: setup
 	.venv/bin/python -m pytest
+	mkdir -p test-artifacts
+	.venv/bin/vismem bench --quick --json > test-artifacts/bench-quick.json
+
+# The full benchmark run behind benchmarks/RESULTS.md (long: N = 100,000 and 1,000,000).
+bench: setup
+	.venv/bin/vismem bench
