@@ -14,6 +14,7 @@ Vectors for the scale runs are synthetic but clustered like real embeddings (ben
 `--quick` runs the same code on small sizes in about a minute (CI runs it so it cannot rot).
 """
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -51,7 +52,8 @@ def run(quick: bool = False, only: tuple[str, ...] = tuple(SIZES)) -> dict:
     results, seconds = {}, {}
     for name in only:
         t0 = time.perf_counter()
-        results[name] = _run(name, quick)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is kept for the result (--json)
+            results[name] = _run(name, quick)
         seconds[name] = round(time.perf_counter() - t0, 1)
         print(f"bench: {name} done in {seconds[name]} s", file=sys.stderr, flush=True)
     search, embedding = results.get("search", {}), results.get("embedding", {})

@@ -26,6 +26,9 @@ batch, which is what makes it faster than FAISS's per-query SIMD scan (see bench
 """
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 
 CHUNK = 32                   # rows per chunk whose maximum is checked against the threshold
@@ -73,15 +76,47 @@ def _merge(state: np.ndarray, thr: np.ndarray, rows: np.ndarray, vals: np.ndarra
 
 
 def _chunk_max(scores_t: np.ndarray, chunk: int) -> np.ndarray:
-    """(ceil(w / chunk), m): each chunk's maximum per query (the last chunk may be shorter)."""
+    """(ceil(w / chunk), m): each chunk's maximum per query (the last chunk may be shorter).
+    The one pass over every score the selection makes, split over the CPUs (numpy releases
+    the GIL in reductions)."""
     w, m = scores_t.shape
     n_full, tail = divmod(w, chunk)
     cmax = np.empty((n_full + (tail > 0), m), np.float32)
-    if n_full:
-        scores_t[: n_full * chunk].reshape(n_full, chunk, m).max(axis=1, out=cmax[:n_full])
+
+    def part(lo: int, hi: int) -> None:
+        scores_t[lo * chunk: hi * chunk].reshape(hi - lo, chunk, m).max(axis=1, out=cmax[lo:hi])
+
+    pool = _pool() if n_full * chunk * m >= PARALLEL_MIN_SCORES else None
+    if pool is not None and n_full >= 2 * _WORKERS:
+        cuts = np.linspace(0, n_full, _WORKERS + 1).astype(int)
+        jobs = [pool.submit(part, lo, hi) for lo, hi in zip(cuts[1:-1], cuts[2:])]
+        part(cuts[0], cuts[1])
+        for job in jobs:
+            job.result()
+    elif n_full:
+        part(0, n_full)
     if tail:
         scores_t[n_full * chunk:].max(axis=0, out=cmax[n_full])
     return cmax
+
+
+PARALLEL_MIN_SCORES = 1 << 20   # blocks smaller than this are reduced by one thread
+_WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+_executor = None
+_executor_lock = threading.Lock()
+
+
+def _pool():
+    """Threads that share the chunk maxima with the calling thread (None on one CPU)."""
+    global _executor
+    if _WORKERS < 2:
+        return None
+    with _executor_lock:
+        if _executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _executor = ThreadPoolExecutor(_WORKERS - 1, thread_name_prefix="vismem-search")
+        return _executor
 
 
 def _select(scores_t: np.ndarray, start: int, state: np.ndarray, thr: np.ndarray, chunk: int) -> None:
