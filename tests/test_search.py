@@ -51,6 +51,7 @@ def assert_same_neighbours(got, want, vectors, queries, id_to_row=None):
     (20000, 384, 50, 100),
     (20000, 128, 200, 333),
     (3000, 1280, 100, 20),
+    (7000, 64, 1, 60),
 ])
 def test_same_neighbours_as_faiss_flat(n, d, k, nq):
     x, _ = clustered_vectors(n, d, n_clusters=max(1, min(100, n // 10)), seed=n)
@@ -62,11 +63,14 @@ def test_same_neighbours_as_faiss_flat(n, d, k, nq):
     assert_same_neighbours(got, want, x, q)
 
 
+@pytest.mark.parametrize("gather_cost", [0, 16, 10**9])  # always gather chunks / by cost / always a full pass
 @pytest.mark.parametrize("block_bytes, k", [(1, 5), (4 * 64 * 7, 50), (4 * 1000 * 7, 50), (1 << 20, 300)])
-def test_many_small_blocks_and_query_blocks(monkeypatch, block_bytes, k):
-    """Blocks of a few chunks (the k-th chunk maximum bound needs k chunks; fewer: every score
-    is a candidate), several blocks per query block, several query blocks."""
+def test_many_small_blocks_and_query_blocks(monkeypatch, block_bytes, k, gather_cost):
+    """Blocks of a few chunks (the k-th chunk maximum bound needs k chunks: finer chunks, or with
+    fewer scores than k every score a candidate), several blocks per query block, several query
+    blocks; candidates gathered chunk by chunk or found in one pass over the block."""
     monkeypatch.setattr(fast, "MAX_QUERY_BLOCK", 16)
+    monkeypatch.setattr(fast, "GATHER_COST", gather_cost)
     x, _ = clustered_vectors(3001, 48, n_clusters=20, seed=3)
     q, _ = clustered_vectors(40, 48, n_clusters=20, seed=4)
     got = topk_inner_product(x, q, k, block_bytes=block_bytes)
@@ -112,6 +116,8 @@ def test_inputs_are_checked():
     # float64 and strided queries are converted, not refused
     got = topk_inner_product(x, x[:4].astype(np.float64), 5)
     assert_same_neighbours(got, faiss_flat(x).search(x[:4], 5), x, x[:4])
+    got = topk_inner_product(x[::2], x[:8:2], 5)
+    assert_same_neighbours(got, faiss_flat(x[::2].copy()).search(x[:8:2].copy(), 5), x[::2], x[:8:2])
 
 
 def test_searcher_reads_a_faiss_index_and_maps_ids():
@@ -200,7 +206,7 @@ def test_unset_coretype_gets_the_newest_kernel_the_cpu_runs(flags, kernel):
     (AVX512, {"OPENBLAS_CORETYPE": "zen"}, "SkylakeX", "set"),            # (names are case-insensitive)
     (AVX512, {"OPENBLAS_CORETYPE": "Prescott"}, "SkylakeX", "set"),
     (AVX512, {"OPENBLAS_CORETYPE": "SkylakeX"}, "SkylakeX", "keep"),
-    (AVX512_BF16, {"OPENBLAS_CORETYPE": "Cooperlake"}, "Cooperlake", "keep"),  # as new, and runs: kept
+    (AVX512_BF16, {"OPENBLAS_CORETYPE": "Cooperlake"}, "SkylakeX", "set"),  # runs, but faiss's OpenBLAS: Prescott
     (AVX512, {"OPENBLAS_CORETYPE": "Cooperlake"}, "SkylakeX", "set"),     # needs avx512_bf16: lacking
     (AVX2, {"OPENBLAS_CORETYPE": "SkylakeX"}, "Haswell", "set"),          # would be an illegal instruction
     (AVX2, {"OPENBLAS_CORETYPE": "Zen"}, "Zen", "keep"),
@@ -298,3 +304,23 @@ def test_status_shows_the_blas_choice(tmp_path):
     assert {"chosen", "reason", "applied", "libraries", "threads", "faiss"} <= set(status["blas"])
     text = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=120).stdout
     assert "BLAS:" in text and "OPENBLAS_CORETYPE=" in text
+
+
+def test_search_in_a_forked_child():
+    """The helper threads of the parent do not exist in a forked child: it must not wait on them."""
+    x, _ = clustered_vectors(50_000, 32, seed=8)
+    q = x[:100]
+    want = topk_inner_product(x, q, 10)  # the parent's pool exists now
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            got = topk_inner_product(x, q, 10)
+            os.write(write, b"ok" if np.array_equal(got[1], want[1]) else b"different")
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read, 16) == b"ok"

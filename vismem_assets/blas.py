@@ -2,19 +2,27 @@
 
 Exact search is a matrix multiplication, so its speed is the speed of the OpenBLAS kernel in
 use. OpenBLAS picks that kernel per CPU when its library loads, unless OPENBLAS_CORETYPE names
-one, and the faiss-cpu wheel bundles an old OpenBLAS (0.3.15) that misreads recent CPUs: on
-AMD Zen 4 it takes its AVX2 "Zen" kernel although the CPU has AVX-512, and some machines
-here set OPENBLAS_CORETYPE to an old kernel for everyone. So, when `vismem_assets` is imported:
+one. numpy's wheel bundles OpenBLAS 0.3.31, faiss-cpu's an older 0.3.15 that knows fewer CPUs
+(on this AMD Zen 4 it takes its AVX2 "Zen" kernel although the CPU has AVX-512), and some
+machines here set OPENBLAS_CORETYPE to an old kernel for everyone. So, when `vismem_assets` is
+imported:
 
 * read the CPU's flags (/proc/cpuinfo);
 * choose SkylakeX where the CPU has AVX-512 (f, cd, bw, dq, vl), Haswell where it has AVX2 and
   FMA, and otherwise leave OpenBLAS to its own detection;
 * set OPENBLAS_CORETYPE to that choice when it is unset, names a kernel older than the CPU
   supports, names a kernel this CPU lacks (OpenBLAS would die on an illegal instruction) or
-  names none OpenBLAS knows (it would fall back to its generic Prescott kernel);
+  names one an OpenBLAS in use does not know (it then falls back to its generic Prescott
+  kernel: 0.3.15 knows neither Cooperlake nor SapphireRapids);
 * never choose a kernel the CPU lacks, not even when asked: VISMEM_OPENBLAS_CORETYPE=<kernel>
   is the user's explicit choice, used when the CPU supports it; VISMEM_BLAS_AUTO=0 turns all
   of this off (OPENBLAS_CORETYPE and faiss's settings stay as they are).
+
+Measured on this 2-core Zen 4 (benchmarks/search.py --kernels; 4096^3 numpy GEMM / faiss flat
+with 1,000 queries over 200,000 x 384, GFLOP/s, a quiet moment): Haswell 207 / 149-172,
+Zen 207-213 / 163-170, SkylakeX 199 / 140-173, Prescott 39 / 27. On this CPU, whose AVX-512
+units are 256 bits wide, the three modern kernels are within noise of one another; what
+the set-up protects against is an old or unknown kernel, 4-5 times slower.
 
 OPENBLAS_CORETYPE only counts if it is set before an OpenBLAS library loads: when numpy or
 faiss were imported before `vismem_assets`, the report says the choice could not apply.
@@ -61,6 +69,9 @@ KERNELS: dict[str, tuple[int, frozenset[str]]] = {
     "SapphireRapids": (3, _AVX2 | _AVX512 | {"avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"}),
 }
 _BY_LOWER = {name.lower(): name for name in KERNELS}
+# Names faiss-cpu 1.15's bundled OpenBLAS 0.3.15 does not accept ("Core not found"): it then runs
+# its generic Prescott kernel, 4-5x slower here, whatever the CPU. Measured, not guessed.
+NOT_PORTABLE = frozenset({"Cooperlake", "SapphireRapids"})
 
 FAISS_BLAS_THRESHOLD = 6144      # queries x dimension from which faiss flat search uses BLAS
 FAISS_DATABASE_BS = 16384        # stored vectors per faiss sgemm call (faiss default 1,024)
@@ -114,7 +125,9 @@ def decide_coretype(flags: Iterable[str], env: Mapping[str, str]) -> CoretypeDec
         elif lacking := missing_flags(name, flags):
             note = f"VISMEM_OPENBLAS_CORETYPE={override} refused: this CPU lacks {', '.join(lacking)}; "
         else:
-            return choose(name, f"user override VISMEM_OPENBLAS_CORETYPE={override}")
+            warn = (f" (warning: faiss-cpu's OpenBLAS 0.3.15 does not know {name} and falls back to Prescott)"
+                    if name in NOT_PORTABLE else "")
+            return choose(name, f"user override VISMEM_OPENBLAS_CORETYPE={override}{warn}")
     has = {"SkylakeX": "AVX-512", "Haswell": "AVX2 and FMA"}.get(best or "", "")
     fallback = (f"{best}, the newest kernel it runs" if best else
                 "unset, so OpenBLAS detects the CPU itself (it has neither AVX-512 nor AVX2+FMA)")
@@ -130,6 +143,9 @@ def decide_coretype(flags: Iterable[str], env: Mapping[str, str]) -> CoretypeDec
     if lacking := missing_flags(name, flags):
         return choose(best, note + f"OPENBLAS_CORETYPE={previous} needs {', '.join(lacking)}, which this CPU lacks: "
                                    f"{fallback}")
+    if name in NOT_PORTABLE:
+        return choose(best, note + f"OPENBLAS_CORETYPE={previous} is unknown to faiss-cpu's OpenBLAS 0.3.15 (it "
+                                   f"would fall back to its generic Prescott kernel): {fallback}")
     if best is not None and KERNELS[name][0] < KERNELS[best][0]:
         return choose(best, note + f"OPENBLAS_CORETYPE={previous} is older than the CPU supports ({has}): {best}")
     return CoretypeDecision(previous, "keep", note + f"OPENBLAS_CORETYPE={previous} runs on this CPU and is "

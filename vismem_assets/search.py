@@ -5,10 +5,15 @@ the index's own storage, no copy). Queries are scored against it block by block,
 S = X[j:j+w] @ Q.T, in blocks sized so that one block of scores stays small (`block_bytes`),
 and the k best of each query are kept while the blocks go by:
 
+* the scores come out as (w stored vectors x m queries): numpy's matmul runs faster with the
+  large operand on the left (about 15% at m = 1,000 here), and the column-wise reductions
+  below are vectorised along the queries;
 * each block is cut into chunks of `CHUNK` rows; the maximum of each chunk per query costs
-  about one read of the block (numpy's column-wise maximum, vectorised along the queries);
-* only chunks whose maximum beats the query's current k-th best score are looked into,
-  so after the first blocks almost nothing but the GEMM and that maximum remains;
+  about one read of the block, shared between the CPUs (numpy releases the GIL);
+* only chunks whose maximum beats the query's current k-th best score are looked into (their
+  columns gathered), so after the first blocks almost nothing but the GEMM and that maximum
+  remains; while many chunks still qualify (the first blocks), one contiguous pass comparing
+  the whole block with the thresholds is cheaper than gathering and is used instead;
 * the first block's threshold comes from its chunk maxima: if k chunks reach t, at least k
   scores reach t, so the k-th largest chunk maximum is a safe starting threshold;
 * candidates are merged with the current top k by `np.partition` on one int64 key per
@@ -21,8 +26,10 @@ exactly tied neighbours highest position first; here they come lowest position f
 order of a stable sort (tests/test_classify.py's brute-force reference). Scores are the same
 float32 inner products up to summation order (GEMM blocking), about 1e-7 on unit vectors.
 
-Single queries and small batches take the same path: the GEMM then reads X once for the whole
-batch, which is what makes it faster than FAISS's per-query SIMD scan (see benchmarks/search.py).
+Single queries and small batches take the same path (the block then holds most or all of the
+memory): one memory-bound pass over X for the whole batch, where FAISS scans X once per query
+on one thread per query (its SIMD path below queries x d = distance_compute_blas_threshold) or
+calls sgemm per 1,024 vectors (its BLAS path). benchmarks/search.py measures both.
 """
 from __future__ import annotations
 
@@ -83,8 +90,19 @@ def _chunk_max(scores_t: np.ndarray, chunk: int) -> np.ndarray:
     n_full, tail = divmod(w, chunk)
     cmax = np.empty((n_full + (tail > 0), m), np.float32)
 
+    fold = m < FOLD_BELOW_QUERIES and chunk >= 4 and chunk & (chunk - 1) == 0
+
     def part(lo: int, hi: int) -> None:
-        scores_t[lo * chunk: hi * chunk].reshape(hi - lo, chunk, m).max(axis=1, out=cmax[lo:hi])
+        block = scores_t[lo * chunk: hi * chunk].reshape(hi - lo, chunk, m)
+        if not fold:  # numpy's reduction loops run along the m queries: long enough from ~50
+            block.max(axis=1, out=cmax[lo:hi])
+            return
+        half = chunk // 2  # few queries: halve the chunks pairwise, in long loops
+        tmp = np.maximum(block[:, :half], block[:, half:])
+        while half > 2:
+            half //= 2
+            np.maximum(tmp[:, :half], tmp[:, half:2 * half], out=tmp[:, :half])
+        np.maximum(tmp[:, 0], tmp[:, 1], out=cmax[lo:hi])
 
     pool = _pool() if n_full * chunk * m >= PARALLEL_MIN_SCORES else None
     if pool is not None and n_full >= 2 * _WORKERS:
@@ -101,22 +119,25 @@ def _chunk_max(scores_t: np.ndarray, chunk: int) -> np.ndarray:
 
 
 PARALLEL_MIN_SCORES = 1 << 20   # blocks smaller than this are reduced by one thread
+FOLD_BELOW_QUERIES = 48        # fewer queries per block: chunk maxima by pairwise halving
+GATHER_COST = 16                # a gathered score costs a cache line: 16 x a score read in order
 _WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 _executor = None
 _executor_lock = threading.Lock()
 
 
 def _pool():
-    """Threads that share the chunk maxima with the calling thread (None on one CPU)."""
+    """Threads that share the chunk maxima with the calling thread (None on one CPU); a forked
+    child gets its own (its parent's threads did not come along)."""
     global _executor
     if _WORKERS < 2:
         return None
     with _executor_lock:
-        if _executor is None:
+        if _executor is None or _executor[0] != os.getpid():
             from concurrent.futures import ThreadPoolExecutor
 
-            _executor = ThreadPoolExecutor(_WORKERS - 1, thread_name_prefix="vismem-search")
-        return _executor
+            _executor = (os.getpid(), ThreadPoolExecutor(_WORKERS - 1, thread_name_prefix="vismem-search"))
+        return _executor[1]
 
 
 def _select(scores_t: np.ndarray, start: int, state: np.ndarray, thr: np.ndarray, chunk: int) -> None:
@@ -132,14 +153,26 @@ def _select(scores_t: np.ndarray, start: int, state: np.ndarray, thr: np.ndarray
         kth = np.partition(cmax[:, empty], len(cmax) - k, axis=0)[len(cmax) - k]
         thr[empty] = np.nextafter(kth, np.float32(-np.inf))
     # (fewer than k chunks: the block holds fewer than k scores, all of them candidates)
-    q_hit, c_hit = np.nonzero(cmax.T > thr[:, None])  # grouped by query
-    if not len(q_hit):
+    hit = cmax > thr
+    n_hit = int(np.count_nonzero(hit))
+    if not n_hit:
         return
-    rows = c_hit[:, None] * chunk + np.arange(chunk)
-    inside = rows < w
-    seg = scores_t.ravel()[np.minimum(rows, w - 1) * m + q_hit[:, None]]
-    if not inside.all():
-        seg[~inside] = -np.inf
+    flat_scores = scores_t.ravel()
+    if n_hit * chunk * GATHER_COST > w * m:
+        # Many chunks to look into (early blocks): one contiguous pass over the block is cheaper
+        # than gathering chunk columns (each score of a gathered column is a cache line of its own).
+        idx = np.flatnonzero(scores_t > thr)
+        row, query = np.divmod(idx, m)
+        order = np.argsort(query, kind="stable")  # grouped by query, rows ascending
+        _merge(state, thr, query[order], flat_scores[idx[order]], row[order] + start)
+        return
+    q_hit, c_hit = np.nonzero(hit.T)  # grouped by query
+    idx = (c_hit * (chunk * m) + q_hit)[:, None] + np.arange(0, chunk * m, m)
+    if w % chunk:  # the last chunk is short: what lies past the block is no score
+        seg = flat_scores[np.minimum(idx, w * m - 1)]
+        seg[idx >= w * m] = -np.inf
+    else:
+        seg = flat_scores[idx]
     flat = np.flatnonzero(seg > thr[q_hit, None])
     if len(flat):
         pair, offset = np.divmod(flat, chunk)
