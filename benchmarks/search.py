@@ -43,10 +43,9 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vismem_assets.blas import FAISS_BLAS_THRESHOLD, blas_report
-from vismem_assets.encoders.base import Encoder, Preprocessing
 from vismem_assets.search import block_rows, flat_searcher, topk_inner_product
 
-from .synthetic import build_memory
+from .synthetic import QueryVectors, build_memory
 
 GEMM_SIZE = 4096
 BATCHES = (1, 10, 100, 1000)
@@ -62,24 +61,6 @@ def held_out_queries(n: int, d: int, seed: int = 0, n_clusters: int = 100, noise
     rng = np.random.default_rng(query_seed)
     x = centres[rng.integers(0, n_clusters, n)] + noise * rng.standard_normal((n, d)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-class QueryVectors(Encoder):
-    """Stands in for the encoder in `classify`: the 'images' are row numbers of query vectors."""
-
-    name = "bench-query-vectors"
-    weights_sha256 = "0" * 64
-    preprocessing = Preprocessing()
-
-    def __init__(self, dim: int):
-        self.dim = dim
-        self.queries = np.zeros((0, dim), np.float32)
-
-    def forward(self, batch):  # never called: embed hands over stored vectors
-        raise NotImplementedError
-
-    def embed(self, images, progress=None, desc="", **kwargs) -> np.ndarray:
-        return self.queries[np.asarray(images, dtype=np.int64)]
 
 
 class FaissSettings:

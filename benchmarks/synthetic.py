@@ -10,8 +10,27 @@ from pathlib import Path
 
 import numpy as np
 
+from vismem_assets.encoders.base import Encoder, Preprocessing
 from vismem_assets.ledger import insert_rows
 from vismem_assets.memory import EMBED_CHUNK, Memory
+
+
+class QueryVectors(Encoder):
+    """Stands in for the encoder in `classify`: the 'images' are row numbers of query vectors."""
+
+    name = "bench-query-vectors"
+    weights_sha256 = "0" * 64
+    preprocessing = Preprocessing()
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.queries = np.zeros((0, dim), np.float32)
+
+    def forward(self, batch):  # never called: embed hands over stored vectors
+        raise NotImplementedError
+
+    def embed(self, images, progress=None, desc="", **kwargs) -> np.ndarray:
+        return self.queries[np.asarray(images, dtype=np.int64)]
 
 
 def clustered_vectors(n: int, d: int, n_clusters: int = 100, noise: float = 0.6, seed: int = 0):
@@ -54,9 +73,9 @@ def insert_vectors(memory: Memory, vectors: np.ndarray, labels: np.ndarray, pref
                                             "path": ("VARCHAR", [path] * len(ids[part]))}, embedded_at="now()")
 
 
-def build_memory(home: Path, n: int, encoder, seed: int = 0) -> Memory:
+def build_memory(home: Path, n: int, encoder, seed: int = 0, index_policy=None) -> Memory:
     """A memory with a live index over n synthetic samples of the encoder's dimension."""
-    memory = Memory(home, encoder=encoder)
+    memory = Memory(home, encoder=encoder, index_policy=index_policy)
     vectors, labels = clustered_vectors(n, encoder.dim, seed=seed)
     t0 = time.perf_counter()
     insert_vectors(memory, vectors, labels, f"synthetic-{seed}")

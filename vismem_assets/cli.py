@@ -17,9 +17,12 @@ SHOWN_K = (1, 3, 5, 10, 20, 50, 100)
 
 
 def _memory(args):
+    from .index_types import IndexPolicy
     from .memory import Memory
 
-    return Memory(args.home, encoder=getattr(args, "encoder", None))
+    policy = IndexPolicy.from_env(kind=getattr(args, "index_type", None), recall_floor=getattr(args, "recall_floor", None),
+                                  ivf_from=getattr(args, "ivf_from", None))
+    return Memory(args.home, encoder=getattr(args, "encoder", None), index_policy=policy)
 
 
 def _print_json(obj) -> None:
@@ -206,7 +209,15 @@ def cmd_status(args) -> int:
     print(f"samples:     {status['samples'] or 'none yet'}   image sets: {status['image_sets']}")
     if status["live_indexes"]:
         print("\nlive index versions:")
-        _table(pl.DataFrame(status["live_indexes"]).select("version", "n_vectors", "path", "created_at", "encoder_id"))
+        live = pl.DataFrame(status["live_indexes"])
+        _table(live.select("version", "n_vectors", "index_type", "nprobe", "recall_at_10", "path", "created_at"))
+        for row in live.iter_rows(named=True):
+            if row["build_reason"]:
+                measured = f" (measured at the build of version {row['recall_measured_at']})" if row["recall_at_10"] else ""
+                print(f"  version {row['version']}: {row['build_reason']}{measured}")
+    p = status["index_policy"]
+    print(f"\nindex policy: {p['kind']} (IVF-Flat from {p['ivf_from']:,} vectors when its recall@10 on held-out "
+          f"memory vectors reaches {p['recall_floor']}; set with VISMEM_INDEX_TYPE, VISMEM_IVF_FROM, VISMEM_RECALL_FLOOR)")
     if status["labels"]:
         print("\nactive samples per label:")
         _table(pl.DataFrame({"label": list(status["labels"]), "samples": list(status["labels"].values())}))
@@ -234,12 +245,18 @@ def _print_blas(blas: dict | None) -> None:
 
 
 def cmd_rebuild(args) -> int:
-    version = _memory(args).rebuild()
+    memory = _memory(args)
+    version = memory.rebuild()
+    report = memory.indexes.last_build
     if args.json:
-        _print_json(version.__dict__)
-    else:
-        print(f"index version {version.version} written from the ledger and embeddings: "
-              f"{version.n_vectors} vectors, sha256 {version.sha256[:16]}…, {version.path}")
+        _print_json({**version.__dict__, "build": report.to_dict() if report else None})
+        return 0
+    print(f"index version {version.version} written from the ledger and embeddings: "
+          f"{version.n_vectors} vectors, {version.index_type}, sha256 {version.sha256[:16]}…, {version.path}")
+    if report:
+        print(f"index type: {report.reason}")
+        if report.sweep:
+            _table(pl.DataFrame({"nprobe": [p for p, _ in report.sweep], "recall@10": [r for _, r in report.sweep]}))
     return 0
 
 
@@ -420,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("rebuild", cmd_rebuild, "write a fresh index version from the ledger and embedding files")
     encoder_option(p)
+    p.add_argument("--index-type", choices=("auto", "flat", "ivf-flat", "ivf-pq"),
+                   help="index type to build (default $VISMEM_INDEX_TYPE, else auto: exact below --ivf-from vectors)")
+    p.add_argument("--ivf-from", type=int, metavar="N", help="auto: IVF-Flat from N vectors (default 200,000)")
+    p.add_argument("--recall-floor", type=float, metavar="R",
+                   help="recall@10 an approximate index must reach on held-out memory vectors, else exact (default 0.95)")
 
     p = command("forget", cmd_forget, "forget samples for good: the index, retained versions, embeddings, images")
     target = p.add_mutually_exclusive_group(required=True)

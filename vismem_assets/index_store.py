@@ -1,5 +1,6 @@
 """Versioned FAISS indexes: immutable files `indexes/<encoder>/v<version>.faiss`, each
-readable with plain `faiss.read_index`, ids = samples.vector_id.
+readable with plain `faiss.read_index`, ids = samples.vector_id. Which index type a version
+is (exact flat, IVF-Flat, IVF-PQ) and what its build measured is in index_types.py.
 
 A version is written whole to a temp file, fsynced and renamed, and only then recorded in
 the ledger (which marks it live and its parent retained). A crash at any point leaves the
@@ -18,9 +19,10 @@ import numpy as np
 from .atomic import atomic_path, write_bytes_atomic
 from .encoders.base import EncoderMismatchError
 from .home import Layout
+from .index_types import BuildReport, IndexPolicy, build, describe, index_ids, kind_of, new_flat_index, remove_ids
 from .ledger import Ledger
 
-FLAT = "IDMap2,Flat"
+__all__ = ["IndexStore", "IndexVersion", "IndexIntegrityError", "index_ids", "index_vectors", "new_flat_index"]
 GENESIS = "0" * 64  # prev_hash of the first deletion
 
 
@@ -40,6 +42,12 @@ class IndexVersion:
     n_added: int
     n_removed: int
     status: str
+    index_type: str = "IDMap2,Flat"
+    nprobe: int | None = None
+    recall_at_10: float | None = None
+    recall_at_100: float | None = None
+    recall_measured_at: int | None = None   # the version whose build measured that recall
+    build_reason: str | None = None
 
 
 def manifest_path(index_path: Path) -> Path:
@@ -60,29 +68,27 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def new_flat_index(dim: int) -> faiss.Index:
-    # Inner product on unit vectors = cosine similarity; IDMap2 keeps our vector ids.
-    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-
-
-def index_ids(index: faiss.Index) -> np.ndarray:
-    return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
-
-
 def index_vectors(index: faiss.Index) -> np.ndarray:
-    """The stored vectors of a flat index, in id-map order (a copy, safe after the index goes)."""
+    """The stored vectors of a flat index, in id-map order (a copy, safe after the index goes).
+    An approximate index holds no exact vectors: read them from the embedding files instead."""
+    if kind_of(index) != "flat":
+        raise TypeError(f"a {describe(index)} index holds no exact vectors; read them from the embedding files")
     flat = faiss.downcast_index(faiss.downcast_index(index).index)
     return faiss.rev_swig_ptr(flat.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d).copy()
 
 
-_COLUMNS = "encoder_id, version, path, sha256, parent_version, operation, n_vectors, n_added, n_removed, status"
+_COLUMNS = ("encoder_id, version, path, sha256, parent_version, operation, n_vectors, n_added, n_removed, status,"
+            " index_type, nprobe, recall_at_10, recall_at_100, recall_measured_at, build_reason")
 
 
 class IndexStore:
-    def __init__(self, layout: Layout, ledger: Ledger, encoder_id: str, encoder_slug: str, dim: int):
+    def __init__(self, layout: Layout, ledger: Ledger, encoder_id: str, encoder_slug: str, dim: int,
+                 policy: IndexPolicy | None = None):
         self.layout, self.ledger = layout, ledger
         self.encoder_id, self.dim = encoder_id, dim
         self.root = layout.indexes(encoder_slug)
+        self.policy = policy or IndexPolicy.from_env()
+        self.last_build: BuildReport | None = None  # what the latest build here chose and measured
 
     def live(self) -> IndexVersion | None:
         rows = self.ledger.query(
@@ -96,8 +102,11 @@ class IndexStore:
         )
         return [IndexVersion(**r) for r in rows.iter_rows(named=True)]
 
-    def load(self, version: IndexVersion | None = None) -> tuple[IndexVersion, faiss.Index]:
-        """Read a version (the live one by default), refusing bytes that don't match the ledger."""
+    def load(self, version: IndexVersion | None = None, mmap: bool = False) -> tuple[IndexVersion, faiss.Index]:
+        """Read a version (the live one by default), refusing bytes that don't match the ledger.
+        `mmap`: map the vectors or inverted lists instead of reading them into memory (for
+        searching: the pages are the file's, shared and reclaimable); such an index must not
+        be changed (FAISS would write into a read-only mapping), so writers load without it."""
         version = version or self.live()
         if version is None:
             raise FileNotFoundError(f"no index yet for encoder {self.encoder_id}: add an image set first (vismem add)")
@@ -113,33 +122,36 @@ class IndexStore:
                 f"for version {version.version}: it was changed or damaged. Run `vismem rebuild` to write a "
                 "fresh version from the ledger and embeddings"
             )
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0)
         if index.d != self.dim:
             raise EncoderMismatchError(f"index {path} has dimension {index.d}, encoder {self.encoder_id} has {self.dim}")
         return version, index
 
     def add(self, vector_ids: np.ndarray, vectors: np.ndarray,
             base: tuple[IndexVersion, faiss.Index] | None = None) -> IndexVersion:
-        """A new version = the live one (or `base`, already loaded) plus these vectors: O(new) FAISS work."""
+        """A new version = the live one (or `base`, already loaded) plus these vectors: O(new) FAISS
+        work, in the parent's index type (an IVF index assigns them to its trained lists). The
+        first version of a memory is built by the policy, like a rebuild."""
         self._check(vectors)
         vector_ids = np.asarray(vector_ids, np.int64)
         with self.ledger.connect():  # hold the ledger lock from reading the parent to recording the child
-            parent, index = base or (self.load() if self.live() else (None, new_flat_index(self.dim)))
-            if parent is not None:
-                present = np.isin(vector_ids, index_ids(index))
-                if present.any():
-                    raise ValueError(f"{int(present.sum())} vector ids are already in index version {parent.version}")
+            parent, index = base or (self.load() if self.live() else (None, None))
+            if parent is None:
+                index, self.last_build = build(vector_ids, vectors, self.policy)
+                return self._commit(index, None, "add", added=vector_ids, report=self.last_build)
+            present = np.isin(vector_ids, index_ids(index))
+            if present.any():
+                raise ValueError(f"{int(present.sum())} vector ids are already in index version {parent.version}")
             index.add_with_ids(np.ascontiguousarray(vectors, np.float32), vector_ids)
             return self._commit(index, parent, "add", added=vector_ids)
 
     def rebuild(self, vector_ids: np.ndarray, vectors: np.ndarray, operation: str = "rebuild") -> IndexVersion:
-        """A new version built from scratch from the given vectors (the ledger + embeddings)."""
+        """A new version built from scratch from the given vectors (the ledger + embeddings), of the
+        index type the policy chooses for its size (trained and recall-checked if approximate)."""
         self._check(vectors)
-        index = new_flat_index(self.dim)
-        if len(vector_ids):
-            index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(vector_ids, np.int64))
+        index, self.last_build = build(np.asarray(vector_ids, np.int64), vectors, self.policy)
         with self.ledger.connect():
-            return self._commit(index, self.live(), operation)
+            return self._commit(index, self.live(), operation, report=self.last_build)
 
     def remove(self, vector_ids: np.ndarray) -> IndexVersion | None:
         """A new live version without these vectors (really removed, not filtered at search time)."""
@@ -151,7 +163,7 @@ class IndexStore:
             present = np.intersect1d(index_ids(index), vector_ids)
             if not len(present):
                 return None
-            index.remove_ids(faiss.IDSelectorBatch(present))
+            remove_ids(index, present)
             return self._commit(index, parent, "forget", removed=present)
 
     def rewrite_without(self, version: IndexVersion, vector_ids: np.ndarray, request_id: str) -> bool:
@@ -162,7 +174,7 @@ class IndexStore:
             present = np.intersect1d(index_ids(index), vector_ids)
             if not len(present):
                 return False
-            index.remove_ids(faiss.IDSelectorBatch(present))
+            remove_ids(index, present)
             final = self.root / f"v{version.version:06d}.r{request_id[:12]}.faiss"
             with atomic_path(final) as tmp:
                 faiss.write_index(index, str(tmp))
@@ -170,7 +182,7 @@ class IndexStore:
             head, n_deletions = chain_head(con)
             self.write_manifest(final, version=version.version, sha256=digest, parent_version=version.parent_version,
                                 operation=version.operation, n_vectors=index.ntotal, chain_head=head,
-                                n_deletions=n_deletions, rewritten_for=request_id)
+                                n_deletions=n_deletions, index_type=describe(index), rewritten_for=request_id)
             with self.ledger.transaction():
                 con.execute("INSERT INTO index_rewrites VALUES (?, ?, ?, ?, ?, ?, now())",
                             [self.encoder_id, version.version, request_id, version.sha256, digest, len(present)])
@@ -223,7 +235,10 @@ class IndexStore:
             )
 
     def _commit(self, index: faiss.Index, parent: IndexVersion | None, operation: str,
-                added: np.ndarray | None = None, removed: np.ndarray | None = None) -> IndexVersion:
+                added: np.ndarray | None = None, removed: np.ndarray | None = None,
+                report: BuildReport | None = None) -> IndexVersion:
+        """Write and record a version. A build's `report` gives its measured recall; a version
+        derived from its parent (add, forget) keeps the parent's, with the version that measured it."""
         with self.ledger.connect() as con:
             last = con.execute(
                 "SELECT coalesce(max(version), 0) FROM index_versions WHERE encoder_id = ?", [self.encoder_id]
@@ -239,9 +254,21 @@ class IndexStore:
             digest = sha256_file(final)
             n_added = len(added) if added is not None else 0
             n_removed = len(removed) if removed is not None else 0
+            kind = describe(index)
+            nprobe = faiss.extract_index_ivf(index).nprobe if kind_of(index) != "flat" else None
+            if report is not None:
+                recall = (report.recall_at_10 if report.kind != "flat" else None,
+                          report.recall_at_100 if report.kind != "flat" else None,
+                          version if report.kind != "flat" else None, report.reason)
+            elif parent is not None and parent.index_type == kind:
+                recall = (parent.recall_at_10, parent.recall_at_100, parent.recall_measured_at, parent.build_reason)
+            else:
+                recall = (None, None, None, None)
             head, n_deletions = chain_head(con)
             self.write_manifest(final, version=version, sha256=digest, parent_version=parent.version if parent else None,
-                                operation=operation, n_vectors=index.ntotal, chain_head=head, n_deletions=n_deletions)
+                                operation=operation, n_vectors=index.ntotal, chain_head=head, n_deletions=n_deletions,
+                                index_type=kind, nprobe=nprobe, recall_at_10=recall[0], recall_at_100=recall[1],
+                                recall_measured_at=recall[2], build=report.to_dict() if report else None)
             with self.ledger.transaction():
                 con.execute(
                     "UPDATE index_versions SET status = 'retained' WHERE encoder_id = ? AND status = 'live'",
@@ -249,10 +276,12 @@ class IndexStore:
                 )
                 con.execute(
                     "INSERT INTO index_versions (encoder_id, version, path, sha256, parent_version, operation,"
-                    " n_vectors, created_at, status, index_type, n_added, n_removed, chain_head)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, now(), 'live', ?, ?, ?, ?)",
+                    " n_vectors, created_at, status, index_type, n_added, n_removed, chain_head, nprobe,"
+                    " recall_at_10, recall_at_100, recall_measured_at, build_reason, build_report)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, now(), 'live', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [self.encoder_id, version, self.layout.relative(final), digest,
-                     parent.version if parent else None, operation, index.ntotal, FLAT, n_added, n_removed, head],
+                     parent.version if parent else None, operation, index.ntotal, kind, n_added, n_removed, head,
+                     nprobe, *recall, json.dumps(report.to_dict()) if report else None],
                 )
                 for change, ids in (("add", added), ("remove", removed)):
                     if ids is not None and len(ids):
@@ -261,4 +290,5 @@ class IndexStore:
                             [self.encoder_id, version, change, ids.tolist()],
                         )
         return IndexVersion(self.encoder_id, version, self.layout.relative(final), digest,
-                            parent.version if parent else None, operation, index.ntotal, n_added, n_removed, "live")
+                            parent.version if parent else None, operation, index.ntotal, n_added, n_removed, "live",
+                            kind, nprobe, *recall)

@@ -22,6 +22,7 @@ from .evaluation import record as record_rows
 from .home import Layout, resolve_home
 from .imagesets import CheckedImage, ImageSetError, check_image, check_set_name, read_image_set
 from .index_store import IndexStore, IndexVersion, index_ids, index_vectors
+from .index_types import IndexPolicy, kind_of
 from .ledger import Ledger, insert_rows, to_frame
 from .search import flat_searcher
 from .voting import DEFAULT_STRATEGY, STRATEGIES, vote_all_k, vote_weights
@@ -92,10 +93,14 @@ class Prediction:
 
 
 class Memory:
-    def __init__(self, home: str | Path | None = None, encoder: str | Encoder | None = None):
+    def __init__(self, home: str | Path | None = None, encoder: str | Encoder | None = None,
+                 index_policy: IndexPolicy | None = None):
+        """`index_policy`: which index type builds write (default: from the environment, see
+        index_types.py: exact below 200,000 vectors, IVF-Flat above if its recall passes)."""
         self.layout = Layout(resolve_home(home)).create()
         self.ledger = Ledger(self.layout.ledger)
         self._encoder_choice = encoder
+        self.index_policy = index_policy or IndexPolicy.from_env()
         self._index_cache: tuple[tuple, IndexVersion, object] | None = None
         self._searcher_cache: tuple[object, object] | None = None  # (index, its FlatSearcher or None)
 
@@ -126,7 +131,7 @@ class Memory:
     @cached_property
     def indexes(self) -> IndexStore:
         e = self.encoder
-        return IndexStore(self.layout, self.ledger, e.id, e.slug, e.dim)
+        return IndexStore(self.layout, self.ledger, e.id, e.slug, e.dim, policy=self.index_policy)
 
     @cached_property
     def embeddings(self) -> EmbeddingStore:
@@ -351,8 +356,26 @@ class Memory:
                     if len(others) else " Add an image set first: vismem add SET_PATH")
             raise FileNotFoundError(f"no index for encoder {self.encoder.id}.{hint}")
         if self._index_cache is None or self._index_cache[0] != (live.version, live.sha256):
-            self._index_cache = ((live.version, live.sha256), *self.indexes.load(live))
+            # Memory-mapped: a searching process shares the file's pages instead of copying them.
+            self._index_cache = ((live.version, live.sha256), *self.indexes.load(live, mmap=True))
         return self._index_cache[1], self._index_cache[2]
+
+    def stored_vectors(self, index=None) -> tuple[np.ndarray, np.ndarray]:
+        """(vector ids, exact vectors) of the live index (or `index`): a flat index's own storage,
+        else (an approximate index keeps no exact vectors) read from the embedding files."""
+        if index is None:
+            _, index = self.live_index()
+        ids = index_ids(index)
+        if kind_of(index) == "flat":
+            return ids, index_vectors(index)
+        with self.ledger.connect() as con:
+            embedded = self._embedded_active(con)
+        paths = embedded.filter(pl.col("vector_id").is_in(ids.tolist()))["path"].unique().to_list()
+        got_ids, vectors = self.embeddings.read(paths, ids)
+        if len(got_ids) != len(ids):
+            raise RuntimeError(f"the live index holds {len(ids)} vectors but the embedding files only {len(got_ids)}: "
+                               "run `vismem rebuild` to write a version from the ledger and embeddings")
+        return got_ids, vectors
 
     def catalog(self) -> Catalog:
         return Catalog(self.ledger.query(
@@ -476,7 +499,7 @@ class Memory:
         version, index = self.live_index()
         if index.ntotal < 2:
             raise ValueError("leave-one-out needs at least two samples in the memory")
-        ids_all, vectors = index_ids(index), index_vectors(index)
+        ids_all, vectors = self.stored_vectors(index)
         k = min(k_max, index.ntotal - 1)
         sims = np.empty((len(ids_all), k), np.float32)
         ids = np.empty((len(ids_all), k), np.int64)
@@ -510,7 +533,7 @@ class Memory:
             return float(cached["distance"][0])
         if index.ntotal < 2:
             raise ValueError("a novelty threshold needs at least two samples in the memory")
-        ids, vectors = index_ids(index), index_vectors(index)
+        ids, vectors = self.stored_vectors(index)
         pick = np.random.default_rng(version.version).choice(len(ids), min(len(ids), NOVELTY_SAMPLE), replace=False)
         sims, nn = index.search(vectors[pick], 2)
         nearest_other = np.where(nn[:, 0] == ids[pick], sims[:, 1], sims[:, 0])
@@ -587,7 +610,8 @@ class Memory:
     def status(self) -> dict:
         """What a person asks first: which encoder, how many of what, which index, how much disk."""
         q = self.ledger.query
-        live = q("SELECT encoder_id, version, n_vectors, sha256, path, created_at FROM index_versions"
+        live = q("SELECT encoder_id, version, n_vectors, index_type, nprobe, recall_at_10, recall_at_100,"
+                 " recall_measured_at, build_reason, sha256, path, created_at FROM index_versions"
                  " WHERE status = 'live' ORDER BY encoder_id")
         return {
             "home": str(self.layout.root),
@@ -599,6 +623,7 @@ class Memory:
             "live_indexes": live.with_columns(pl.col("created_at").cast(pl.String)).to_dicts(),
             "disk_bytes": {d: _du(self.layout.root / d) for d in ("images", "embeddings", "indexes", "quarantine")}
                           | {"ledger": _du(self.layout.ledger)},
+            "index_policy": asdict(self.index_policy),
             "blas": blas_report(),
         }
 

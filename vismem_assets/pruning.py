@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 
 from . import reliability as rel_mod
-from .index_store import index_ids, index_vectors
+from .index_store import index_ids
 from .ledger import insert_rows
 
 SOFT_K, HARD_K = rel_mod.SOFT_K, rel_mod.HARD_K
@@ -51,7 +51,7 @@ def reliability(memory, k: int) -> tuple[rel_mod.Reliability, ReliabilityRun]:
         row = stored.row(0, named=True)
         return rel_mod.load(memory.layout.absolute(row["path"])), ReliabilityRun(
             version.version, k, row["mode"], row["base_version"], row["n_samples"], row["n_requeried"], row["seconds"])
-    vectors = index_vectors(index)
+    ids, vectors = memory.stored_vectors(index)
     order = np.argsort(ids)
     sorted_ids = ids[order]
 
