@@ -8,6 +8,7 @@
 | search | exact top-k GFLOP/s of classify's search | the machine's float32 GEMM rate |
 | add | adding 1% to N vectors | a full rebuild of N |
 | forget | forgetting 1, 100, 10,000 vectors | a full rebuild of N |
+| index types | recall@10, recall@100 and speed-up of IVF-Flat and IVF-PQ per nprobe | exact search on the same queries |
 | memory | peak RSS of a searching process above the imports | the index size on disk |
 
 Vectors for the scale runs are synthetic but clustered like real embeddings (benchmarks/synthetic.py).
@@ -24,8 +25,9 @@ import faiss
 SIZES = {  # (full, quick)
     "embedding": ({"n": 512}, {"n": 64}),
     "search": ({"n": 1_000_000, "d": 384}, {"n": 20_000, "d": 384}),
-    "add": ({"n": 100_000}, {"n": 5_000}),
-    "forget": ({"n": 100_000}, {"n": 5_000}),
+    "add": ({"n": 100_000, "kinds": ("flat", "ivf-flat", "ivf-pq")}, {"n": 5_000}),
+    "forget": ({"n": 100_000, "kinds": ("flat", "ivf-flat", "ivf-pq")}, {"n": 5_000}),
+    "index_types": ({"configs": ((1_000_000, 384), (100_000, 1280))}, {"configs": ((20_000, 384),)}),
     "memory": ({"n": 100_000}, {"n": 5_000}),
 }
 
@@ -40,10 +42,15 @@ def _run(name: str, quick: bool) -> dict:
         return run(quick=quick, **sizes)
     if name == "add":
         from .add import run
-        return run(**sizes, repeats=1 if quick else 3)
+        return run(sizes["n"], repeats=1 if quick else 3, kinds=sizes.get("kinds", ("flat",)))
     if name == "forget":
         from .forget import run
-        return run(sizes["n"], sizes=tuple(s for s in (1, 100, 10_000) if s <= sizes["n"] // 4))
+        return run(sizes["n"], sizes=tuple(s for s in (1, 100, 10_000) if s <= sizes["n"] // 4),
+                   kinds=sizes.get("kinds", ("flat",)))
+    if name == "index_types":
+        from .index_types import run
+        runs = [run(n, d, repeats=1 if quick else 3) for n, d in sizes["configs"]]
+        return {**runs[0], "runs": runs}
     from .memory import run
     return run(**sizes)
 
@@ -64,8 +71,11 @@ def run(quick: bool = False, only: tuple[str, ...] = tuple(SIZES)) -> dict:
         "search_ratio": search.get("search_ratio"), "embed_ratio": embedding.get("embed_ratio"),
         "add_ratio": results.get("add", {}).get("add_ratio"),
         "forget_ratio": results.get("forget", {}).get("forget_ratio"),
-        # Approximate index types (IVF-Flat, IVF-PQ) are not built yet: no recall to report.
-        "ivf_recall_at_10": None, "ivf_speedup": None,
+        # IVF-Flat at its operating point (the first nprobe reaching recall@10 0.95), first configuration
+        "ivf_recall_at_10": results.get("index_types", {}).get("ivf_recall_at_10"),
+        "ivf_recall_at_100": results.get("index_types", {}).get("ivf_recall_at_100"),
+        "ivf_speedup": results.get("index_types", {}).get("ivf_speedup"),
+        "ivf_n": results.get("index_types", {}).get("n"),
         "rss_over_index": results.get("memory", {}).get("rss_over_index"),
         "details": results, "seconds": seconds,
     }
@@ -89,6 +99,8 @@ def main(argv=None) -> int:
              result["details"].get("add", {}).get("rebuild_seconds"), result["add_ratio"], "<= 0.05"),
             ("forget 10,000 / rebuild (s)", None, result["details"].get("forget", {}).get("rebuild_seconds"),
              result["forget_ratio"], "<= 0.05"),
+            ("IVF-Flat recall@10 (exact = 1)", result["ivf_recall_at_10"], 1.0, result["ivf_recall_at_10"], ">= 0.95"),
+            ("IVF-Flat speed-up over exact (qps)", None, None, result["ivf_speedup"], ">= 20 at N = 10^6"),
             ("searching RSS above imports / index size", None, None, result["rss_over_index"], "mmap: < 1")]
     print(f"\nvismem bench{' --quick' if args.quick else ''}: {result['threads']} threads\n")
     print(f"{'figure':<46}{'measured':>12}{'baseline':>12}{'ratio':>10}  target")

@@ -33,6 +33,7 @@ from .search import topk_inner_product
 KINDS = ("auto", "flat", "ivf-flat", "ivf-pq")
 HELD_OUT = 1000          # queries that measure recall at build time (fewer in small memories)
 TRAIN_PER_LIST = 48      # training vectors per inverted list (FAISS warns below 39)
+PQ_TRAIN = 256 * 40      # PQ's 256 centroids per sub-quantizer want about as many again
 KMEANS_ITERATIONS = 12
 
 
@@ -161,6 +162,11 @@ def nlist_for(n: int) -> int:
     return int(max(1, min(target, trainable, 1 << 16)))
 
 
+def training_size(kind: str, nlist: int) -> int:
+    """Vectors to train on: enough for the coarse lists, and for PQ's codebooks too."""
+    return max(TRAIN_PER_LIST * nlist, PQ_TRAIN if kind == "ivf-pq" else 0)
+
+
 def pq_bytes_for(d: int, wanted: int | None) -> int:
     """Sub-quantizers of the PQ code: a divisor of d (FAISS needs one), about d / 8 by default."""
     target = wanted or max(1, d // 8)
@@ -185,11 +191,10 @@ def build(vector_ids: np.ndarray, vectors: np.ndarray, policy: IndexPolicy,
             "flat", "IDMap2,Flat", f"exact: {n:,} vectors are too few to train and check {wanted}", wanted)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
-    queries_at, train_at = order[:held_out], order[held_out:held_out + TRAIN_PER_LIST * nlist]
+    queries_at, train_at = order[:held_out], order[held_out:held_out + training_size(wanted, nlist)]
     t0 = time.perf_counter()
-    index = _trained_ivf(wanted, vectors[np.sort(train_at)], nlist, policy.pq_bytes)
-    index.add_with_ids(np.ascontiguousarray(vectors, np.float32), vector_ids)
-    index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    index = train_ivf(wanted, vectors[np.sort(train_at)], nlist, policy.pq_bytes)
+    fill(index, vector_ids, vectors)
     train_seconds = time.perf_counter() - t0
     report = BuildReport(wanted, describe(index), "", wanted, nlist=nlist, n_held_out=held_out,
                          n_train=len(train_at), train_seconds=round(train_seconds, 3))
@@ -206,7 +211,15 @@ def _flat(vector_ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
     return index
 
 
-def _trained_ivf(kind: str, train: np.ndarray, nlist: int, pq_bytes: int | None) -> faiss.IndexIVF:
+def fill(index: faiss.IndexIVF, vector_ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Add the vectors to a trained IVF index and give it the hash-table direct map that makes
+    removing ids cheap."""
+    index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.asarray(vector_ids, np.int64))
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)
+
+
+def train_ivf(kind: str, train: np.ndarray, nlist: int, pq_bytes: int | None = None) -> faiss.IndexIVF:
+    """An empty IVF-Flat or IVF-PQ index (inner product) trained on these vectors."""
     d = train.shape[1]
     quantizer = faiss.IndexFlatIP(d)
     if kind == "ivf-pq":

@@ -1,0 +1,113 @@
+"""Index types: recall@10 and recall@100 against exact search, and speed-up, for each type offered.
+
+    python -m benchmarks.index_types [--n 1000000] [--d 384] [--json]
+
+Vectors: benchmarks/synthetic.py's clustered vectors (100 cluster centres, Gaussian noise,
+unit length); 1,000 held-out queries drawn from the same clusters and never stored. The
+baseline is vismem's exact search (search.py) on the same vectors and queries, k = 100,
+in the same process. Each IVF index is trained as a build trains it (index_types.py: about
+2 sqrt(N) lists, 48 training vectors per list); nprobe doubles from 1, and the operating
+point is the first nprobe whose recall@10 reaches the floor (0.95), the rule a build applies.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import vismem_assets  # noqa: F401  (first: its BLAS set-up)
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vismem_assets.index_types import fill, nlist_for, pq_bytes_for, recall, train_ivf, training_size  # noqa: E402
+from vismem_assets.search import topk_inner_product  # noqa: E402
+
+from .synthetic import clustered_vectors  # noqa: E402
+
+FLOOR = 0.95
+K = 100
+
+
+def _timed(fn, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def run(n: int, d: int, n_queries: int = 1000, repeats: int = 3, kinds=("ivf-flat", "ivf-pq")) -> dict:
+    x, _ = clustered_vectors(n + n_queries, d, seed=0)
+    x, queries = x[:n], np.ascontiguousarray(x[n:])
+    ids = np.arange(n, dtype=np.int64)
+    exact_seconds, (_, truth) = _timed(lambda: topk_inner_product(x, queries, K), repeats)
+    result = {"n": n, "d": d, "queries": n_queries, "k": K, "threads": faiss.omp_get_max_threads(),
+              "exact_seconds": round(exact_seconds, 4), "exact_qps": round(n_queries / exact_seconds, 1), "types": {}}
+    nlist = nlist_for(n)
+    for kind in kinds:
+        train_at = np.sort(np.random.default_rng(1).choice(n, min(n, training_size(kind, nlist)), replace=False))
+        t0 = time.perf_counter()
+        index = train_ivf(kind, x[train_at], nlist)
+        train_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fill(index, ids, x)
+        add_seconds = time.perf_counter() - t0
+        curve, nprobe = [], 1
+        while nprobe <= nlist // 4:
+            index.nprobe = nprobe
+            seconds, (_, found) = _timed(lambda: index.search(queries, K), repeats)
+            curve.append({"nprobe": nprobe, "recall_at_10": round(recall(found[:, :10], truth[:, :10]), 4),
+                          "recall_at_100": round(recall(found, truth), 4), "qps": round(n_queries / seconds, 1),
+                          "speedup": round(exact_seconds / seconds, 2)})
+            if curve[-1]["recall_at_10"] >= max(FLOOR, 0.995):  # past the floor: enough of the curve
+                break
+            nprobe *= 2
+        point = next((c for c in curve if c["recall_at_10"] >= FLOOR), None)
+        result["types"][kind] = {
+            "factory": f"IVF{nlist},{'PQ%d' % pq_bytes_for(d, None) if kind == 'ivf-pq' else 'Flat'}",
+            "nlist": nlist, "n_train": len(train_at), "train_seconds": round(train_seconds, 2),
+            "add_seconds": round(add_seconds, 2), "bytes_per_vector": round(_bytes(index) / n, 1),
+            "curve": curve, "operating_point": point,
+            "verdict": (f"used: recall@10 {point['recall_at_10']} at nprobe {point['nprobe']}, {point['speedup']}x exact"
+                        if point else f"refused by the floor {FLOOR}: best recall@10 "
+                        f"{max(c['recall_at_10'] for c in curve)}; the memory stays exact")}
+        del index
+    flat = result["types"].get("ivf-flat", {}).get("operating_point")
+    result["ivf_recall_at_10"] = flat["recall_at_10"] if flat else None
+    result["ivf_recall_at_100"] = flat["recall_at_100"] if flat else None
+    result["ivf_speedup"] = flat["speedup"] if flat else None
+    return result
+
+
+def _bytes(index) -> int:
+    return len(faiss.serialize_index(index))
+
+
+def _print(r: dict) -> None:
+    print(f"\nN = {r['n']:,}, d = {r['d']}, {r['queries']} held-out queries, k = {r['k']}, {r['threads']} threads; "
+          f"exact search: {r['exact_qps']} qps (baseline, same run)")
+    for kind, t in r["types"].items():
+        print(f"\n  {kind} ({t['factory']}, {t['bytes_per_vector']} bytes/vector): trained on {t['n_train']:,} in "
+              f"{t['train_seconds']} s, {r['n']:,} added in {t['add_seconds']} s -> {t['verdict']}")
+        print(f"  {'nprobe':>8}{'recall@10':>11}{'recall@100':>12}{'qps':>10}{'speed-up':>10}")
+        for c in t["curve"]:
+            print(f"  {c['nprobe']:>8}{c['recall_at_10']:>11.4f}{c['recall_at_100']:>12.4f}{c['qps']:>10.1f}"
+                  f"{c['speedup']:>10.2f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--d", type=int, default=384)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = run(args.n, args.d)
+    print(json.dumps(result)) if args.json else _print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
