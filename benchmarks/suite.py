@@ -77,6 +77,7 @@ def run(quick: bool = False, only: tuple[str, ...] = tuple(SIZES)) -> dict:
         "ivf_speedup": results.get("index_types", {}).get("ivf_speedup"),
         "ivf_n": results.get("index_types", {}).get("n"),
         "rss_over_index": results.get("memory", {}).get("rss_over_index"),
+        "anon_over_index": results.get("memory", {}).get("anon_over_index"),
         "details": results, "seconds": seconds,
     }
 

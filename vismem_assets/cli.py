@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("bench", cmd_bench, "the benchmark suite: each figure next to its baseline from the same run")
     p.add_argument("--quick", action="store_true", help="small sizes, about a minute")
-    p.add_argument("--only", nargs="+", choices=("embedding", "search", "add", "forget", "memory"))
+    p.add_argument("--only", nargs="+", choices=("embedding", "search", "add", "forget", "index_types", "memory"))
 
     p = command("explain", cmd_explain, "render why an image gets its label: the query, its neighbours, the vote")
     p.add_argument("image")
