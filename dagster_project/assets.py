@@ -144,9 +144,17 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
     context.log.info(f"index version {version.version} ({version.operation}): {version.n_vectors} vectors"
                      if new_version else f"nothing new to fold in: version {version.version} stays live")
     lineage = memory.ledger.query(
-        "SELECT version, parent_version, operation, status, n_vectors, n_added, n_removed, created_at"
-        " FROM index_versions WHERE encoder_id = ? ORDER BY version DESC LIMIT 20", [memory.encoder.id])
+        "SELECT version, parent_version, operation, status, index_type, n_vectors, n_added, n_removed, recall_at_10,"
+        " created_at FROM index_versions WHERE encoder_id = ? ORDER BY version DESC LIMIT 20", [memory.encoder.id])
+    build = memory.indexes.last_build if new_version else None
+    if build is not None:
+        context.log.info(f"index type: {build.reason}")
     return MaterializeResult(metadata={
+        "index_type": version.index_type, "build_reason": version.build_reason or "",
+        **({"nprobe": version.nprobe, "recall_at_10": version.recall_at_10, "recall_at_100": version.recall_at_100,
+            "recall_measured_at_version": version.recall_measured_at} if version.recall_at_10 is not None else {}),
+        **({"nprobe_sweep": table(pl.DataFrame(build.sweep, schema=["nprobe", "recall_at_10"], orient="row"))}
+           if build is not None and build.sweep else {}),
         "index_version": version.version, "new_version": new_version, "parent_version": version.parent_version,
         "operation": version.operation, "n_vectors": version.n_vectors, "n_added": version.n_added,
         "purged_versions": [v.version for v in purged], "sha256": version.sha256,

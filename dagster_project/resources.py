@@ -8,13 +8,14 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from vismem_assets.home import resolve_home
+from vismem_assets.index_types import IndexPolicy
 from vismem_assets.memory import Memory
 
 
 @lru_cache(maxsize=4)
-def _memory(home: str, encoder: str | None) -> Memory:
+def _memory(home: str, encoder: str | None, policy: IndexPolicy | None = None) -> Memory:
     # One Memory (and so one loaded torch model) per process: the steps of a run share it.
-    return Memory(home, encoder=encoder)
+    return Memory(home, encoder=encoder, index_policy=policy)
 
 
 class VisualMemory(ConfigurableResource):
@@ -27,9 +28,19 @@ class VisualMemory(ConfigurableResource):
     k_max: int = Field(default=100, description="evaluate every k in 1..k_max")
     retain_versions: int = Field(default=5, description="index versions kept by compaction, the live one included")
     max_top1_drop: float = Field(default=0.02, description="largest tolerated drop of top-1 between index versions")
+    index_type: str | None = Field(
+        default=None, description="index type builds write: auto, flat, ivf-flat or ivf-pq (default $VISMEM_INDEX_TYPE, "
+                                  "else auto: exact below ivf_from vectors, IVF-Flat above if its recall passes)")
+    ivf_from: int | None = Field(default=None, description="auto: IVF-Flat from this many vectors (default 200,000)")
+    recall_floor: float | None = Field(
+        default=None, description="recall@10 on held-out memory vectors an approximate index must reach, else the "
+                                  "memory stays exact (default 0.95)")
 
     def memory(self) -> Memory:
-        return _memory(str(resolve_home(self.home)), self.encoder)
+        overrides = {"kind": self.index_type, "ivf_from": self.ivf_from, "recall_floor": self.recall_floor}
+        # No override: the environment's policy (Memory reads it), one cached Memory per home and encoder.
+        policy = IndexPolicy.from_env(**overrides) if any(v is not None for v in overrides.values()) else None
+        return _memory(str(resolve_home(self.home)), self.encoder, policy)
 
     def query_set_path(self):
         """The configured query folder, or None for leave-one-out."""

@@ -119,6 +119,8 @@ def test_two_sets_through_the_graph_with_checks(home, resources, fm_sets):
         assert checks == {"live_index_matches_ledger": True, "index_file_matches_sha256": True,
                           "top1_not_dropped": True}
         assert metadata(instance, "memory_index", "n_vectors") == 21
+        assert metadata(instance, "memory_index", "index_type") == "IDMap2,Flat"
+        assert "below the IVF threshold of 200,000" in metadata(instance, "memory_index", "build_reason")
         assert metadata(instance, "evaluation", "query_set") == "leave-one-out"
         assert 0.5 < metadata(instance, "evaluation", "top1") <= 1.0
         assert metadata(instance, "evaluation", "chart").startswith("![accuracy against k](data:image/png;base64,")
@@ -185,3 +187,27 @@ def test_new_embeddings_trigger_one_refresh_each_and_none_is_lost(home, resource
         assert memory.index_consistency()["ok"]
         assert memory.indexes.live().n_vectors == 10
         assert metadata(instance, "evaluation", "index_version") == memory.indexes.live().version
+
+
+def test_compaction_builds_the_configured_index_type_and_shows_its_recall(home, encoder, monkeypatch):
+    """Resource config chooses the index type; the rebuild's measured recall and nprobe sweep
+    are materialization metadata."""
+    from benchmarks.synthetic import build_memory
+    from dagster_project import resources as res
+    from vismem_assets.index_types import IndexPolicy
+
+    build_memory(home, 4_000, encoder, index_policy=IndexPolicy(kind="flat"))
+    monkeypatch.setenv("VISMEM_HOME", str(home))
+    res._memory.cache_clear()
+    resource = VisualMemory(index_type="ivf-flat", recall_floor=0.6)
+    resource.memory()._encoder_choice = encoder
+    with instance_for_test() as instance:
+        result = materialize([memory_index], instance=instance, resources={"visual_memory": resource},
+                             run_config={"ops": {"memory_index": {"config": {"rebuild": True}}}})
+        assert result.success
+        assert metadata(instance, "memory_index", "index_type").startswith("IVF")
+        assert metadata(instance, "memory_index", "recall_at_10") >= 0.6
+        assert metadata(instance, "memory_index", "recall_measured_at_version") == 2
+        sweep = metadata(instance, "memory_index", "nprobe_sweep")
+        assert sweep.records[-1].data["recall_at_10"] >= 0.6
+        assert "recall@10" in metadata(instance, "memory_index", "build_reason")

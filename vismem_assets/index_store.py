@@ -139,6 +139,7 @@ class IndexStore:
             if parent is None:
                 index, self.last_build = build(vector_ids, vectors, self.policy)
                 return self._commit(index, None, "add", added=vector_ids, report=self.last_build)
+            self.last_build = None  # an add builds nothing: no build report of its own
             present = np.isin(vector_ids, index_ids(index))
             if present.any():
                 raise ValueError(f"{int(present.sum())} vector ids are already in index version {parent.version}")

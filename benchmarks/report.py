@@ -1,0 +1,130 @@
+"""benchmarks/RESULTS.md from one `vismem bench --json` run: every figure beside its baseline
+and target, taken from the JSON (nothing typed by hand).
+
+    vismem bench --json > bench.json && python -m benchmarks.report bench.json > benchmarks/RESULTS.md
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.4g}"
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def _met(value, target: str) -> str:
+    if value is None:
+        return "not measured"
+    op, bound = target.split()[0], float(target.split()[1])
+    ok = value >= bound if op == ">=" else value <= bound
+    return "met" if ok else "**not met**"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return out + [""]
+
+
+def render(r: dict, command: str = "vismem bench --json") -> str:
+    d = r["details"]
+    emb, search, add, forget = d.get("embedding", {}), d.get("search", {}), d.get("add", {}), d.get("forget", {})
+    types, memory = d.get("index_types", {}), d.get("memory", {})
+    lines = ["# Benchmark results", "",
+             f"One full run of `{command}` on this machine ({r['threads']} threads; 2 cores, 24 GiB, shared"
+             " and noisy). Each figure is next to its baseline, measured in the same process; ratios are what the"
+             " targets are about. Reproduce with:", "",
+             "```", "make bench                      # = vismem bench (tables)",
+             "vismem bench --json > bench.json && python -m benchmarks.report bench.json > benchmarks/RESULTS.md",
+             "```", "",
+             "Scale runs use synthetic vectors clustered like real embeddings (`benchmarks/synthetic.py`): 100"
+             " Gaussian cluster centres, each vector a centre plus Gaussian noise (σ = 0.6 per coordinate),"
+             " L2-normalised; queries are held out from the same clusters and never stored.", "",
+             "## Summary", ""]
+    flat_forget = forget.get("forget", [])
+    rows = [
+        ["exact search GFLOP/s ÷ float32 GEMM GFLOP/s", r["search_gflops"], r["gemm_gflops"], r["search_ratio"],
+         ">= 0.6", _met(r["search_ratio"], ">= 0.6")],
+        ["embedding: full path ÷ bare encoder (img/s)", emb.get("images_per_second_full"),
+         emb.get("images_per_second_bare"), r["embed_ratio"], ">= 0.85", _met(r["embed_ratio"], ">= 0.85")],
+        [f"add 1% ÷ full rebuild (s), N = {_fmt(add.get('n'))}", add.get("add_seconds"), add.get("rebuild_seconds"),
+         r["add_ratio"], "<= 0.05", _met(r["add_ratio"], "<= 0.05")],
+        [f"forget {_fmt(flat_forget[-1]['samples']) if flat_forget else '–'} ÷ full rebuild (s), N = {_fmt(forget.get('n'))}",
+         flat_forget[-1]["seconds"] if flat_forget else None, forget.get("rebuild_seconds"), r["forget_ratio"],
+         "<= 0.05", _met(r["forget_ratio"], "<= 0.05")],
+        [f"IVF-Flat recall@10, N = {_fmt(r.get('ivf_n'))}", r["ivf_recall_at_10"], 1.0, r["ivf_recall_at_10"],
+         ">= 0.95", _met(r["ivf_recall_at_10"], ">= 0.95")],
+        [f"IVF-Flat speed-up over exact, N = {_fmt(r.get('ivf_n'))}", None, None, r["ivf_speedup"], ">= 20",
+         _met(r["ivf_speedup"], ">= 20")],
+        [f"searching process: anonymous RSS ÷ index size, N = {_fmt(memory.get('n'))}", None,
+         memory.get("index_mib"), r.get("anon_over_index"), "<= 1 (mmap)", _met(r.get("anon_over_index"), "<= 1")],
+    ]
+    lines += _table(["figure", "measured", "baseline", "ratio", "target", ""], rows)
+
+    if search:
+        lines += ["## Exact search", "",
+                  f"N = {_fmt(search['n'])}, d = {search['d']}, k = {search['k']}; GEMM {search['gemm_gflops']} GFLOP/s"
+                  f" ({search['gemm_size']}³ float32, same run). Ours = vismem's blocked GEMM search; FAISS = IndexFlatIP"
+                  " with vismem's BLAS settings; FAISS default = its stock thresholds.", ""]
+        lines += _table(["queries per batch", "ours qps", "ours GFLOP/s", "FAISS qps", "FAISS default qps",
+                         "ours ÷ FAISS"],
+                        [[b["batch"], b["ours_qps"], b["ours_gflops"], b["faiss_qps"], b["faiss_default_qps"],
+                          b["speedup_vs_faiss"]] for b in search.get("batches", [])])
+        c = search.get("classify")
+        if c:
+            lines += [f"`classify` (search + vote), {c['queries']} queries: {c['classify_qps']} qps against bare"
+                      f" search {c['search_qps']} qps (ratio {c['ratio']}); {c['classify_gflops']} GFLOP/s ="
+                      f" {c['classify_ratio_to_gemm']} × GEMM measured alongside.", ""]
+    if emb:
+        lines += ["## Embedding", "",
+                  f"{emb['n']} Fashion-MNIST images, default encoder, backend {emb['backend']} ({emb['threads']} threads):"
+                  f" full path {emb['images_per_second_full']} img/s against the bare forward"
+                  f" {emb['images_per_second_bare']} img/s = {emb['embed_ratio']}. Bare forward per image:"
+                  + ", ".join(f" {k} {v} ms" for k, v in emb.get("ms_per_image_bare", {}).items()) + ".", ""]
+    for run in types.get("runs", [types] if types else []):
+        lines += [f"## Index types, N = {_fmt(run['n'])}, d = {run['d']}", "",
+                  f"{run['queries']} held-out queries, k = {run['k']}; exact search {run['exact_qps']} qps (baseline).", ""]
+        for kind, t in run["types"].items():
+            lines += [f"**{kind}** ({t['factory']}, {t['bytes_per_vector']} bytes/vector; trained on {_fmt(t['n_train'])}"
+                      f" vectors in {t['train_seconds']} s, {_fmt(run['n'])} added in {t['add_seconds']} s): {t['verdict']}.", ""]
+            lines += _table(["nprobe", "recall@10", "recall@100", "qps", "speed-up"],
+                            [[c["nprobe"], c["recall_at_10"], c["recall_at_100"], c["qps"], c["speedup"]]
+                             for c in t["curve"]])
+    if add:
+        lines += [f"## Add 1% ({_fmt(add['added'])} vectors) to N = {_fmt(add['n'])}, d = {add['d']}", ""]
+        lines += _table(["index type", "version file MiB", "full rebuild s", "add s", "add ÷ rebuild"],
+                        [[f"{k} ({t['index_type']})", t["file_mib"], t["rebuild_seconds"], t["add_seconds"], t["add_ratio"]]
+                         for k, t in add.get("types", {}).items()])
+    if forget:
+        lines += [f"## Forget from N = {_fmt(forget['n'])}, d = {forget['d']}, {forget['retained_versions']} retained"
+                  " version beside the live one", ""]
+        lines += _table(["index type", "samples", "forget s", "full rebuild s", "forget ÷ rebuild"],
+                        [[f"{k} ({t['index_type']})", f["samples"], f["seconds"], t["rebuild_seconds"], f["ratio_to_rebuild"]]
+                         for k, t in forget.get("types", {}).items() for f in t["forget"]])
+    if memory:
+        lines += ["## Memory of a searching process", "",
+                  f"N = {_fmt(memory['n'])}, d = {memory['d']}: index file {memory['index_mib']} MiB. Peak RSS"
+                  f" {memory['search_rss_mib']} MiB against {memory['baseline_rss_mib']} MiB for the imports alone"
+                  f" ({memory['rss_over_index']} × the index above baseline, counting the mapped file's pages);"
+                  f" anonymous memory {memory.get('anon_over_index')} × the index.", ""]
+    lines += ["## Time per benchmark", ""] + _table(["benchmark", "seconds"], [[k, v] for k, v in r["seconds"].items()])
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m benchmarks.report BENCH.json > benchmarks/RESULTS.md", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        print(render(json.load(f)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
