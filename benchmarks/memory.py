@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from vismem_assets.encoders import load_encoder
+from vismem_assets.index_types import IndexPolicy
 
 from .synthetic import build_memory
 
@@ -44,7 +45,7 @@ def peak_rss_mib(code: str, *args: str) -> tuple[float, float]:
 def run(n: int) -> dict:
     encoder = load_encoder("efficientnet-lite0")
     with tempfile.TemporaryDirectory(prefix="vismem-bench-") as tmp:
-        memory = build_memory(Path(tmp) / "home", n, encoder)
+        memory = build_memory(Path(tmp) / "home", n, encoder, index_policy=IndexPolicy(kind="flat"))
         index_mib = memory.layout.absolute(memory.indexes.live().path).stat().st_size / 2**20
         baseline, baseline_anon = peak_rss_mib(IMPORTS)
         searching, searching_anon = peak_rss_mib(SEARCH, str(memory.layout.root))

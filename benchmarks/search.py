@@ -43,6 +43,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vismem_assets.blas import FAISS_BLAS_THRESHOLD, blas_report
+from vismem_assets.index_types import IndexPolicy
 from vismem_assets.search import block_rows, flat_searcher, topk_inner_product
 
 from .synthetic import QueryVectors, build_memory
@@ -116,7 +117,7 @@ def run(n: int | None = None, d: int = 384, k: int = 50, n_queries: int = 1000, 
     with tempfile.TemporaryDirectory(prefix="vismem-bench-search-") as tmp:
         encoder = QueryVectors(d)
         with contextlib.redirect_stdout(sys.stderr):  # its progress line must not break --json
-            memory = build_memory(Path(tmp) / "home", n, encoder)
+            memory = build_memory(Path(tmp) / "home", n, encoder, index_policy=IndexPolicy(kind="flat"))
         _, index = memory.live_index()
         searcher = flat_searcher(index)  # a view of the live index's vectors
         vectors = searcher.vectors
