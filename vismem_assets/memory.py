@@ -425,20 +425,26 @@ class Memory:
         factors = np.where(rows >= 0, row_weight[rows], 0.0) if row_weight is not None else np.ones(ids.shape)
         weights = vote_weights(sims, strategy) * factors
         pred, conf = vote_all_k(labels, weights, len(catalog.label_names))
+        # Python lists, and each stored image's path joined once: this loop runs k times per query.
+        root, names, sample_ids, image_paths = str(self.layout.root), catalog.label_names, catalog.sample_ids, catalog.image_paths
+        path_of: dict[int, str] = {}
+        rows_l, labels_l, ids_l, sims_l, weights_l, factors_l = (
+            a.tolist() for a in (rows, labels, ids, sims, weights, factors))
         out = []
         for i, image in enumerate(images):
             scores: dict[str, float] = {}
             neighbors = []
-            for r in range(ids.shape[1]):
-                if rows[i, r] < 0:
+            for r, j in enumerate(rows_l[i]):
+                if j < 0:
                     continue
-                j = rows[i, r]
-                name = catalog.label_names[labels[i, r]]
-                scores[name] = scores.get(name, 0.0) + float(weights[i, r])
-                neighbors.append(Neighbor(r, catalog.sample_ids[j], int(ids[i, r]), name, float(sims[i, r]),
-                                          float(weights[i, r]), str(self.layout.absolute(catalog.image_paths[j])),
-                                          float(factors[i, r])))
-            voted = catalog.label_names[pred[i, -1]] if pred[i, -1] >= 0 else None
+                name, weight = names[labels_l[i][r]], weights_l[i][r]
+                scores[name] = scores.get(name, 0.0) + weight
+                path = path_of.get(j)
+                if path is None:
+                    path = path_of[j] = f"{root}/{image_paths[j]}"
+                neighbors.append(Neighbor(r, sample_ids[j], ids_l[i][r], name, sims_l[i][r], weight, path,
+                                          factors_l[i][r]))
+            voted = names[pred[i, -1]] if pred[i, -1] >= 0 else None
             distance = float(1.0 - sims[i, 0])
             novel = threshold is not None and distance > threshold
             out.append(Prediction(str(image) if isinstance(image, (str, Path)) else f"image[{i}]",
