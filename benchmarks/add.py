@@ -17,7 +17,7 @@ from pathlib import Path
 import faiss
 
 from vismem_assets.encoders import load_encoder
-from vismem_assets.index_types import IndexPolicy
+from vismem_assets.index_types import KINDS, IndexPolicy
 
 from .synthetic import build_memory, clustered_vectors, insert_vectors
 
@@ -56,7 +56,7 @@ def run(n: int, fraction: float = 0.01, repeats: int = 3, kinds=("flat",)) -> di
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
-    parser.add_argument("--types", nargs="+", default=["flat"], choices=("flat", "ivf-flat", "ivf-pq"))
+    parser.add_argument("--types", nargs="+", default=["flat"], choices=KINDS[1:])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     result = run(args.n, kinds=tuple(args.types))

@@ -19,7 +19,7 @@ import faiss
 
 from vismem_assets.encoders import load_encoder
 from vismem_assets.forgetting import ForgetRequest
-from vismem_assets.index_types import IndexPolicy
+from vismem_assets.index_types import KINDS, IndexPolicy
 
 from .synthetic import build_memory
 
@@ -70,7 +70,7 @@ def run(n: int, sizes=(1, 100, 10_000), retained: int = 1, kinds=("flat",)) -> d
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
-    parser.add_argument("--types", nargs="+", default=["flat"], choices=("flat", "ivf-flat", "ivf-pq"))
+    parser.add_argument("--types", nargs="+", default=["flat"], choices=KINDS[1:])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     result = run(args.n, sizes=tuple(s for s in (1, 100, 10_000) if s < args.n // 2), kinds=tuple(args.types))

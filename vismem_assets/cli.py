@@ -366,6 +366,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .index_types import KINDS
+
     parser = argparse.ArgumentParser(prog="vismem", description=__doc__)
     parser.add_argument("--home", help="memory home (default: $VISMEM_HOME, else ./vismem_home)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -437,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("rebuild", cmd_rebuild, "write a fresh index version from the ledger and embedding files")
     encoder_option(p)
-    p.add_argument("--index-type", choices=("auto", "flat", "ivf-flat", "ivf-pq"),
+    p.add_argument("--index-type", choices=KINDS,
                    help="index type to build (default $VISMEM_INDEX_TYPE, else auto: exact below --ivf-from vectors)")
     p.add_argument("--ivf-from", type=int, metavar="N", help="auto: IVF-Flat from N vectors (default 200,000)")
     p.add_argument("--recall-floor", type=float, metavar="R",

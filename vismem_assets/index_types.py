@@ -6,8 +6,9 @@ sample of the memory's own vectors and keeps it only if it is good enough *on th
 
 * a held-out sample (vectors not used for training) is searched exactly and approximately,
   each query's own id left out, and recall@10 / recall@100 are measured;
-* `nprobe` (lists visited per query) doubles from 1 until recall@10 reaches `recall_floor`;
-  the first that does is stored in the index file (FAISS serialises it);
+* `nprobe` (lists visited per query) doubles from 1 until recall@10 reaches `recall_floor`,
+  then is bisected back to the smallest that does, which is stored in the index file (FAISS
+  serialises it);
 * if no nprobe up to a quarter of the lists reaches the floor, or the approximate index is
   not faster than exact search, the memory stays exact and the build report says why.
 
@@ -30,7 +31,7 @@ import numpy as np
 
 from .search import topk_inner_product
 
-KINDS = ("auto", "flat", "ivf-flat", "ivf-pq")
+KINDS = ("auto", "flat", "ivf-flat", "ivf-sq8", "ivf-pq")
 HELD_OUT = 1000          # queries that measure recall at build time (fewer in small memories)
 TRAIN_PER_LIST = 48      # training vectors per inverted list (FAISS warns below 39)
 PQ_TRAIN = 256 * 40      # PQ's 256 centroids per sub-quantizer want about as many again
@@ -45,7 +46,7 @@ class IndexTypeError(ValueError):
 class IndexPolicy:
     """Which index a build writes. Environment: VISMEM_INDEX_TYPE, VISMEM_IVF_FROM,
     VISMEM_RECALL_FLOOR, VISMEM_PQ_BYTES."""
-    kind: str = "auto"            # auto | flat | ivf-flat | ivf-pq
+    kind: str = "auto"            # auto | flat | ivf-flat | ivf-sq8 | ivf-pq
     ivf_from: int = 200_000       # auto: IVF-Flat from this many vectors, exact below
     recall_floor: float = 0.95    # recall@10 an approximate index must reach to be used
     pq_bytes: int | None = None   # IVF-PQ code bytes per vector (default: about d / 8)
@@ -119,7 +120,7 @@ def describe(index) -> str:
     if ivf is None:
         return "IDMap2,Flat"
     ivf = faiss.downcast_index(ivf)
-    codes = f"PQ{ivf.pq.M}" if isinstance(ivf, faiss.IndexIVFPQ) else "Flat"
+    codes = {"ivf-pq": lambda: f"PQ{ivf.pq.M}", "ivf-sq8": lambda: "SQ8"}.get(kind_of(ivf), lambda: "Flat")()
     return f"IVF{ivf.nlist},{codes}"
 
 
@@ -127,7 +128,10 @@ def kind_of(index) -> str:
     ivf = ivf_of(index)
     if ivf is None:
         return "flat"
-    return "ivf-pq" if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ) else "ivf-flat"
+    ivf = faiss.downcast_index(ivf)
+    if isinstance(ivf, faiss.IndexIVFPQ):
+        return "ivf-pq"
+    return "ivf-sq8" if isinstance(ivf, faiss.IndexIVFScalarQuantizer) else "ivf-flat"
 
 
 def index_ids(index) -> np.ndarray:
@@ -224,6 +228,9 @@ def train_ivf(kind: str, train: np.ndarray, nlist: int, pq_bytes: int | None = N
     quantizer = faiss.IndexFlatIP(d)
     if kind == "ivf-pq":
         index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_bytes_for(d, pq_bytes), 8, faiss.METRIC_INNER_PRODUCT)
+    elif kind == "ivf-sq8":  # one byte per dimension, a quarter of IVF-Flat's bytes to scan
+        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                              faiss.METRIC_INNER_PRODUCT)
     else:
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.niter = KMEANS_ITERATIONS
@@ -265,8 +272,20 @@ def _choose_nprobe(index, vector_ids, vectors, queries_at, floor: float, report:
         if r10 >= floor:
             break
         nprobe *= 2
+    if sweep[-1][1] >= floor and len(sweep) > 1:
+        # Doubling overshoots: bisect between the last nprobe below the floor and the first above.
+        low, high = sweep[-2][0], sweep[-1][0]
+        while high - low > 1:
+            mid = (low + high) // 2
+            ivf.nprobe = mid
+            _, got = index.search(queries, 11)
+            r10 = round(recall(_without_own(got, own, 10), truth[:, :10]), 4)
+            sweep.append((mid, r10))
+            low, high = (low, mid) if r10 >= floor else (mid, high)
+        sweep.sort()
     report.sweep = sweep
-    best_probe, best = max(sweep, key=lambda s: s[1])
+    passing = [s for s in sweep if s[1] >= floor]
+    best_probe, best = passing[0] if passing else max(sweep, key=lambda s: s[1])
     if best < floor:
         report.kind, report.factory, report.recall_at_10 = "flat", "IDMap2,Flat", best
         report.reason = (f"exact: {report.wanted} reached recall@10 {best:.3f} at best (nprobe {best_probe} of "

@@ -1,4 +1,6 @@
--- Every index version with its parent and delta: how the live index came to be.
-SELECT encoder_id, version, parent_version, operation, status, n_vectors, n_added, n_removed, sha256, path, created_at
+-- Every index version with its parent and delta: how the live index came to be, of which type,
+-- and the recall its build measured against exact search (NULL: exact).
+SELECT encoder_id, version, parent_version, operation, status, index_type, nprobe, recall_at_10, recall_at_100,
+       recall_measured_at, n_vectors, n_added, n_removed, sha256, path, created_at
 FROM index_versions
 ORDER BY encoder_id, version;
