@@ -1,8 +1,9 @@
-"""Index types: exact flat, IVF-Flat and IVF-PQ, and which one a memory of a given size gets.
+"""Index types: exact flat, IVF-Flat, IVF-SQ8 and IVF-PQ, and which one a memory of a given size gets.
 
 Exact flat (`IDMap2,Flat`) is the default and the reference. From `ivf_from` vectors (policy
-`auto`), or when asked for (`ivf-flat`, `ivf-pq`), a build trains an inverted-file index on a
-sample of the memory's own vectors and keeps it only if it is good enough *on those vectors*:
+`auto`: IVF-Flat), or when asked for (`ivf-flat`, `ivf-sq8`, `ivf-pq`), a build trains an
+inverted-file index on a sample of the memory's own vectors and keeps it only if it is good
+enough *on those vectors*:
 
 * a held-out sample (vectors not used for training) is searched exactly and approximately,
   each query's own id left out, and recall@10 / recall@100 are measured;
@@ -16,7 +17,7 @@ Recall depends entirely on the data: on weakly clustered vectors IVF recall@10 s
 at high nprobe, which is why it is measured and never assumed.
 
 IVF indexes carry a hash-table direct map, so forgetting removes ids without scanning every
-list, and they are read memory-mapped when large (see `IndexStore.load`).
+list, and searching processes read them memory-mapped (`Memory.live_index`).
 """
 from __future__ import annotations
 
@@ -223,7 +224,7 @@ def fill(index: faiss.IndexIVF, vector_ids: np.ndarray, vectors: np.ndarray) -> 
 
 
 def train_ivf(kind: str, train: np.ndarray, nlist: int, pq_bytes: int | None = None) -> faiss.IndexIVF:
-    """An empty IVF-Flat or IVF-PQ index (inner product) trained on these vectors."""
+    """An empty IVF-Flat, IVF-SQ8 or IVF-PQ index (inner product) trained on these vectors."""
     d = train.shape[1]
     quantizer = faiss.IndexFlatIP(d)
     if kind == "ivf-pq":
