@@ -197,7 +197,7 @@ def apply_pending(memory, only: str | None = None) -> dict[str, tuple[list[str],
             for store in _index_stores(memory, con):  # every version written from now on carries the new head
                 live = store.live()
                 if live is not None:
-                    _refresh_manifest(store, live, con)
+                    store.refresh_manifest(live, con)
         memory.ledger.rewrite_file()  # drop the redacted names' old bytes from the DuckDB file
         # Applied only now: a crash before this leaves the request pending, and a retry finishes it.
         with memory.ledger.transaction() as con:
@@ -239,7 +239,8 @@ def _purge_indexes(memory, vector_ids: np.ndarray, request_id: str) -> list[str]
     with memory.ledger.connect() as con:
         for store in _index_stores(memory, con):
             slug = store.root.name
-            version = store.remove(vector_ids)
+            rewritten = {}  # old file -> its rewrite: a file versions share is rewritten once
+            version = store.remove(vector_ids, rewritten)
             if version is not None:
                 new_versions.append(f"{slug}:{version.version}")
                 # The version it replaced, rewritten without them, would equal it byte for byte
@@ -247,7 +248,7 @@ def _purge_indexes(memory, vector_ids: np.ndarray, request_id: str) -> list[str]
                 store.purge(version.parent_version, note=f"superseded by forget version {version.version}")
             for old in store.versions():
                 if old.status == "retained":
-                    store.rewrite_without(old, vector_ids, request_id)
+                    store.rewrite_without(old, vector_ids, request_id, rewritten)
             store.remove_unreferenced_files()
     return new_versions
 
@@ -256,12 +257,12 @@ def _purge_embeddings(memory, con, sample_ids: list[str]) -> int:
     """Rewrite each parquet part that holds a forgotten row; the ledger moves to the new part first."""
     parts = [p for (p,) in con.execute(
         "SELECT DISTINCT path FROM embeddings WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [sample_ids]).fetchall()]
-    forgotten = set(sample_ids)
+    forgotten = pl.Series(sample_ids, dtype=pl.String)
     for rel in parts:
         old = memory.layout.absolute(rel)
         frame = pl.read_parquet(old) if old.exists() else None
         if frame is not None:
-            keep = frame.filter(~pl.col("sample_id").is_in(list(forgotten)))
+            keep = frame.filter(~pl.col("sample_id").is_in(forgotten.implode()))
             new_rel = None
             if len(keep):
                 new = old.with_name(f"part-{uuid.uuid4().hex[:16]}.parquet")
@@ -277,7 +278,7 @@ def _purge_embeddings(memory, con, sample_ids: list[str]) -> int:
     # Cached query embeddings are vectors too.
     for cache in memory.layout.root.glob("embeddings/*/_queries.parquet"):
         frame = pl.read_parquet(cache)
-        keep = frame.filter(~pl.col("sample_id").is_in(list(forgotten)))
+        keep = frame.filter(~pl.col("sample_id").is_in(forgotten.implode()))
         if len(keep) < len(frame):
             with atomic_path(cache) as tmp:
                 keep.write_parquet(tmp)
@@ -285,12 +286,22 @@ def _purge_embeddings(memory, con, sample_ids: list[str]) -> int:
 
 
 def _purge_files(memory, targets: pl.DataFrame) -> int:
-    """Stored images and quarantine copies of the forgotten hashes."""
+    """Stored images and quarantine copies of the forgotten hashes. Each folder is listed once
+    (a glob per sample compiled a pattern each time: seconds for thousands of samples)."""
+    listed: dict[Path, dict[str, list[Path]]] = {}
+
+    def named(folder: Path, sample_id: str) -> list[Path]:
+        if folder not in listed:
+            listed[folder] = {}
+            for path in (folder.iterdir() if folder.is_dir() else ()):
+                listed[folder].setdefault(path.name.split(".")[0], []).append(path)
+        return listed[folder].get(sample_id, [])
+
     removed = 0
     for sample_id, image_path in targets.select("sample_id", "image_path").iter_rows():
-        candidates = [memory.layout.absolute(image_path)] if image_path else list(
-            (memory.layout.images / sample_id[:2]).glob(f"{sample_id}.*"))
-        candidates += list(memory.layout.quarantine.glob(f"{sample_id}.*"))
+        candidates = ([memory.layout.absolute(image_path)] if image_path
+                      else named(memory.layout.images / sample_id[:2], sample_id))
+        candidates += named(memory.layout.quarantine, sample_id)
         for path in set(candidates):
             if path.exists():
                 path.unlink()
@@ -355,14 +366,3 @@ HASHED_FIELDS = ("seq", "request_id", "sample_id", "label", "requested_by", "rea
 def row_hash(prev_hash: str, fields: dict) -> str:
     canonical = json.dumps([fields[k] for k in HASHED_FIELDS], default=str, separators=(",", ":"))
     return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()
-
-
-def _refresh_manifest(store: IndexStore, version, con) -> None:
-    from .index_store import chain_head
-
-    head, n = chain_head(con)
-    path = store.layout.absolute(version.path)
-    store.write_manifest(path, version=version.version, sha256=version.sha256, parent_version=version.parent_version,
-                         operation=version.operation, n_vectors=version.n_vectors, chain_head=head, n_deletions=n)
-    con.execute("UPDATE index_versions SET chain_head = ? WHERE encoder_id = ? AND version = ?",
-                [head, store.encoder_id, version.version])

@@ -1,16 +1,27 @@
-"""Versioned FAISS indexes: immutable files `indexes/<encoder>/v<version>.faiss`, each
-readable with plain `faiss.read_index`, ids = samples.vector_id. Which index type a version
-is (exact flat, IVF-Flat, IVF-PQ) and what its build measured is in index_types.py.
+"""Versioned FAISS indexes. A version is a base file plus zero or more delta files under
+`indexes/<encoder>/`, each immutable, each readable with plain `faiss.read_index`, ids =
+samples.vector_id; the ledger records every file's sha256. Which index type a base is (exact
+flat, IVF-Flat, IVF-SQ8, IVF-PQ) and what its build measured is in index_types.py.
 
-A version is written whole to a temp file, fsynced and renamed, and only then recorded in
-the ledger (which marks it live and its parent retained). A crash at any point leaves the
-previous version live and loadable; the ledger never names a file that was not completed.
+* A build (first add, rebuild, compaction) writes one base file, `v<version>.faiss`.
+* An add of a few vectors writes only them, as an exact delta file `v<version>.delta.faiss`;
+  the new version is the parent's files plus that one. Once the deltas would pass the policy's
+  share of the base (`delta_fraction`, 10%) or number (`max_deltas`), an add folds them and the
+  new vectors into a new base of the base's type instead. Loading a version adds its deltas'
+  vectors to its base, so every reader sees one index.
+* Forgetting rewrites only the files that hold a forgotten vector (each once, whichever
+  versions share it); the rest stay shared. A file is deleted once no version names it.
+
+Files are written whole to a temp file, fsynced and renamed, and only then recorded in the
+ledger (which marks the new version live and its parent retained). A crash at any point leaves
+the previous version live and loadable; the ledger never names a file that was not completed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
@@ -19,10 +30,12 @@ import numpy as np
 from .atomic import atomic_path, write_bytes_atomic
 from .encoders.base import EncoderMismatchError
 from .home import Layout
-from .index_types import BuildReport, IndexPolicy, build, describe, index_ids, kind_of, new_flat_index, remove_ids
+from .index_types import (BuildReport, IndexPolicy, build, describe, flat_index, index_ids, kind_of,
+                          new_flat_index, remove_ids)
 from .ledger import Ledger
 
-__all__ = ["IndexStore", "IndexVersion", "IndexIntegrityError", "index_ids", "index_vectors", "new_flat_index"]
+__all__ = ["IndexStore", "IndexVersion", "IndexFile", "IndexIntegrityError", "index_ids", "index_vectors",
+           "new_flat_index"]
 GENESIS = "0" * 64  # prev_hash of the first deletion
 
 
@@ -31,14 +44,21 @@ class IndexIntegrityError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class IndexFile:
+    path: str        # relative to the memory home
+    sha256: str
+    n_vectors: int
+
+
+@dataclass(frozen=True)
 class IndexVersion:
     encoder_id: str
     version: int
-    path: str
+    path: str                # the base file
     sha256: str
     parent_version: int | None
     operation: str
-    n_vectors: int
+    n_vectors: int           # base and deltas together
     n_added: int
     n_removed: int
     status: str
@@ -48,6 +68,20 @@ class IndexVersion:
     recall_at_100: float | None = None
     recall_measured_at: int | None = None   # the version whose build measured that recall
     build_reason: str | None = None
+    deltas: tuple[IndexFile, ...] = ()
+
+    @classmethod
+    def from_row(cls, row: dict) -> "IndexVersion":
+        deltas = tuple(IndexFile(**d) for d in json.loads(row.pop("deltas") or "[]"))
+        return cls(**row, deltas=deltas)
+
+    @property
+    def base(self) -> IndexFile:
+        return IndexFile(self.path, self.sha256, self.n_vectors - sum(d.n_vectors for d in self.deltas))
+
+    @property
+    def files(self) -> tuple[IndexFile, ...]:
+        return (self.base, *self.deltas)
 
 
 def manifest_path(index_path: Path) -> Path:
@@ -77,8 +111,19 @@ def index_vectors(index: faiss.Index) -> np.ndarray:
     return faiss.rev_swig_ptr(flat.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d).copy()
 
 
+def nprobe_of(index) -> int | None:
+    return faiss.extract_index_ivf(index).nprobe if kind_of(index) != "flat" else None
+
+
+def rewritten_name(path: str, request_id: str) -> str:
+    """The name a file gets when a forget request rewrites it: the same for the same file and
+    request, so a retry after a crash finds what the first attempt wrote."""
+    stem = re.sub(r"\.r[0-9a-f]{12}$", "", Path(path).name.removesuffix(".faiss"))
+    return f"{stem}.r{request_id[:12]}.faiss"
+
+
 _COLUMNS = ("encoder_id, version, path, sha256, parent_version, operation, n_vectors, n_added, n_removed, status,"
-            " index_type, nprobe, recall_at_10, recall_at_100, recall_measured_at, build_reason")
+            " index_type, nprobe, recall_at_10, recall_at_100, recall_measured_at, build_reason, deltas")
 
 
 class IndexStore:
@@ -94,124 +139,206 @@ class IndexStore:
         rows = self.ledger.query(
             f"SELECT {_COLUMNS} FROM index_versions WHERE encoder_id = ? AND status = 'live'", [self.encoder_id]
         )
-        return IndexVersion(**rows.row(0, named=True)) if len(rows) else None
+        return IndexVersion.from_row(rows.row(0, named=True)) if len(rows) else None
 
     def versions(self) -> list[IndexVersion]:
         rows = self.ledger.query(
             f"SELECT {_COLUMNS} FROM index_versions WHERE encoder_id = ? ORDER BY version", [self.encoder_id]
         )
-        return [IndexVersion(**r) for r in rows.iter_rows(named=True)]
+        return [IndexVersion.from_row(r) for r in rows.iter_rows(named=True)]
+
+    # ---- reading -----------------------------------------------------------------------------
 
     def load(self, version: IndexVersion | None = None, mmap: bool = False) -> tuple[IndexVersion, faiss.Index]:
-        """Read a version (the live one by default), refusing bytes that don't match the ledger.
-        `mmap`: map the vectors or inverted lists instead of reading them into memory (for
-        searching: the pages are the file's, shared and reclaimable); such an index must not
-        be changed (FAISS would write into a read-only mapping), so writers load without it."""
+        """Read a version (the live one by default) as one index, refusing bytes that don't match
+        the ledger: its base, with its deltas' vectors added. `mmap`: map the base's vectors or
+        inverted lists instead of reading them into memory (for searching: the pages are the
+        file's, shared and reclaimable); such an index must not be changed (FAISS would write
+        into a read-only mapping), so writers load without it, and so does a version with
+        deltas (until the next fold or compaction)."""
         version = version or self.live()
         if version is None:
             raise FileNotFoundError(f"no index yet for encoder {self.encoder_id}: add an image set first (vismem add)")
-        path = self.layout.absolute(version.path)
+        index = self._read(version.base, version, mmap=mmap and not version.deltas)
+        for delta_file in version.deltas:
+            delta = self._read(delta_file, version)
+            if delta.ntotal:
+                index.add_with_ids(index_vectors(delta), index_ids(delta))
+        return version, index
+
+    def ids(self, version: IndexVersion | None = None) -> np.ndarray:
+        """The vector ids a version holds, without reading its vectors: each file memory-mapped,
+        only the pages of its ids touched. Integrity is `load`'s check, made before anything is
+        searched or rewritten; this only decides what is already in."""
+        version = version or self.live()
+        if version is None:
+            return np.empty(0, np.int64)
+        return np.concatenate([self.file_ids(f) for f in version.files])
+
+    def file_ids(self, file: IndexFile) -> np.ndarray:
+        path = self.layout.absolute(file.path)
+        if not path.exists():
+            raise IndexIntegrityError(f"index file {path} is missing; run `vismem rebuild` to write a fresh version")
+        return index_ids(faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY))
+
+    def _read(self, file: IndexFile, version: IndexVersion, mmap: bool = False) -> faiss.Index:
+        path = self.layout.absolute(file.path)
         if not path.exists():
             raise IndexIntegrityError(
                 f"index version {version.version} is missing its file {path}; run `vismem rebuild` to write a fresh version"
             )
         actual = sha256_file(path)
-        if actual != version.sha256:
+        if actual != file.sha256:
             raise IndexIntegrityError(
-                f"index file {path} has sha256 {actual[:12]}… but the ledger recorded {version.sha256[:12]}… "
+                f"index file {path} has sha256 {actual[:12]}… but the ledger recorded {file.sha256[:12]}… "
                 f"for version {version.version}: it was changed or damaged. Run `vismem rebuild` to write a "
                 "fresh version from the ledger and embeddings"
             )
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0)
         if index.d != self.dim:
             raise EncoderMismatchError(f"index {path} has dimension {index.d}, encoder {self.encoder_id} has {self.dim}")
-        return version, index
+        return index
 
-    def add(self, vector_ids: np.ndarray, vectors: np.ndarray,
-            base: tuple[IndexVersion, faiss.Index] | None = None) -> IndexVersion:
-        """A new version = the live one (or `base`, already loaded) plus these vectors: O(new) FAISS
-        work, in the parent's index type (an IVF index assigns them to its trained lists). The
-        first version of a memory is built by the policy, like a rebuild."""
+    # ---- writing versions --------------------------------------------------------------------
+
+    def add(self, vector_ids: np.ndarray, vectors: np.ndarray) -> IndexVersion:
+        """A new version = the live one plus these vectors: O(new) work. Few of them (see the
+        module docstring) go into a delta file of their own; otherwise the parent's files and
+        these are folded into a new base of the parent's type (an IVF index assigns them to
+        its trained lists). The first version of a memory is built by the policy, like a rebuild."""
         self._check(vectors)
         vector_ids = np.asarray(vector_ids, np.int64)
-        with self.ledger.connect():  # hold the ledger lock from reading the parent to recording the child
-            parent, index = base or (self.load() if self.live() else (None, None))
+        with self.ledger.connect() as con:  # hold the ledger lock from reading the parent to recording the child
+            parent = self.live()
+            version = self._next_version(con)
             if parent is None:
                 index, self.last_build = build(vector_ids, vectors, self.policy)
-                return self._commit(index, None, "add", added=vector_ids, report=self.last_build)
+                base = self._write(index, f"v{version:06d}.faiss")
+                return self._record(con, version, None, "add", base, (), index, [base], added=vector_ids,
+                                    report=self.last_build)
             self.last_build = None  # an add builds nothing: no build report of its own
-            present = np.isin(vector_ids, index_ids(index))
+            present = np.isin(vector_ids, self.ids(parent))
             if present.any():
                 raise ValueError(f"{int(present.sum())} vector ids are already in index version {parent.version}")
+            in_deltas = sum(d.n_vectors for d in parent.deltas) + len(vector_ids)
+            if (len(parent.deltas) < self.policy.max_deltas
+                    and in_deltas <= self.policy.delta_fraction * parent.base.n_vectors):
+                delta = self._write(flat_index(vector_ids, vectors), f"v{version:06d}.delta.faiss")
+                return self._record(con, version, parent, "add", parent.base, (*parent.deltas, delta), None, [delta],
+                                    added=vector_ids)
+            _, index = self.load(parent)  # fold: base, deltas and the new vectors into one new base
             index.add_with_ids(np.ascontiguousarray(vectors, np.float32), vector_ids)
-            return self._commit(index, parent, "add", added=vector_ids)
+            base = self._write(index, f"v{version:06d}.faiss")
+            return self._record(con, version, parent, "add", base, (), index, [base], added=vector_ids)
 
     def rebuild(self, vector_ids: np.ndarray, vectors: np.ndarray, operation: str = "rebuild") -> IndexVersion:
         """A new version built from scratch from the given vectors (the ledger + embeddings), of the
         index type the policy chooses for its size (trained and recall-checked if approximate)."""
         self._check(vectors)
         index, self.last_build = build(np.asarray(vector_ids, np.int64), vectors, self.policy)
-        with self.ledger.connect():
-            return self._commit(index, self.live(), operation, report=self.last_build)
+        with self.ledger.connect() as con:
+            version = self._next_version(con)
+            base = self._write(index, f"v{version:06d}.faiss")
+            return self._record(con, version, self.live(), operation, base, (), index, [base], report=self.last_build)
 
-    def remove(self, vector_ids: np.ndarray) -> IndexVersion | None:
-        """A new live version without these vectors (really removed, not filtered at search time)."""
-        with self.ledger.connect():
+    def remove(self, vector_ids: np.ndarray, rewritten: dict | None = None) -> IndexVersion | None:
+        """A new live version without these vectors (really removed, not filtered at search time).
+        Only the files holding some are rewritten; `rewritten` collects old path -> new file, so
+        retained versions sharing those files reuse the rewrite (`rewrite_without`)."""
+        vector_ids = np.asarray(vector_ids, np.int64)
+        with self.ledger.connect() as con:
             parent = self.live()
             if parent is None:
                 return None
-            _, index = self.load(parent)
-            present = np.intersect1d(index_ids(index), vector_ids)
-            if not len(present):
+            held = [np.intersect1d(self.file_ids(f), vector_ids) for f in parent.files]
+            if not any(len(h) for h in held):
                 return None
-            remove_ids(index, present)
-            return self._commit(index, parent, "forget", removed=present)
+            version = self._next_version(con)
+            files, written, base_index = [], [], None
+            for j, (file, gone) in enumerate(zip(parent.files, held)):
+                if not len(gone):
+                    files.append(file)
+                    continue
+                index = self._read(file, parent)
+                remove_ids(index, gone)
+                new = self._write(index, f"v{version:06d}.faiss" if j == 0 else f"v{version:06d}.delta{j}.faiss")
+                base_index = index if j == 0 else base_index
+                files.append(new)
+                written.append(new)
+                if rewritten is not None:
+                    rewritten[file.path] = new
+            return self._record(con, version, parent, "forget", files[0], tuple(files[1:]), base_index, written,
+                                removed=np.concatenate(held))
 
-    def rewrite_without(self, version: IndexVersion, vector_ids: np.ndarray, request_id: str) -> bool:
-        """Rewrite a retained version without these vectors under a new file name; the ledger
-        switches to it (old and new sha256 recorded) before the old file is deleted."""
+    def rewrite_without(self, version: IndexVersion, vector_ids: np.ndarray, request_id: str,
+                        rewritten: dict | None = None) -> bool:
+        """Rewrite the files of a retained version that hold these vectors, each under a new name
+        (or reuse the rewrite another version sharing the file already made: `rewritten`, or the
+        ledger after a crash); the ledger switches to them (old and new sha256 recorded) before
+        an old file no version names any more is deleted."""
+        rewritten = {} if rewritten is None else rewritten
         with self.ledger.connect() as con:
-            _, index = self.load(version)
-            present = np.intersect1d(index_ids(index), vector_ids)
-            if not len(present):
+            files, changes = [], []
+            for file in version.files:
+                gone = np.intersect1d(self.file_ids(file), vector_ids)
+                if not len(gone):
+                    files.append(file)
+                    continue
+                new = rewritten.get(file.path) or self._named(rewritten_name(file.path, request_id))
+                if new is None:
+                    index = self._read(file, version)
+                    remove_ids(index, gone)
+                    new = self._write(index, rewritten_name(file.path, request_id))
+                    self._manifest(con, new, version, role="base" if file == version.base else "delta",
+                                   index_type=version.index_type, rewritten_for=request_id)
+                rewritten[file.path] = new
+                files.append(new)
+                changes.append((file, new, len(gone)))
+            if not changes:
                 return False
-            remove_ids(index, present)
-            final = self.root / f"v{version.version:06d}.r{request_id[:12]}.faiss"
-            with atomic_path(final) as tmp:
-                faiss.write_index(index, str(tmp))
-            digest = sha256_file(final)
-            head, n_deletions = chain_head(con)
-            self.write_manifest(final, version=version.version, sha256=digest, parent_version=version.parent_version,
-                                operation=version.operation, n_vectors=index.ntotal, chain_head=head,
-                                n_deletions=n_deletions, index_type=describe(index), rewritten_for=request_id)
+            head, _ = chain_head(con)
             with self.ledger.transaction():
-                con.execute("INSERT INTO index_rewrites VALUES (?, ?, ?, ?, ?, ?, now())",
-                            [self.encoder_id, version.version, request_id, version.sha256, digest, len(present)])
-                con.execute("UPDATE index_versions SET path = ?, sha256 = ?, n_vectors = ?, chain_head = ?"
+                for old, new, n in changes:
+                    con.execute("INSERT INTO index_rewrites (encoder_id, version, request_id, old_sha256, new_sha256,"
+                                " n_removed, rewritten_at, old_path, new_path) VALUES (?, ?, ?, ?, ?, ?, now(), ?, ?)",
+                                [self.encoder_id, version.version, request_id, old.sha256, new.sha256, n, old.path,
+                                 new.path])
+                con.execute("UPDATE index_versions SET path = ?, sha256 = ?, n_vectors = ?, deltas = ?, chain_head = ?"
                             " WHERE encoder_id = ? AND version = ?",
-                            [self.layout.relative(final), digest, index.ntotal, head, self.encoder_id, version.version])
-            old = self.layout.absolute(version.path)
-            old.unlink(missing_ok=True)
-            manifest_path(old).unlink(missing_ok=True)
+                            [files[0].path, files[0].sha256, sum(f.n_vectors for f in files), _json(files[1:]), head,
+                             self.encoder_id, version.version])
+            self._delete_unnamed([old.path for old, _, _ in changes])
             return True
+
+    # ---- files no version names --------------------------------------------------------------
+
+    def named_files(self) -> dict[str, IndexFile]:
+        """Every file a version that is not purged names (live and retained), by path."""
+        return {f.path: f for v in self.versions() if v.status != "purged" for f in v.files}
+
+    def _named(self, path: Path | str) -> IndexFile | None:
+        return self.named_files().get(self.layout.relative(self.root / Path(path).name))
 
     def remove_unreferenced_files(self) -> list[Path]:
         """Index files the ledger does not name (left by a crash between write and record)."""
         with self.ledger.connect():
-            named = {self.layout.absolute(v.path) for v in self.versions() if v.status != "purged"}
+            named = {self.layout.absolute(p) for p in self.named_files()}
             stray = [p for p in self.root.glob("v*.faiss") if p not in named] if self.root.exists() else []
             for p in stray:
                 p.unlink(missing_ok=True)
                 manifest_path(p).unlink(missing_ok=True)
             return stray
 
-    def write_manifest(self, index_path: Path, **fields) -> None:
-        """A JSON sidecar a person (or an auditor) can read without the ledger."""
-        body = {"encoder_id": self.encoder_id, "index_file": index_path.name, **fields}
-        write_bytes_atomic(manifest_path(index_path), json.dumps(body, indent=2, default=str).encode())
+    def _delete_unnamed(self, paths: list[str]) -> None:
+        named = self.named_files()
+        for rel in paths:
+            if rel not in named:
+                self.layout.absolute(rel).unlink(missing_ok=True)
+                manifest_path(self.layout.absolute(rel)).unlink(missing_ok=True)
 
     def retain(self, keep: int) -> list[IndexVersion]:
-        """Keep the live version and the `keep - 1` newest before it; purge (delete) older files."""
+        """Keep the live version and the `keep - 1` newest before it; purge the older ones (and
+        delete each of their files no kept version shares)."""
         retained = [v for v in self.versions() if v.status == "retained"]  # oldest first
         old = retained[: max(len(retained) - (keep - 1), 0)]
         self._purge(old, note=f"retention: newest {keep} kept")
@@ -225,9 +352,32 @@ class IndexStore:
             for v in versions:
                 con.execute("UPDATE index_versions SET status = 'purged', note = ? WHERE encoder_id = ? AND version = ?",
                             [note, self.encoder_id, v.version])
-        for v in versions:  # files go after the ledger says so: a crash here leaves only an orphan file
-            self.layout.absolute(v.path).unlink(missing_ok=True)
-            manifest_path(self.layout.absolute(v.path)).unlink(missing_ok=True)
+        # Files go after the ledger says so: a crash here leaves only an orphan file.
+        self._delete_unnamed([f.path for v in versions for f in v.files])
+
+    # ---- manifests ---------------------------------------------------------------------------
+
+    def write_manifest(self, index_path: Path, **fields) -> None:
+        """A JSON sidecar a person (or an auditor) can read without the ledger."""
+        body = {"encoder_id": self.encoder_id, "index_file": index_path.name, **fields}
+        write_bytes_atomic(manifest_path(index_path), json.dumps(body, indent=2, default=str).encode())
+
+    def refresh_manifest(self, version: IndexVersion, con) -> None:
+        """Bring the newest file's manifest of a version (and its ledger row) to the chain head."""
+        newest = version.files[-1]
+        self._manifest(con, newest, version, role="base" if not version.deltas else "delta",
+                       index_type=version.index_type)
+        con.execute("UPDATE index_versions SET chain_head = ? WHERE encoder_id = ? AND version = ?",
+                    [chain_head(con)[0], self.encoder_id, version.version])
+
+    def _manifest(self, con, file: IndexFile, version: IndexVersion, **fields) -> None:
+        head, n_deletions = chain_head(con)
+        self.write_manifest(self.layout.absolute(file.path), version=version.version, sha256=file.sha256,
+                            n_vectors=file.n_vectors, parent_version=version.parent_version,
+                            operation=version.operation, chain_head=head, n_deletions=n_deletions,
+                            version_files=[asdict(f) for f in version.files], **fields)
+
+    # ---- internals ---------------------------------------------------------------------------
 
     def _check(self, vectors: np.ndarray) -> None:
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
@@ -235,61 +385,68 @@ class IndexStore:
                 f"vectors of shape {vectors.shape} cannot go into an index of encoder {self.encoder_id} (dimension {self.dim})"
             )
 
-    def _commit(self, index: faiss.Index, parent: IndexVersion | None, operation: str,
+    def _next_version(self, con) -> int:
+        # Called with the ledger lock held, so no other write is under way: temp files here are
+        # what a killed writer left behind.
+        for stale in self.root.glob(".v*.faiss.*.tmp"):
+            stale.unlink(missing_ok=True)
+        last = con.execute("SELECT coalesce(max(version), 0) FROM index_versions WHERE encoder_id = ?",
+                           [self.encoder_id]).fetchone()[0]
+        return last + 1
+
+    def _write(self, index: faiss.Index, name: str) -> IndexFile:
+        final = self.root / name
+        with atomic_path(final) as tmp:
+            faiss.write_index(index, str(tmp))
+        return IndexFile(self.layout.relative(final), sha256_file(final), int(index.ntotal))
+
+    def _record(self, con, version: int, parent: IndexVersion | None, operation: str, base: IndexFile,
+                deltas: tuple[IndexFile, ...], base_index: faiss.Index | None, written: list[IndexFile],
                 added: np.ndarray | None = None, removed: np.ndarray | None = None,
                 report: BuildReport | None = None) -> IndexVersion:
-        """Write and record a version. A build's `report` gives its measured recall; a version
-        derived from its parent (add, forget) keeps the parent's, with the version that measured it."""
-        with self.ledger.connect() as con:
-            last = con.execute(
-                "SELECT coalesce(max(version), 0) FROM index_versions WHERE encoder_id = ?", [self.encoder_id]
-            ).fetchone()[0]
-            version = last + 1
-            final = self.root / f"v{version:06d}.faiss"
-            # We hold the ledger lock, so no other write is under way: temp files here are
-            # what a killed writer left behind.
-            for stale in self.root.glob(".v*.faiss.*.tmp"):
-                stale.unlink(missing_ok=True)
-            with atomic_path(final) as tmp:
-                faiss.write_index(index, str(tmp))
-            digest = sha256_file(final)
-            n_added = len(added) if added is not None else 0
-            n_removed = len(removed) if removed is not None else 0
-            kind = describe(index)
-            nprobe = faiss.extract_index_ivf(index).nprobe if kind_of(index) != "flat" else None
-            if report is not None:
-                recall = (report.recall_at_10 if report.kind != "flat" else None,
-                          report.recall_at_100 if report.kind != "flat" else None,
-                          version if report.kind != "flat" else None, report.reason)
-            elif parent is not None and parent.index_type == kind:
-                recall = (parent.recall_at_10, parent.recall_at_100, parent.recall_measured_at, parent.build_reason)
-            else:
-                recall = (None, None, None, None)
-            head, n_deletions = chain_head(con)
-            self.write_manifest(final, version=version, sha256=digest, parent_version=parent.version if parent else None,
-                                operation=operation, n_vectors=index.ntotal, chain_head=head, n_deletions=n_deletions,
-                                index_type=kind, nprobe=nprobe, recall_at_10=recall[0], recall_at_100=recall[1],
-                                recall_measured_at=recall[2], build=report.to_dict() if report else None)
-            with self.ledger.transaction():
-                con.execute(
-                    "UPDATE index_versions SET status = 'retained' WHERE encoder_id = ? AND status = 'live'",
-                    [self.encoder_id],
-                )
-                con.execute(
-                    "INSERT INTO index_versions (encoder_id, version, path, sha256, parent_version, operation,"
-                    " n_vectors, created_at, status, index_type, n_added, n_removed, chain_head, nprobe,"
-                    " recall_at_10, recall_at_100, recall_measured_at, build_reason, build_report)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, now(), 'live', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [self.encoder_id, version, self.layout.relative(final), digest,
-                     parent.version if parent else None, operation, index.ntotal, kind, n_added, n_removed, head,
-                     nprobe, *recall, json.dumps(report.to_dict()) if report else None],
-                )
-                for change, ids in (("add", added), ("remove", removed)):
-                    if ids is not None and len(ids):
-                        con.execute(
-                            "INSERT INTO index_deltas SELECT ?, ?, ?, unnest(?::BIGINT[])",
-                            [self.encoder_id, version, change, ids.tolist()],
-                        )
-        return IndexVersion(self.encoder_id, version, self.layout.relative(final), digest,
-                            parent.version if parent else None, operation, index.ntotal, n_added, n_removed, "live",
-                            kind, nprobe, *recall)
+        """Record a version whose files are written (`written`: those it wrote itself; the others it
+        shares with its parent), mark it live, and its parent retained. `base_index`: the base
+        as written, if this version wrote one (else the parent's type and nprobe stand). A build's
+        `report` gives its measured recall; a version derived from its parent (add, forget) keeps
+        the parent's, with the version that measured it."""
+        kind = describe(base_index) if base_index is not None else parent.index_type
+        nprobe = nprobe_of(base_index) if base_index is not None else parent.nprobe
+        if report is not None:
+            approximate = report.kind != "flat"
+            recall = (report.recall_at_10 if approximate else None, report.recall_at_100 if approximate else None,
+                      version if approximate else None, report.reason)
+        elif parent is not None and parent.index_type == kind:
+            recall = (parent.recall_at_10, parent.recall_at_100, parent.recall_measured_at, parent.build_reason)
+        else:
+            recall = (None, None, None, None)
+        n_added = len(added) if added is not None else 0
+        n_removed = len(removed) if removed is not None else 0
+        new = IndexVersion(self.encoder_id, version, base.path, base.sha256, parent.version if parent else None,
+                           operation, base.n_vectors + sum(d.n_vectors for d in deltas), n_added, n_removed, "live",
+                           kind, nprobe, *recall, deltas=tuple(deltas))
+        head, _ = chain_head(con)
+        for file in written:
+            self._manifest(con, file, new, role="base" if file == base else "delta", index_type=kind, nprobe=nprobe,
+                           recall_at_10=recall[0], recall_at_100=recall[1], recall_measured_at=recall[2],
+                           build=report.to_dict() if report and file == base else None)
+        with self.ledger.transaction():
+            con.execute("UPDATE index_versions SET status = 'retained' WHERE encoder_id = ? AND status = 'live'",
+                        [self.encoder_id])
+            con.execute(
+                "INSERT INTO index_versions (encoder_id, version, path, sha256, parent_version, operation,"
+                " n_vectors, created_at, status, index_type, n_added, n_removed, chain_head, nprobe,"
+                " recall_at_10, recall_at_100, recall_measured_at, build_reason, build_report, deltas)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, now(), 'live', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [self.encoder_id, version, base.path, base.sha256, new.parent_version, operation, new.n_vectors,
+                 kind, n_added, n_removed, head, nprobe, *recall,
+                 json.dumps(report.to_dict()) if report else None, _json(deltas)],
+            )
+            for change, ids in (("add", added), ("remove", removed)):
+                if ids is not None and len(ids):
+                    con.execute("INSERT INTO index_deltas SELECT ?, ?, ?, unnest(?::BIGINT[])",
+                                [self.encoder_id, version, change, ids.tolist()])
+        return new
+
+
+def _json(files) -> str:
+    return json.dumps([asdict(f) for f in files])

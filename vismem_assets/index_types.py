@@ -46,17 +46,23 @@ class IndexTypeError(ValueError):
 @dataclass(frozen=True)
 class IndexPolicy:
     """Which index a build writes. Environment: VISMEM_INDEX_TYPE, VISMEM_IVF_FROM,
-    VISMEM_RECALL_FLOOR, VISMEM_PQ_BYTES."""
+    VISMEM_RECALL_FLOOR, VISMEM_PQ_BYTES, VISMEM_DELTA_FRACTION, VISMEM_MAX_DELTAS."""
     kind: str = "auto"            # auto | flat | ivf-flat | ivf-sq8 | ivf-pq
     ivf_from: int = 200_000       # auto: IVF-Flat from this many vectors, exact below
     recall_floor: float = 0.95    # recall@10 an approximate index must reach to be used
     pq_bytes: int | None = None   # IVF-PQ code bytes per vector (default: about d / 8)
+    delta_fraction: float = 0.10  # an add writes a delta file while deltas stay within this share of the base
+    max_deltas: int = 16          # ... and this many files; past either it folds them into a new base
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise IndexTypeError(f"unknown index type {self.kind!r}; use one of {', '.join(KINDS)}")
         if not 0.0 < self.recall_floor <= 1.0:
             raise IndexTypeError(f"recall floor must be in (0, 1], not {self.recall_floor}")
+        if not 0.0 <= self.delta_fraction <= 1.0:
+            raise IndexTypeError(f"delta fraction must be in [0, 1] (0: every add writes a new base), not {self.delta_fraction}")
+        if self.max_deltas < 0:
+            raise IndexTypeError(f"max_deltas must be 0 or more, not {self.max_deltas}")
         if self.ivf_from < 1:
             raise IndexTypeError(f"ivf_from must be a positive number of vectors, not {self.ivf_from}")
 
@@ -71,7 +77,9 @@ class IndexPolicy:
 
         values = {"kind": read("VISMEM_INDEX_TYPE", str, cls.kind), "ivf_from": read("VISMEM_IVF_FROM", int, cls.ivf_from),
                   "recall_floor": read("VISMEM_RECALL_FLOOR", float, cls.recall_floor),
-                  "pq_bytes": read("VISMEM_PQ_BYTES", int, None)}
+                  "pq_bytes": read("VISMEM_PQ_BYTES", int, None),
+                  "delta_fraction": read("VISMEM_DELTA_FRACTION", float, cls.delta_fraction),
+                  "max_deltas": read("VISMEM_MAX_DELTAS", int, cls.max_deltas)}
         return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
     def wanted(self, n: int) -> str:
@@ -188,11 +196,11 @@ def build(vector_ids: np.ndarray, vectors: np.ndarray, policy: IndexPolicy,
     if wanted == "flat":
         why = (f"exact: {n:,} vectors, below the IVF threshold of {policy.ivf_from:,}" if policy.kind == "auto"
                else "exact: asked for (index type flat)")
-        return _flat(vector_ids, vectors), BuildReport("flat", "IDMap2,Flat", why, wanted)
+        return flat_index(vector_ids, vectors), BuildReport("flat", "IDMap2,Flat", why, wanted)
     nlist = nlist_for(n)
     held_out = min(HELD_OUT, n // 10)
     if nlist < 4 or held_out < 20:
-        return _flat(vector_ids, vectors), BuildReport(
+        return flat_index(vector_ids, vectors), BuildReport(
             "flat", "IDMap2,Flat", f"exact: {n:,} vectors are too few to train and check {wanted}", wanted)
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
@@ -205,11 +213,11 @@ def build(vector_ids: np.ndarray, vectors: np.ndarray, policy: IndexPolicy,
                          n_train=len(train_at), train_seconds=round(train_seconds, 3))
     _choose_nprobe(index, vector_ids, vectors, queries_at, policy.recall_floor, report)
     if report.nprobe is None:
-        return _flat(vector_ids, vectors), report
+        return flat_index(vector_ids, vectors), report
     return index, report
 
 
-def _flat(vector_ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
+def flat_index(vector_ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
     index = new_flat_index(vectors.shape[1])
     if len(vector_ids):
         index.add_with_ids(np.ascontiguousarray(vectors, np.float32), vector_ids)

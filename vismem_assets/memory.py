@@ -316,15 +316,13 @@ class Memory:
     def index_pending(self) -> IndexVersion | None:
         """Fold embedded-but-unindexed active samples into a new version; None if nothing to do."""
         with self.ledger.connect() as con:
-            live = self.indexes.live()
-            base = self.indexes.load(live) if live else None
-            present = index_ids(base[1]) if base else np.empty(0, np.int64)
+            present = self.indexes.ids()  # the ids only: an add must not cost a read of the whole index
             embedded = self._embedded_active(con)
             todo = embedded.filter(~np.isin(embedded["vector_id"].to_numpy(), present))
             if todo.is_empty():
                 return None
             ids, vectors = self.embeddings.read(todo["path"].unique().to_list(), todo["vector_id"].to_numpy())
-            return self.indexes.add(ids, vectors, base=base)
+            return self.indexes.add(ids, vectors)
 
     def rebuild(self, operation: str = "rebuild") -> IndexVersion:
         """A fresh version from the ledger and the embedding files alone."""
