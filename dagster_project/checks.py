@@ -1,11 +1,13 @@
 """Checks that stop a wrong index from being built upon: blocking, so evaluation and
 everything downstream wait until they pass."""
 
+import polars as pl
 from dagster import AssetCheckResult, MetadataValue, asset_check
 
 from vismem_assets.index_store import sha256_file
 
 from .assets import memory_index
+from .metadata import table
 from .resources import VisualMemory
 
 
@@ -17,17 +19,23 @@ def live_index_matches_ledger(visual_memory: VisualMemory) -> AssetCheckResult:
 
 
 @asset_check(asset=memory_index, blocking=True,
-             description="The live index file's bytes match the sha256 recorded in the ledger.")
+             description="The live index's files (base and deltas) match the sha256 recorded in the ledger.")
 def index_file_matches_sha256(visual_memory: VisualMemory) -> AssetCheckResult:
     memory = visual_memory.memory()
     live = memory.indexes.live()
-    path = memory.layout.absolute(live.path)
-    actual = sha256_file(path) if path.exists() else None
+    rows = []
+    for file in live.files:
+        path = memory.layout.absolute(file.path)
+        actual = sha256_file(path) if path.exists() else None
+        rows.append({"file": file.path, "n_vectors": file.n_vectors, "recorded_sha256": file.sha256,
+                     "actual_sha256": actual or "file missing", "ok": actual == file.sha256})
+    passed = all(r["ok"] for r in rows)
     return AssetCheckResult(
-        passed=actual == live.sha256,
-        metadata={"version": live.version, "path": str(path), "recorded_sha256": live.sha256,
-                  "actual_sha256": actual or "file missing",
-                  "next_step": "ok" if actual == live.sha256 else "run `vismem rebuild` (or the compaction job)"})
+        passed=passed,
+        metadata={"version": live.version, "path": str(memory.layout.absolute(live.path)),
+                  "recorded_sha256": live.sha256, "actual_sha256": rows[0]["actual_sha256"],
+                  "files": table(pl.DataFrame(rows)), "files_checked": len(rows),
+                  "next_step": "ok" if passed else "run `vismem rebuild` (or the compaction job)"})
 
 
 @asset_check(asset=memory_index, blocking=True,

@@ -210,7 +210,8 @@ def cmd_status(args) -> int:
     if status["live_indexes"]:
         print("\nlive index versions:")
         live = pl.DataFrame(status["live_indexes"])
-        _table(live.select("version", "n_vectors", "index_type", "nprobe", "recall_at_10", "path", "created_at"))
+        _table(live.select("version", "n_vectors", "index_type", "nprobe", "recall_at_10", "path", "delta_files",
+                           "created_at"))
         for row in live.iter_rows(named=True):
             if row["build_reason"]:
                 measured = f" (measured at the build of version {row['recall_measured_at']})" if row["recall_at_10"] else ""
@@ -218,6 +219,8 @@ def cmd_status(args) -> int:
     p = status["index_policy"]
     print(f"\nindex policy: {p['kind']} (IVF-Flat from {p['ivf_from']:,} vectors when its recall@10 on held-out "
           f"memory vectors reaches {p['recall_floor']}; set with VISMEM_INDEX_TYPE, VISMEM_IVF_FROM, VISMEM_RECALL_FLOOR)")
+    print(f"adds write delta files while they hold up to {p['delta_fraction']:.0%} of the base's vectors and number "
+          f"{p['max_deltas']} or fewer, then fold into a new base (VISMEM_DELTA_FRACTION, VISMEM_MAX_DELTAS)")
     if status["labels"]:
         print("\nactive samples per label:")
         _table(pl.DataFrame({"label": list(status["labels"]), "samples": list(status["labels"].values())}))

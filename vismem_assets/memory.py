@@ -619,7 +619,8 @@ class Memory:
         """What a person asks first: which encoder, how many of what, which index, how much disk."""
         q = self.ledger.query
         live = q("SELECT encoder_id, version, n_vectors, index_type, nprobe, recall_at_10, recall_at_100,"
-                 " recall_measured_at, build_reason, sha256, path, created_at FROM index_versions"
+                 " recall_measured_at, build_reason, sha256, path, json_array_length(deltas) AS delta_files, created_at"
+                 " FROM index_versions"
                  " WHERE status = 'live' ORDER BY encoder_id")
         return {
             "home": str(self.layout.root),

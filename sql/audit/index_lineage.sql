@@ -1,6 +1,8 @@
 -- Every index version with its parent and delta: how the live index came to be, of which type,
--- and the recall its build measured against exact search (NULL: exact).
+-- and the recall its build measured against exact search (NULL: exact). `path` is its base
+-- file; `deltas` the delta files (JSON: path, sha256, n_vectors) an add appended to it.
 SELECT encoder_id, version, parent_version, operation, status, index_type, nprobe, recall_at_10, recall_at_100,
-       recall_measured_at, n_vectors, n_added, n_removed, sha256, path, created_at
+       recall_measured_at, n_vectors, n_added, n_removed, sha256, path,
+       json_array_length(deltas) AS delta_files, deltas, created_at
 FROM index_versions
 ORDER BY encoder_id, version;

@@ -1,0 +1,222 @@
+"""Delta files: a small add writes only its vectors (the base file is not read or rewritten),
+loading a version sees base and deltas as one index, adds fold into a new base past the
+policy's limits, and forgetting rewrites only the files that hold a forgotten vector, once
+for every version sharing them, deleting a file only when no version names it. Real FAISS
+files, a real ledger, the real forgetting path and audit."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import faiss
+import numpy as np
+import pytest
+
+from benchmarks.synthetic import QueryVectors, build_memory, clustered_vectors, insert_vectors
+from vismem_assets import audit
+from vismem_assets.forgetting import ForgetRequest
+from vismem_assets.index_store import IndexIntegrityError, index_ids
+from vismem_assets.index_types import IndexPolicy, IndexTypeError
+
+D = 32
+N = 2000
+
+
+@pytest.fixture
+def memory(tmp_path):
+    return build_memory(tmp_path / "home", N, QueryVectors(D), index_policy=IndexPolicy(kind="flat"))
+
+
+def add_set(memory, n: int, name: str, seed: int):
+    vectors, labels = clustered_vectors(n, D, seed=seed)
+    insert_vectors(memory, vectors, labels, name)
+    return memory.index_pending()
+
+
+def file_ids(memory, rel: str) -> set[int]:
+    return set(index_ids(faiss.read_index(str(memory.layout.absolute(rel)))).tolist())
+
+
+def files_on_disk(memory) -> set[str]:
+    return {memory.layout.relative(p) for p in memory.layout.indexes(memory.encoder.slug).glob("*.faiss")}
+
+
+def samples_of(memory, vector_ids) -> list[str]:
+    return memory.ledger.query("SELECT sample_id FROM samples WHERE vector_id IN (SELECT unnest(?::BIGINT[]))",
+                               [sorted(int(i) for i in vector_ids)])["sample_id"].to_list()
+
+
+def sha(memory, rel: str) -> str:
+    return hashlib.sha256(memory.layout.absolute(rel).read_bytes()).hexdigest()
+
+
+def test_small_add_writes_a_delta_and_leaves_the_base_untouched(memory):
+    base = memory.indexes.live()
+    base_file = memory.layout.absolute(base.path)
+    stamp = base_file.stat().st_mtime_ns
+    v = add_set(memory, 50, "small", seed=1)
+    assert v.path == base.path and v.sha256 == base.sha256           # the same base file ...
+    assert base_file.stat().st_mtime_ns == stamp and sha(memory, v.path) == base.sha256   # ... unwritten
+    assert len(v.deltas) == 1 and v.deltas[0].n_vectors == 50 and v.n_vectors == N + 50
+    assert v.deltas[0].path.endswith(f"v{v.version:06d}.delta.faiss") and v.deltas[0].sha256 == sha(memory, v.deltas[0].path)
+    # Each file is plain FAISS; together they hold exactly the active samples.
+    assert file_ids(memory, v.path) | file_ids(memory, v.deltas[0].path) == set(memory.indexes.ids().tolist())
+    assert memory.index_consistency()["ok"]
+    # The delta's manifest names every file of its version.
+    manifest = json.loads(memory.layout.absolute(v.deltas[0].path).with_suffix(".json").read_text())
+    assert manifest["role"] == "delta" and [f["path"] for f in manifest["version_files"]] == [v.path, v.deltas[0].path]
+
+
+def test_search_over_base_and_deltas_equals_one_flat_index(memory):
+    add_set(memory, 60, "d1", seed=1)
+    add_set(memory, 70, "d2", seed=2)
+    live = memory.indexes.live()
+    assert len(live.deltas) == 2
+    ids, vectors = memory.stored_vectors()
+    reference = faiss.IndexIDMap2(faiss.IndexFlatIP(D))
+    reference.add_with_ids(vectors, ids)
+    queries = clustered_vectors(25, D, seed=99)[0]
+    sims, found = memory.search(queries, 10)
+    ref_sims, ref_ids = reference.search(queries, 10)
+    np.testing.assert_allclose(sims, ref_sims, rtol=1e-5, atol=1e-6)
+    assert (found == ref_ids).mean() > 0.99  # same neighbours (up to exact ties)
+    # Vectors of the newest delta are found: each is its own nearest neighbour.
+    newest = sorted(file_ids(memory, live.deltas[-1].path))
+    position = {int(i): p for p, i in enumerate(ids)}
+    _, top = memory.search(vectors[[position[i] for i in newest]], 1)
+    assert top[:, 0].tolist() == newest
+
+
+def test_adds_fold_into_a_new_base_past_the_delta_share(memory):
+    add_set(memory, 150, "d1", seed=1)                       # 7.5% of the base: a delta
+    first = memory.indexes.live()
+    assert len(first.deltas) == 1
+    v = add_set(memory, 100, "d2", seed=2)                   # 12.5% with the first: fold
+    assert v.deltas == () and v.path != first.path and v.n_vectors == N + 250
+    assert file_ids(memory, v.path) == set(memory.indexes.ids().tolist()) and memory.index_consistency()["ok"]
+    # Rebuilding from ledger and embeddings gives the same set of vectors in one base file.
+    rebuilt = memory.rebuild()
+    assert rebuilt.deltas == () and file_ids(memory, rebuilt.path) == file_ids(memory, v.path)
+
+
+def test_max_deltas_and_a_zero_share_fold_every_time(tmp_path):
+    memory = build_memory(tmp_path / "home", N, QueryVectors(D),
+                          index_policy=IndexPolicy(kind="flat", max_deltas=2))
+    assert [len(add_set(memory, 10, f"d{i}", seed=i).deltas) for i in range(4)] == [1, 2, 0, 1]
+    memory.indexes.policy = IndexPolicy(kind="flat", delta_fraction=0.0)
+    assert add_set(memory, 1, "one", seed=9).deltas == ()
+    assert memory.index_consistency()["ok"]
+
+
+def test_policy_limits_are_checked_and_read_from_the_environment():
+    assert IndexPolicy.from_env({"VISMEM_DELTA_FRACTION": "0.25", "VISMEM_MAX_DELTAS": "3"}) == \
+        IndexPolicy(delta_fraction=0.25, max_deltas=3)
+    with pytest.raises(IndexTypeError, match="delta fraction"):
+        IndexPolicy(delta_fraction=1.5)
+    with pytest.raises(IndexTypeError, match="VISMEM_MAX_DELTAS"):
+        IndexPolicy.from_env({"VISMEM_MAX_DELTAS": "many"})
+
+
+def test_forgetting_from_a_delta_rewrites_only_the_delta(memory):
+    add_set(memory, 50, "d1", seed=1)
+    add_set(memory, 50, "d2", seed=2)
+    parent = memory.indexes.live()
+    victims = sorted(file_ids(memory, parent.deltas[1].path))[:3]
+    memory.forget(ForgetRequest(requested_by="test", reason="delta", sample_ids=samples_of(memory, victims)))
+    live = memory.indexes.live()
+    assert live.operation == "forget" and live.n_vectors == parent.n_vectors - 3
+    assert live.path == parent.path and live.sha256 == parent.sha256          # base shared, not rewritten
+    assert live.deltas[0] == parent.deltas[0]                                 # first delta shared
+    assert live.deltas[1].path != parent.deltas[1].path and live.deltas[1].n_vectors == 47
+    assert not file_ids(memory, live.deltas[1].path) & set(victims)
+    assert not memory.layout.absolute(parent.deltas[1].path).exists()         # no version names it now
+    assert memory.index_consistency()["ok"] and audit.verify(memory).ok
+
+
+def test_a_file_shared_by_retained_versions_is_rewritten_once(memory):
+    """Base B is named by three versions (B, B+d1, B+d1+d2): forgetting a vector of B writes one
+    new base for all of them, and no file anywhere holds the vector."""
+    base = memory.indexes.live()
+    add_set(memory, 50, "d1", seed=1)
+    add_set(memory, 50, "d2", seed=2)
+    victim = sorted(file_ids(memory, base.path))[:2]
+    before = files_on_disk(memory)
+    memory.forget(ForgetRequest(requested_by="test", reason="base", sample_ids=samples_of(memory, victim)))
+    versions = [v for v in memory.indexes.versions() if v.status != "purged"]
+    bases = {v.path for v in versions}
+    assert len(bases) == 1 and base.path not in bases                         # one rewrite, named by all
+    rewrites = memory.ledger.query("SELECT version, old_path, new_path, n_removed FROM index_rewrites ORDER BY version")
+    assert set(rewrites["new_path"]) <= bases and set(rewrites["old_path"]) == {base.path}
+    assert all(not file_ids(memory, f.path) & set(victim) for v in versions for f in v.files)
+    assert audit.verify(memory).ok and memory.index_consistency()["ok"]
+    # Deltas were shared, not copied: the only new files are the base's rewrite.
+    after = files_on_disk(memory)
+    assert after - before == bases and before - after == {base.path}
+
+
+def test_retention_keeps_files_a_kept_version_still_names(memory):
+    base = memory.indexes.live()
+    add_set(memory, 40, "d1", seed=1)
+    add_set(memory, 40, "d2", seed=2)
+    purged = memory.indexes.retain(1)                  # only the live version stays
+    assert {v.version for v in purged} == {base.version, base.version + 1}
+    live = memory.indexes.live()
+    assert files_on_disk(memory) == {f.path for f in live.files}   # base and both deltas stay
+    assert memory.index_consistency()["ok"]
+    memory.rebuild()
+    memory.indexes.retain(1)
+    assert files_on_disk(memory) == {memory.indexes.live().path}   # now nothing names them
+
+
+def test_a_crash_between_writing_a_delta_and_recording_it_loses_nothing(memory, monkeypatch):
+    live = memory.indexes.live()
+    vectors, labels = clustered_vectors(20, D, seed=5)
+    insert_vectors(memory, vectors, labels, "crash")
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the ledger recorded the delta")
+
+    monkeypatch.setattr(type(memory.indexes), "_record", die)
+    with pytest.raises(KeyboardInterrupt):
+        memory.index_pending()
+    monkeypatch.undo()
+    assert memory.indexes.live() == live                                  # still live and loadable
+    assert memory.indexes.load()[1].ntotal == N
+    stray = memory.indexes.remove_unreferenced_files()
+    assert [p.name for p in stray] == [f"v{live.version + 1:06d}.delta.faiss"]
+    v = memory.index_pending()                                            # the retry writes it again
+    assert v.n_vectors == N + 20 and memory.index_consistency()["ok"]
+
+
+def test_a_damaged_delta_is_refused_with_advice(memory):
+    v = add_set(memory, 30, "d1", seed=1)
+    path = memory.layout.absolute(v.deltas[0].path)
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(IndexIntegrityError, match="vismem rebuild"):
+        memory.indexes.load()
+    rebuilt = memory.rebuild()                                            # the advice works
+    assert rebuilt.deltas == () and memory.index_consistency()["ok"]
+
+
+def test_ivf_base_with_a_delta(tmp_path):
+    memory = build_memory(tmp_path / "home", 20_000, QueryVectors(64), index_policy=IndexPolicy(kind="ivf-flat"))
+    base = memory.indexes.live()
+    assert base.index_type.startswith("IVF")
+    vectors, labels = clustered_vectors(200, 64, seed=3)
+    insert_vectors(memory, vectors, labels, "late")
+    v = memory.index_pending()
+    assert len(v.deltas) == 1 and v.index_type == base.index_type and v.recall_at_10 == base.recall_at_10
+    _, index = memory.live_index()                         # read whole (deltas added to its lists)
+    assert index.ntotal == 20_200 and memory.index_consistency()["ok"]
+    new_ids = sorted(file_ids(memory, v.deltas[0].path))
+    memory.encoder.queries = vectors
+    _, top = memory.search(vectors, 1)
+    assert (np.sort(top[:, 0]) == new_ids).mean() > 0.95   # approximate: nearly all find themselves
+    memory.forget(ForgetRequest(requested_by="test", reason="ivf", sample_ids=samples_of(memory, new_ids[:5])))
+    assert audit.verify(memory).ok and memory.index_consistency()["ok"]
+    # After compaction the base is one IVF file again, searched memory-mapped.
+    memory.compact(retain=1)
+    assert memory.indexes.live().deltas == () and os.path.exists(memory.layout.absolute(memory.indexes.live().path))
