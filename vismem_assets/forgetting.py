@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 
 from .atomic import atomic_path
+from .embeddings import write_part
 from .index_store import GENESIS, IndexStore, index_ids
 from .ledger import insert_rows, to_frame
 
@@ -267,7 +268,7 @@ def _purge_embeddings(memory, con, sample_ids: list[str]) -> int:
             if len(keep):
                 new = old.with_name(f"part-{uuid.uuid4().hex[:16]}.parquet")
                 with atomic_path(new) as tmp:
-                    keep.write_parquet(tmp)
+                    write_part(keep, tmp)
                 new_rel = memory.layout.relative(new)
         with memory.ledger.transaction():
             con.execute("DELETE FROM embeddings WHERE path = ? AND sample_id IN (SELECT unnest(?::VARCHAR[]))",
@@ -281,7 +282,7 @@ def _purge_embeddings(memory, con, sample_ids: list[str]) -> int:
         keep = frame.filter(~pl.col("sample_id").is_in(forgotten.implode()))
         if len(keep) < len(frame):
             with atomic_path(cache) as tmp:
-                keep.write_parquet(tmp)
+                write_part(keep, tmp)
     return len(parts)
 
 

@@ -28,12 +28,15 @@ in another order, or another of them be kept at the k-th place.
 """
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 
-from .search import _WORKERS, _pool
+from .search import _WORKERS
 
 MIN_BATCH = 32      # queries a call from which the list-by-list path is used (below: index.search)
-GEMM_MIN = 4        # queries sharing a list from which their scores are one matrix product
+GEMM_MIN = 32       # queries sharing a list from which their scores are one matrix product
 _PAD = np.float32(-np.finfo(np.float32).max)  # FAISS's similarity for "no neighbour" (inner product)
 
 
@@ -123,7 +126,7 @@ class IVFSearcher:
         qrows = order // nprobe  # the query of each grouped pair
 
         def top(l: int, s: int, scores: np.ndarray) -> None:
-            """scores: (queries, list size); keeps each row's best kk in best/where[s:...]."""
+            """scores (queries, list size) of one list: each row's best kk into best/where."""
             m, n = scores.shape
             if n <= kk:
                 best[s:s + m, :n] = scores
@@ -134,24 +137,28 @@ class IVFSearcher:
             where[s:s + m] = lists.starts[l] + at
 
         def scan(part) -> None:
-            """A few queries per list: FAISS's SIMD kernel, one query after another over the list."""
+            """A few queries per list: FAISS's exact k-NN over the list (SIMD scan, one query after
+            another while the list stays in cache, each keeping its best in a heap): one call a list."""
             import faiss
 
             for l, s, e in part:
                 x = lists.vectors[l]
                 n = len(x)
-                scores = np.empty((e - s, n), np.float32)
-                xp = faiss.swig_ptr(x)
-                for j, r in enumerate(qrows[s:e]):
-                    faiss.fvec_inner_products_ny(faiss.swig_ptr(scores[j]), faiss.swig_ptr(queries[r]), xp,
-                                                 ivf.d, n)
-                top(l, s, scores)
+                kl = min(kk, n)
+                out_d, out_i = (best[s:e], where[s:e]) if kl == kk else (
+                    np.empty((e - s, kl), np.float32), np.empty((e - s, kl), np.int64))
+                faiss.knn_inner_product(faiss.swig_ptr(qg[s:e]), faiss.swig_ptr(x), ivf.d, e - s, n, kl,
+                                        faiss.swig_ptr(out_d), faiss.swig_ptr(out_i))
+                out_i += lists.starts[l]
+                if kl < kk:
+                    best[s:e, :kl], where[s:e, :kl] = out_d, out_i
 
+        qg = queries[qrows]  # the queries in grouped order: each list's are contiguous rows
         many = [g for g in groups if g[2] - g[1] >= self.gemm_min]
         few = [g for g in groups if g[2] - g[1] < self.gemm_min]
         for l, s, e in many:  # OpenBLAS spreads each product over the CPUs itself
-            top(l, s, (lists.vectors[l] @ queries[qrows[s:e]].T).T)
-        self._parallel(scan, few, lists)
+            top(l, s, (lists.vectors[l] @ qg[s:e].T).T)
+        _parallel(scan, few, lists.sizes)
 
         # Each query's pairs in probe order: nprobe x kk candidates, of which the best k.
         rank = np.empty_like(order)
@@ -173,23 +180,39 @@ class IVFSearcher:
         ids[:, :width] = np.where(found, lists.ids[np.maximum(pos, 0)], -1)
         return sims, ids
 
-    @staticmethod
-    def _parallel(fn, groups: list, lists: _Lists) -> None:
-        """fn over the groups, cut into parts of about equal work (list size x queries), one per
-        CPU: the calling thread takes the first (FAISS's kernels and numpy's partition release the GIL)."""
-        if not groups:
-            return
-        pool = _pool()
-        if pool is None or len(groups) < 2 * _WORKERS:
-            fn(groups)
-            return
-        work = np.cumsum([lists.sizes[l] * (e - s) for l, s, e in groups])
-        cuts = np.searchsorted(work, work[-1] * np.arange(1, _WORKERS) / _WORKERS)
-        parts = np.split(np.arange(len(groups)), cuts)
-        jobs = [pool.submit(fn, [groups[i] for i in p]) for p in parts[1:]]
-        fn([groups[i] for i in parts[0]])
-        for job in jobs:
-            job.result()
+def _parallel(fn, groups: list, sizes: np.ndarray) -> None:
+    """fn over the groups, cut into parts of about equal work (list size x queries), one per
+    CPU, in this module's threads (FAISS releases the GIL)."""
+    if not groups:
+        return
+    pool = _pool()
+    if pool is None or len(groups) < 2 * _WORKERS:
+        fn(groups)
+        return
+    work = np.cumsum([sizes[l] * (e - s) for l, s, e in groups])
+    cuts = np.searchsorted(work, work[-1] * np.arange(1, _WORKERS) / _WORKERS)
+    for job in [pool.submit(fn, [groups[i] for i in part]) for part in np.split(np.arange(len(groups)), cuts)]:
+        job.result()
+
+
+def _pool():
+    """Threads for the per-list scans, each running FAISS's OpenMP code on one thread (the
+    parallelism is across lists); a forked child gets its own."""
+    global _executor
+    if _WORKERS < 2:
+        return None
+    with _executor_lock:
+        if _executor is None or _executor[0] != os.getpid():
+            import faiss
+            from concurrent.futures import ThreadPoolExecutor
+
+            _executor = (os.getpid(), ThreadPoolExecutor(_WORKERS, thread_name_prefix="vismem-ivf",
+                                                         initializer=faiss.omp_set_num_threads, initargs=(1,)))
+        return _executor[1]
+
+
+_executor = None
+_executor_lock = threading.Lock()
 
 
 def ivf_searcher(index) -> IVFSearcher | None:

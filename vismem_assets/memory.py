@@ -15,7 +15,7 @@ import polars as pl
 from .atomic import atomic_path, write_bytes_atomic
 from .blas import blas_report
 from .catalog import Catalog
-from .embeddings import EmbeddingStore
+from .embeddings import EmbeddingStore, write_part
 from .encoders import DEFAULT_ENCODER, Encoder, EncoderMismatchError, load_encoder
 from .evaluation import DEFAULT_K, Evaluation, score
 from .evaluation import record as record_rows
@@ -309,19 +309,22 @@ class Memory:
         return done
 
     def _embedded_active(self, con) -> pl.DataFrame:
-        return to_frame(con.execute(
-            "SELECT s.vector_id, e.path FROM samples s JOIN embeddings e ON e.sample_id = s.sample_id"
-            " WHERE e.encoder_id = ? AND s.status = 'active'", [self.encoder.id]))
+        return to_frame(con.execute(_EMBEDDED_ACTIVE.format("s.vector_id, e.path"), [self.encoder.id]))
 
     def index_pending(self) -> IndexVersion | None:
         """Fold embedded-but-unindexed active samples into a new version; None if nothing to do."""
         with self.ledger.connect() as con:
-            present = self.indexes.ids()  # the ids only: an add must not cost a read of the whole index
-            embedded = self._embedded_active(con)
-            todo = embedded.filter(~np.isin(embedded["vector_id"].to_numpy(), present))
-            if todo.is_empty():
+            # Ids only, as numpy: an add must cost O(new), not a read of the whole index or ledger.
+            present = self.indexes.ids()
+            embedded = con.execute(_EMBEDDED_ACTIVE.format("s.vector_id"), [self.encoder.id]).fetchnumpy()["vector_id"]
+            embedded = np.asarray(embedded, np.int64)
+            todo = np.unique(embedded[~np.isin(embedded, present, kind="table")]) if len(present) else np.unique(embedded)
+            if not len(todo):
                 return None
-            ids, vectors = self.embeddings.read(todo["path"].unique().to_list(), todo["vector_id"].to_numpy())
+            paths = [p for (p,) in con.execute(
+                _EMBEDDED_ACTIVE.format("DISTINCT e.path") + " AND s.vector_id IN (SELECT unnest(?::BIGINT[]))",
+                [self.encoder.id, todo.tolist()]).fetchall()]
+            ids, vectors = self.embeddings.read(paths, todo)
             return self.indexes.add(ids, vectors)
 
     def rebuild(self, operation: str = "rebuild") -> IndexVersion:
@@ -498,7 +501,7 @@ class Memory:
             frame = pl.DataFrame({"sample_id": list(have),
                                   "vector": pl.Series(np.stack(list(have.values())), dtype=pl.Array(pl.Float32, self.encoder.dim))})
             with atomic_path(cache) as tmp:
-                frame.write_parquet(tmp)
+                write_part(frame, tmp)
         return np.stack([have[c.sample_id] for c in images]).astype(np.float32)
 
     def evaluate_leave_one_out(self, k_max: int = 100, strategies=STRATEGIES, record: bool = True,
@@ -635,6 +638,10 @@ class Memory:
             "index_policy": asdict(self.index_policy),
             "blas": blas_report(),
         }
+
+
+_EMBEDDED_ACTIVE = ("SELECT {} FROM samples s JOIN embeddings e ON e.sample_id = s.sample_id"
+                    " WHERE e.encoder_id = ? AND s.status = 'active'")
 
 
 def _without_bytes(c: CheckedImage, keep_marker: bool = False) -> CheckedImage:
