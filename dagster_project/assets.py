@@ -145,7 +145,7 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
                      if new_version else f"nothing new to fold in: version {version.version} stays live")
     lineage = memory.ledger.query(
         "SELECT version, parent_version, operation, status, index_type, n_vectors, n_added, n_removed, recall_at_10,"
-        " json_array_length(deltas) AS delta_files, created_at FROM index_versions WHERE encoder_id = ? ORDER BY version DESC LIMIT 20", [memory.encoder.id])
+        " coalesce(json_array_length(files), 1) AS files, created_at FROM index_versions WHERE encoder_id = ? ORDER BY version DESC LIMIT 20", [memory.encoder.id])
     build = memory.indexes.last_build if new_version else None
     if build is not None:
         context.log.info(f"index type: {build.reason}")
@@ -159,7 +159,8 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
         "operation": version.operation, "n_vectors": version.n_vectors, "n_added": version.n_added,
         "purged_versions": [v.version for v in purged], "sha256": version.sha256,
         "path": MetadataValue.path(str(memory.layout.absolute(version.path))),
-        "delta_files": len(version.deltas), "vectors_in_deltas": sum(d.n_vectors for d in version.deltas),
+        "files": len(version.files), "delta_files": len(version.deltas),
+        "vectors_in_deltas": sum(d.n_vectors for d in version.deltas),
         "seconds": round(seconds, 3), "lineage": table(lineage), **forgotten,
     })
 

@@ -19,7 +19,7 @@ def live_index_matches_ledger(visual_memory: VisualMemory) -> AssetCheckResult:
 
 
 @asset_check(asset=memory_index, blocking=True,
-             description="The live index's files (base and deltas) match the sha256 recorded in the ledger.")
+             description="The live index's files (base, shards, deltas) match the sha256 recorded in the ledger.")
 def index_file_matches_sha256(visual_memory: VisualMemory) -> AssetCheckResult:
     memory = visual_memory.memory()
     live = memory.indexes.live()

@@ -220,3 +220,42 @@ def test_ivf_base_with_a_delta(tmp_path):
     # After compaction the base is one IVF file again, searched memory-mapped.
     memory.compact(retain=1)
     assert memory.indexes.live().deltas == () and os.path.exists(memory.layout.absolute(memory.indexes.live().path))
+
+
+# ---- exact bases in shards ----------------------------------------------------------------------
+
+@pytest.fixture
+def sharded(tmp_path):
+    """20,000 vectors of d = 32 with 1 MiB shards (8,192 vectors each): a base of three files."""
+    return build_memory(tmp_path / "home", 20_000, QueryVectors(D), index_policy=IndexPolicy(kind="flat", shard_mib=1))
+
+
+def test_an_exact_base_is_written_in_shards_and_read_as_one(sharded):
+    live = sharded.indexes.live()
+    assert [f.n_vectors for f in live.files] == [8192, 8192, 3616] and [f.role for f in live.files] == ["base"] * 3
+    assert [os.path.basename(f.path) for f in live.files] == [f"v{live.version:06d}.faiss",
+                                                              f"v{live.version:06d}.s001.faiss",
+                                                              f"v{live.version:06d}.s002.faiss"]
+    held = [file_ids(sharded, f.path) for f in live.files]
+    assert not (held[0] & held[1]) and set().union(*held) == set(sharded.indexes.ids().tolist())
+    assert sharded.index_consistency()["ok"]
+    ids, vectors = sharded.stored_vectors()
+    reference = faiss.IndexIDMap2(faiss.IndexFlatIP(D))
+    reference.add_with_ids(vectors, ids)
+    queries = clustered_vectors(30, D, seed=7)[0]
+    np.testing.assert_allclose(sharded.search(queries, 20)[0], reference.search(queries, 20)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_forgetting_one_vector_rewrites_one_shard(sharded):
+    before = sharded.indexes.live()
+    victim = sorted(file_ids(sharded, before.files[1].path))[0]
+    sharded.forget(ForgetRequest(requested_by="test", reason="one", sample_ids=samples_of(sharded, [victim])))
+    live = sharded.indexes.live()
+    assert live.files[0] == before.files[0] and live.files[2] == before.files[2]     # shared, untouched
+    assert os.path.basename(live.files[1].path) == f"v{live.version:06d}.s001.faiss"
+    assert live.files[1].n_vectors == 8191 and victim not in file_ids(sharded, live.files[1].path)
+    assert not sharded.layout.absolute(before.files[1].path).exists()
+    assert audit.verify(sharded).ok and sharded.index_consistency()["ok"]
+    # A small add then goes into a delta beside the shards, and a rebuild writes shards afresh.
+    assert add_set(sharded, 100, "late", seed=3).files[-1].role == "delta"
+    assert [f.role for f in sharded.rebuild().files] == ["base"] * 3

@@ -210,7 +210,7 @@ def cmd_status(args) -> int:
     if status["live_indexes"]:
         print("\nlive index versions:")
         live = pl.DataFrame(status["live_indexes"])
-        _table(live.select("version", "n_vectors", "index_type", "nprobe", "recall_at_10", "path", "delta_files",
+        _table(live.select("version", "n_vectors", "index_type", "nprobe", "recall_at_10", "path", "files",
                            "created_at"))
         for row in live.iter_rows(named=True):
             if row["build_reason"]:

@@ -1,9 +1,12 @@
-"""Versioned FAISS indexes. A version is a base file plus zero or more delta files under
-`indexes/<encoder>/`, each immutable, each readable with plain `faiss.read_index`, ids =
-samples.vector_id; the ledger records every file's sha256. Which index type a base is (exact
-flat, IVF-Flat, IVF-SQ8, IVF-PQ) and what its build measured is in index_types.py.
+"""Versioned FAISS indexes. A version is a list of files under `indexes/<encoder>/`: its base
+(one file, or shards) and zero or more delta files, each immutable, each readable with plain
+`faiss.read_index`, ids = samples.vector_id; the ledger records every file's sha256. Which index
+type a base is (exact flat, IVF-Flat, IVF-SQ8, IVF-PQ) and what its build measured is in
+index_types.py.
 
-* A build (first add, rebuild, compaction) writes one base file, `v<version>.faiss`.
+* A build (first add, rebuild, compaction) writes the base: `v<version>.faiss`, and for an
+  exact index past `shard_mib` more shards `v<version>.s<j>.faiss`, so that forgetting one
+  vector rewrites one shard, not the whole memory. An IVF base is one file (its lists).
 * An add of a few vectors writes only them, as an exact delta file `v<version>.delta.faiss`;
   the new version is the parent's files plus that one. Once the deltas would pass the policy's
   share of the base (`delta_fraction`, 10%) or number (`max_deltas`), an add folds them and the
@@ -48,17 +51,18 @@ class IndexFile:
     path: str        # relative to the memory home
     sha256: str
     n_vectors: int
+    role: str = "base"   # base (the index type's own file, or a shard of it) | delta (exact, from an add)
 
 
 @dataclass(frozen=True)
 class IndexVersion:
     encoder_id: str
     version: int
-    path: str                # the base file
+    path: str                # the first file of the base
     sha256: str
     parent_version: int | None
     operation: str
-    n_vectors: int           # base and deltas together
+    n_vectors: int           # all its files together
     n_added: int
     n_removed: int
     status: str
@@ -68,20 +72,24 @@ class IndexVersion:
     recall_at_100: float | None = None
     recall_measured_at: int | None = None   # the version whose build measured that recall
     build_reason: str | None = None
-    deltas: tuple[IndexFile, ...] = ()
+    files: tuple[IndexFile, ...] = ()   # base first, then deltas
+
+    def __post_init__(self):
+        if not self.files:  # a version from before delta files: its one file
+            object.__setattr__(self, "files", (IndexFile(self.path, self.sha256, self.n_vectors),))
 
     @classmethod
     def from_row(cls, row: dict) -> "IndexVersion":
-        deltas = tuple(IndexFile(**d) for d in json.loads(row.pop("deltas") or "[]"))
-        return cls(**row, deltas=deltas)
+        files = tuple(IndexFile(**f) for f in json.loads(row.pop("files") or "[]"))
+        return cls(**row, files=files)
 
     @property
-    def base(self) -> IndexFile:
-        return IndexFile(self.path, self.sha256, self.n_vectors - sum(d.n_vectors for d in self.deltas))
+    def base(self) -> tuple[IndexFile, ...]:
+        return tuple(f for f in self.files if f.role == "base")
 
     @property
-    def files(self) -> tuple[IndexFile, ...]:
-        return (self.base, *self.deltas)
+    def deltas(self) -> tuple[IndexFile, ...]:
+        return tuple(f for f in self.files if f.role == "delta")
 
 
 def manifest_path(index_path: Path) -> Path:
@@ -102,17 +110,29 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def index_vectors(index: faiss.Index) -> np.ndarray:
-    """The stored vectors of a flat index, in id-map order (a copy, safe after the index goes).
-    An approximate index holds no exact vectors: read them from the embedding files instead."""
+def index_vectors(index: faiss.Index, copy: bool = True) -> np.ndarray:
+    """The stored vectors of a flat index, in id-map order: a copy, safe after the index goes, or
+    (`copy=False`) a view valid while it lives. An approximate index holds no exact vectors:
+    read them from the embedding files instead."""
     if kind_of(index) != "flat":
         raise TypeError(f"a {describe(index)} index holds no exact vectors; read them from the embedding files")
+    if index.ntotal == 0:
+        return np.empty((0, index.d), np.float32)
     flat = faiss.downcast_index(faiss.downcast_index(index).index)
-    return faiss.rev_swig_ptr(flat.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d).copy()
+    view = faiss.rev_swig_ptr(flat.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+    return view.copy() if copy else view
 
 
 def nprobe_of(index) -> int | None:
     return faiss.extract_index_ivf(index).nprobe if kind_of(index) != "flat" else None
+
+
+def file_name(version: int, position: int, role: str) -> str:
+    """`v<version>.faiss` for the first file a version writes, then `.s<j>` for base shards and
+    `.delta` for an add's delta (`.delta<j>` where a forget rewrote one)."""
+    if role == "delta":
+        return f"v{version:06d}.delta{position or ''}.faiss"
+    return f"v{version:06d}.faiss" if position == 0 else f"v{version:06d}.s{position:03d}.faiss"
 
 
 def rewritten_name(path: str, request_id: str) -> str:
@@ -123,7 +143,7 @@ def rewritten_name(path: str, request_id: str) -> str:
 
 
 _COLUMNS = ("encoder_id, version, path, sha256, parent_version, operation, n_vectors, n_added, n_removed, status,"
-            " index_type, nprobe, recall_at_10, recall_at_100, recall_measured_at, build_reason, deltas")
+            " index_type, nprobe, recall_at_10, recall_at_100, recall_measured_at, build_reason, files")
 
 
 class IndexStore:
@@ -151,19 +171,24 @@ class IndexStore:
 
     def load(self, version: IndexVersion | None = None, mmap: bool = False) -> tuple[IndexVersion, faiss.Index]:
         """Read a version (the live one by default) as one index, refusing bytes that don't match
-        the ledger: its base, with its deltas' vectors added. `mmap`: map the base's vectors or
-        inverted lists instead of reading them into memory (for searching: the pages are the
+        the ledger: its base, with its shards' and deltas' vectors added. `mmap`: map the vectors
+        or inverted lists instead of reading them into memory (for searching: the pages are the
         file's, shared and reclaimable); such an index must not be changed (FAISS would write
-        into a read-only mapping), so writers load without it, and so does a version with
-        deltas (until the next fold or compaction)."""
+        into a read-only mapping), so writers load without it, and so does a version of several
+        files (until the next fold or compaction)."""
         version = version or self.live()
         if version is None:
             raise FileNotFoundError(f"no index yet for encoder {self.encoder_id}: add an image set first (vismem add)")
-        index = self._read(version.base, version, mmap=mmap and not version.deltas)
-        for delta_file in version.deltas:
-            delta = self._read(delta_file, version)
-            if delta.ntotal:
-                index.add_with_ids(index_vectors(delta), index_ids(delta))
+        first = self._read(version.files[0], version, mmap=mmap and len(version.files) == 1)
+        if len(version.files) == 1:
+            return version, first
+        # An exact index is gathered into one fresh flat index (one copy of each file's vectors);
+        # an IVF base gets the deltas' vectors assigned to its lists.
+        index = new_flat_index(self.dim) if kind_of(first) == "flat" else first
+        for file in version.files:
+            part = first if file is version.files[0] else self._read(file, version)
+            if part is not index and part.ntotal:
+                index.add_with_ids(index_vectors(part, copy=False), index_ids(part))
         return version, index
 
     def ids(self, version: IndexVersion | None = None) -> np.ndarray:
@@ -213,8 +238,8 @@ class IndexStore:
             version = self._next_version(con)
             if parent is None:
                 index, self.last_build = build(vector_ids, vectors, self.policy)
-                base = self._write(index, f"v{version:06d}.faiss")
-                return self._record(con, version, None, "add", base, (), index, [base], added=vector_ids,
+                base = self._write_base(index, version)
+                return self._record(con, version, None, "add", base, index, base, added=vector_ids,
                                     report=self.last_build)
             self.last_build = None  # an add builds nothing: no build report of its own
             present = np.isin(vector_ids, self.ids(parent))
@@ -222,14 +247,14 @@ class IndexStore:
                 raise ValueError(f"{int(present.sum())} vector ids are already in index version {parent.version}")
             in_deltas = sum(d.n_vectors for d in parent.deltas) + len(vector_ids)
             if (len(parent.deltas) < self.policy.max_deltas
-                    and in_deltas <= self.policy.delta_fraction * parent.base.n_vectors):
-                delta = self._write(flat_index(vector_ids, vectors), f"v{version:06d}.delta.faiss")
-                return self._record(con, version, parent, "add", parent.base, (*parent.deltas, delta), None, [delta],
+                    and in_deltas <= self.policy.delta_fraction * sum(f.n_vectors for f in parent.base)):
+                delta = self._write(flat_index(vector_ids, vectors), file_name(version, 0, "delta"), "delta")
+                return self._record(con, version, parent, "add", (*parent.files, delta), None, [delta],
                                     added=vector_ids)
-            _, index = self.load(parent)  # fold: base, deltas and the new vectors into one new base
+            _, index = self.load(parent)  # fold: base, deltas and the new vectors into a new base
             index.add_with_ids(np.ascontiguousarray(vectors, np.float32), vector_ids)
-            base = self._write(index, f"v{version:06d}.faiss")
-            return self._record(con, version, parent, "add", base, (), index, [base], added=vector_ids)
+            base = self._write_base(index, version)
+            return self._record(con, version, parent, "add", base, index, base, added=vector_ids)
 
     def rebuild(self, vector_ids: np.ndarray, vectors: np.ndarray, operation: str = "rebuild") -> IndexVersion:
         """A new version built from scratch from the given vectors (the ledger + embeddings), of the
@@ -238,8 +263,8 @@ class IndexStore:
         index, self.last_build = build(np.asarray(vector_ids, np.int64), vectors, self.policy)
         with self.ledger.connect() as con:
             version = self._next_version(con)
-            base = self._write(index, f"v{version:06d}.faiss")
-            return self._record(con, version, self.live(), operation, base, (), index, [base], report=self.last_build)
+            base = self._write_base(index, version)
+            return self._record(con, version, self.live(), operation, base, index, base, report=self.last_build)
 
     def remove(self, vector_ids: np.ndarray, rewritten: dict | None = None) -> IndexVersion | None:
         """A new live version without these vectors (really removed, not filtered at search time).
@@ -261,13 +286,13 @@ class IndexStore:
                     continue
                 index = self._read(file, parent)
                 remove_ids(index, gone)
-                new = self._write(index, f"v{version:06d}.faiss" if j == 0 else f"v{version:06d}.delta{j}.faiss")
+                new = self._write(index, file_name(version, j, file.role), file.role)
                 base_index = index if j == 0 else base_index
                 files.append(new)
                 written.append(new)
                 if rewritten is not None:
                     rewritten[file.path] = new
-            return self._record(con, version, parent, "forget", files[0], tuple(files[1:]), base_index, written,
+            return self._record(con, version, parent, "forget", tuple(files), base_index, written,
                                 removed=np.concatenate(held))
 
     def rewrite_without(self, version: IndexVersion, vector_ids: np.ndarray, request_id: str,
@@ -288,9 +313,8 @@ class IndexStore:
                 if new is None:
                     index = self._read(file, version)
                     remove_ids(index, gone)
-                    new = self._write(index, rewritten_name(file.path, request_id))
-                    self._manifest(con, new, version, role="base" if file == version.base else "delta",
-                                   index_type=version.index_type, rewritten_for=request_id)
+                    new = self._write(index, rewritten_name(file.path, request_id), file.role)
+                    self._manifest(con, new, version, index_type=version.index_type, rewritten_for=request_id)
                 rewritten[file.path] = new
                 files.append(new)
                 changes.append((file, new, len(gone)))
@@ -303,9 +327,9 @@ class IndexStore:
                                 " n_removed, rewritten_at, old_path, new_path) VALUES (?, ?, ?, ?, ?, ?, now(), ?, ?)",
                                 [self.encoder_id, version.version, request_id, old.sha256, new.sha256, n, old.path,
                                  new.path])
-                con.execute("UPDATE index_versions SET path = ?, sha256 = ?, n_vectors = ?, deltas = ?, chain_head = ?"
+                con.execute("UPDATE index_versions SET path = ?, sha256 = ?, n_vectors = ?, files = ?, chain_head = ?"
                             " WHERE encoder_id = ? AND version = ?",
-                            [files[0].path, files[0].sha256, sum(f.n_vectors for f in files), _json(files[1:]), head,
+                            [files[0].path, files[0].sha256, sum(f.n_vectors for f in files), _json(files), head,
                              self.encoder_id, version.version])
             self._delete_unnamed([old.path for old, _, _ in changes])
             return True
@@ -364,16 +388,14 @@ class IndexStore:
 
     def refresh_manifest(self, version: IndexVersion, con) -> None:
         """Bring the newest file's manifest of a version (and its ledger row) to the chain head."""
-        newest = version.files[-1]
-        self._manifest(con, newest, version, role="base" if not version.deltas else "delta",
-                       index_type=version.index_type)
+        self._manifest(con, version.files[-1], version, index_type=version.index_type)
         con.execute("UPDATE index_versions SET chain_head = ? WHERE encoder_id = ? AND version = ?",
                     [chain_head(con)[0], self.encoder_id, version.version])
 
     def _manifest(self, con, file: IndexFile, version: IndexVersion, **fields) -> None:
         head, n_deletions = chain_head(con)
         self.write_manifest(self.layout.absolute(file.path), version=version.version, sha256=file.sha256,
-                            n_vectors=file.n_vectors, parent_version=version.parent_version,
+                            n_vectors=file.n_vectors, role=file.role, parent_version=version.parent_version,
                             operation=version.operation, chain_head=head, n_deletions=n_deletions,
                             version_files=[asdict(f) for f in version.files], **fields)
 
@@ -394,19 +416,30 @@ class IndexStore:
                            [self.encoder_id]).fetchone()[0]
         return last + 1
 
-    def _write(self, index: faiss.Index, name: str) -> IndexFile:
+    def _write(self, index: faiss.Index, name: str, role: str = "base") -> IndexFile:
         final = self.root / name
         with atomic_path(final) as tmp:
             faiss.write_index(index, str(tmp))
-        return IndexFile(self.layout.relative(final), sha256_file(final), int(index.ntotal))
+        return IndexFile(self.layout.relative(final), sha256_file(final), int(index.ntotal), role)
 
-    def _record(self, con, version: int, parent: IndexVersion | None, operation: str, base: IndexFile,
-                deltas: tuple[IndexFile, ...], base_index: faiss.Index | None, written: list[IndexFile],
+    def _write_base(self, index: faiss.Index, version: int) -> tuple[IndexFile, ...]:
+        """An exact base in shards of about `shard_mib` (forgetting a vector rewrites its shard
+        only); an IVF base as one file (its inverted lists are one structure)."""
+        rows = max(1, (self.policy.shard_mib << 20) // (4 * self.dim))
+        if kind_of(index) != "flat" or index.ntotal <= rows:
+            return (self._write(index, file_name(version, 0, "base")),)
+        ids, vectors = index_ids(index), index_vectors(index, copy=False)
+        return tuple(self._write(flat_index(ids[s:s + rows], vectors[s:s + rows]), file_name(version, j, "base"))
+                     for j, s in enumerate(range(0, index.ntotal, rows)))
+
+    def _record(self, con, version: int, parent: IndexVersion | None, operation: str, files: tuple[IndexFile, ...],
+                base_index: faiss.Index | None, written,
                 added: np.ndarray | None = None, removed: np.ndarray | None = None,
                 report: BuildReport | None = None) -> IndexVersion:
         """Record a version whose files are written (`written`: those it wrote itself; the others it
         shares with its parent), mark it live, and its parent retained. `base_index`: the base
-        as written, if this version wrote one (else the parent's type and nprobe stand). A build's
+        (or its first file) as written, if this version wrote it (else the parent's type and
+        nprobe stand). A build's
         `report` gives its measured recall; a version derived from its parent (add, forget) keeps
         the parent's, with the version that measured it."""
         kind = describe(base_index) if base_index is not None else parent.index_type
@@ -421,25 +454,26 @@ class IndexStore:
             recall = (None, None, None, None)
         n_added = len(added) if added is not None else 0
         n_removed = len(removed) if removed is not None else 0
-        new = IndexVersion(self.encoder_id, version, base.path, base.sha256, parent.version if parent else None,
-                           operation, base.n_vectors + sum(d.n_vectors for d in deltas), n_added, n_removed, "live",
-                           kind, nprobe, *recall, deltas=tuple(deltas))
+        first = files[0]
+        new = IndexVersion(self.encoder_id, version, first.path, first.sha256, parent.version if parent else None,
+                           operation, sum(f.n_vectors for f in files), n_added, n_removed, "live",
+                           kind, nprobe, *recall, files=tuple(files))
         head, _ = chain_head(con)
         for file in written:
-            self._manifest(con, file, new, role="base" if file == base else "delta", index_type=kind, nprobe=nprobe,
+            self._manifest(con, file, new, index_type=kind, nprobe=nprobe,
                            recall_at_10=recall[0], recall_at_100=recall[1], recall_measured_at=recall[2],
-                           build=report.to_dict() if report and file == base else None)
+                           build=report.to_dict() if report and file == first else None)
         with self.ledger.transaction():
             con.execute("UPDATE index_versions SET status = 'retained' WHERE encoder_id = ? AND status = 'live'",
                         [self.encoder_id])
             con.execute(
                 "INSERT INTO index_versions (encoder_id, version, path, sha256, parent_version, operation,"
                 " n_vectors, created_at, status, index_type, n_added, n_removed, chain_head, nprobe,"
-                " recall_at_10, recall_at_100, recall_measured_at, build_reason, build_report, deltas)"
+                " recall_at_10, recall_at_100, recall_measured_at, build_reason, build_report, files)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, now(), 'live', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [self.encoder_id, version, base.path, base.sha256, new.parent_version, operation, new.n_vectors,
+                [self.encoder_id, version, first.path, first.sha256, new.parent_version, operation, new.n_vectors,
                  kind, n_added, n_removed, head, nprobe, *recall,
-                 json.dumps(report.to_dict()) if report else None, _json(deltas)],
+                 json.dumps(report.to_dict()) if report else None, _json(files)],
             )
             for change, ids in (("add", added), ("remove", removed)):
                 if ids is not None and len(ids):

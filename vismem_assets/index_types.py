@@ -46,13 +46,14 @@ class IndexTypeError(ValueError):
 @dataclass(frozen=True)
 class IndexPolicy:
     """Which index a build writes. Environment: VISMEM_INDEX_TYPE, VISMEM_IVF_FROM,
-    VISMEM_RECALL_FLOOR, VISMEM_PQ_BYTES, VISMEM_DELTA_FRACTION, VISMEM_MAX_DELTAS."""
+    VISMEM_RECALL_FLOOR, VISMEM_PQ_BYTES, VISMEM_DELTA_FRACTION, VISMEM_MAX_DELTAS, VISMEM_SHARD_MIB."""
     kind: str = "auto"            # auto | flat | ivf-flat | ivf-sq8 | ivf-pq
     ivf_from: int = 200_000       # auto: IVF-Flat from this many vectors, exact below
     recall_floor: float = 0.95    # recall@10 an approximate index must reach to be used
     pq_bytes: int | None = None   # IVF-PQ code bytes per vector (default: about d / 8)
     delta_fraction: float = 0.10  # an add writes a delta file while deltas stay within this share of the base
     max_deltas: int = 16          # ... and this many files; past either it folds them into a new base
+    shard_mib: int = 64           # an exact base is written in shards of about this size (forgetting rewrites one)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -61,6 +62,8 @@ class IndexPolicy:
             raise IndexTypeError(f"recall floor must be in (0, 1], not {self.recall_floor}")
         if not 0.0 <= self.delta_fraction <= 1.0:
             raise IndexTypeError(f"delta fraction must be in [0, 1] (0: every add writes a new base), not {self.delta_fraction}")
+        if self.shard_mib < 1:
+            raise IndexTypeError(f"shard_mib must be at least 1 (MiB per exact shard), not {self.shard_mib}")
         if self.max_deltas < 0:
             raise IndexTypeError(f"max_deltas must be 0 or more, not {self.max_deltas}")
         if self.ivf_from < 1:
@@ -79,7 +82,8 @@ class IndexPolicy:
                   "recall_floor": read("VISMEM_RECALL_FLOOR", float, cls.recall_floor),
                   "pq_bytes": read("VISMEM_PQ_BYTES", int, None),
                   "delta_fraction": read("VISMEM_DELTA_FRACTION", float, cls.delta_fraction),
-                  "max_deltas": read("VISMEM_MAX_DELTAS", int, cls.max_deltas)}
+                  "max_deltas": read("VISMEM_MAX_DELTAS", int, cls.max_deltas),
+                  "shard_mib": read("VISMEM_SHARD_MIB", int, cls.shard_mib)}
         return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
     def wanted(self, n: int) -> str:

@@ -622,7 +622,7 @@ class Memory:
         """What a person asks first: which encoder, how many of what, which index, how much disk."""
         q = self.ledger.query
         live = q("SELECT encoder_id, version, n_vectors, index_type, nprobe, recall_at_10, recall_at_100,"
-                 " recall_measured_at, build_reason, sha256, path, json_array_length(deltas) AS delta_files, created_at"
+                 " recall_measured_at, build_reason, sha256, path, coalesce(json_array_length(files), 1) AS files, created_at"
                  " FROM index_versions"
                  " WHERE status = 'live' ORDER BY encoder_id")
         return {

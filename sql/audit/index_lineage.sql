@@ -1,8 +1,8 @@
 -- Every index version with its parent and delta: how the live index came to be, of which type,
--- and the recall its build measured against exact search (NULL: exact). `path` is its base
--- file; `deltas` the delta files (JSON: path, sha256, n_vectors) an add appended to it.
+-- and the recall its build measured against exact search (NULL: exact). `path` is its first
+-- file; `files` all of them (JSON: path, sha256, n_vectors, role = base shard or add's delta).
 SELECT encoder_id, version, parent_version, operation, status, index_type, nprobe, recall_at_10, recall_at_100,
        recall_measured_at, n_vectors, n_added, n_removed, sha256, path,
-       json_array_length(deltas) AS delta_files, deltas, created_at
+       coalesce(json_array_length(files), 1) AS n_files, files, created_at
 FROM index_versions
 ORDER BY encoder_id, version;
