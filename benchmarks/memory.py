@@ -56,7 +56,7 @@ def run(n: int, kinds=("flat",)) -> dict:
                 memory.indexes.policy = IndexPolicy(kind=kind, recall_floor=0.5)
                 memory.rebuild()
             live = memory.indexes.live()
-            index_mib = memory.layout.absolute(live.path).stat().st_size / 2**20
+            index_mib = sum(memory.layout.absolute(f.path).stat().st_size for f in live.files) / 2**20
             searching, searching_anon = peak_rss_mib(SEARCH, str(memory.layout.root))
             out["types"][kind] = {"index_type": live.index_type, "index_mib": round(index_mib, 1),
                                   "search_rss_mib": round(searching, 1),

@@ -103,15 +103,26 @@ def render(r: dict, command: str = "vismem bench --json") -> str:
                                 [[b["batch"], b["exact_qps"], b["ivf_qps"], b["speedup"]] for b in t["by_batch"]])
     if add:
         lines += [f"## Add 1% ({_fmt(add['added'])} vectors) to N = {_fmt(add['n'])}, d = {add['d']}", ""]
-        lines += _table(["index type", "version file MiB", "full rebuild s", "add s", "add ÷ rebuild"],
-                        [[f"{k} ({t['index_type']})", t["file_mib"], t["rebuild_seconds"], t["add_seconds"], t["add_ratio"]]
+        lines += ["The add writes a delta file of its vectors; an add that would take the deltas past 10% of the"
+                  " base folds them into a new base instead (measured on its own, and amortised over the adds"
+                  " of 1% between two folds).", ""]
+        lines += _table(["index type", "base MiB (files)", "full rebuild s", "add s", "add ÷ rebuild", "folding add s",
+                         "amortised ÷ rebuild"],
+                        [[f"{k} ({t['index_type']})", f"{_fmt(t['file_mib'])} ({t.get('files', 1)})", t["rebuild_seconds"],
+                          t["add_seconds"], t["add_ratio"], t.get("fold_seconds"), t.get("amortised_ratio")]
                          for k, t in add.get("types", {}).items()])
     if forget:
         lines += [f"## Forget from N = {_fmt(forget['n'])}, d = {forget['d']}, {forget['retained_versions']} retained"
                   " version beside the live one", ""]
         lines += _table(["index type", "samples", "forget s", "full rebuild s", "forget ÷ rebuild"],
                         [[f"{k} ({t['index_type']})", f["samples"], f["seconds"], t["rebuild_seconds"], f["ratio_to_rebuild"]]
-                         for k, t in forget.get("types", {}).items() for f in t["forget"]])
+                         for k, t in forget.get("types", {}).items() for f in t["forget"]]
+                        + [[f"{k} ({t['index_type']}): image set {s['image_set']}", s["samples"], s["seconds"],
+                            t["rebuild_seconds"], s["ratio_to_rebuild"]]
+                           for k, t in forget.get("types", {}).items() if (s := t.get("forget_set"))])
+        lines += ["Samples are drawn at random: scattered over every shard and embedding part, the worst case for"
+                  " total removal. The image set's samples arrived together and sit in one part and one or two"
+                  " shards.", ""]
     if memory:
         lines += [f"## Memory of a searching process, N = {_fmt(memory['n'])}, d = {memory['d']}", "",
                   f"The imports alone peak at {memory['baseline_rss_mib']} MiB. Peak RSS counts a mapped file's"

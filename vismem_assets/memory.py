@@ -309,7 +309,10 @@ class Memory:
         return done
 
     def _embedded_active(self, con) -> pl.DataFrame:
-        return to_frame(con.execute(_EMBEDDED_ACTIVE.format("s.vector_id, e.path"), [self.encoder.id]))
+        # In vector id (arrival) order: a rebuild then keeps each image set together in its
+        # shard, so forgetting a set rewrites one or two shards.
+        return to_frame(con.execute(_EMBEDDED_ACTIVE.format("s.vector_id, e.path") + " ORDER BY s.vector_id",
+                                    [self.encoder.id]))
 
     def index_pending(self) -> IndexVersion | None:
         """Fold embedded-but-unindexed active samples into a new version; None if nothing to do."""
@@ -331,7 +334,8 @@ class Memory:
         """A fresh version from the ledger and the embedding files alone."""
         with self.ledger.connect() as con:
             embedded = self._embedded_active(con)
-            ids, vectors = self.embeddings.read(embedded["path"].unique().to_list(), embedded["vector_id"].to_numpy())
+            ids, vectors = self.embeddings.read(embedded["path"].unique(maintain_order=True).to_list(),
+                                                embedded["vector_id"].to_numpy())
             return self.indexes.rebuild(ids, vectors, operation)
 
     def add(self, source: str | Path, name: str | None = None, progress: bool | None = None) -> AddReport:
