@@ -24,6 +24,7 @@ from .imagesets import CheckedImage, ImageSetError, check_image, check_set_name,
 from .index_store import IndexStore, IndexVersion, index_ids, index_vectors
 from .index_types import IndexPolicy, kind_of
 from .ledger import Ledger, insert_rows, to_frame
+from .ivf_search import ivf_searcher
 from .search import flat_searcher
 from .voting import DEFAULT_STRATEGY, STRATEGIES, vote_all_k, vote_weights
 
@@ -102,7 +103,7 @@ class Memory:
         self._encoder_choice = encoder
         self.index_policy = index_policy or IndexPolicy.from_env()
         self._index_cache: tuple[tuple, IndexVersion, object] | None = None
-        self._searcher_cache: tuple[object, object] | None = None  # (index, its FlatSearcher or None)
+        self._searcher_cache: tuple[object, object] | None = None  # (index, its searcher or None)
 
     # ---- encoder -----------------------------------------------------------------------------
 
@@ -393,22 +394,24 @@ class Memory:
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, vector_ids), each (n, min(k, N)), best first. A flat index is searched
         exactly by blocked matrix multiplication over its own stored vectors (search.py; exact
-        ties: lower position first); other index types by FAISS."""
+        ties: lower position first); an IVF-Flat one by FAISS, list by list for large batches
+        (ivf_search.py); other index types by FAISS."""
         if vectors.ndim != 2 or vectors.shape[1] != self.encoder.dim:
             raise EncoderMismatchError(f"query vectors of shape {vectors.shape} do not match encoder {self.encoder.id}")
         _, index = self.live_index()
         k = max(1, min(k, index.ntotal))
-        searcher = self._flat_searcher(index)
+        searcher = self._searcher(index)
         if searcher is not None:
             return searcher.search(vectors, k)
         sims, ids = index.search(np.ascontiguousarray(vectors, np.float32), k)
         return sims, ids
 
-    def _flat_searcher(self, index):
-        """The exact searcher of the live index (None unless flat and not empty), cached with it:
-        it reads the index's own vectors (no copy) and keeps that index alive while cached."""
+    def _searcher(self, index):
+        """The searcher of the live index (exact for a flat one, list-batched for IVF-Flat, None
+        for the rest), cached with it: it reads the index's own vectors or lists (no copy) and
+        keeps that index alive while cached."""
         if self._searcher_cache is None or self._searcher_cache[0] is not index:
-            self._searcher_cache = (index, flat_searcher(index))
+            self._searcher_cache = (index, flat_searcher(index) or ivf_searcher(index))
         return self._searcher_cache[1]
 
     def classify(self, images: list, k: int = DEFAULT_K, strategy: str = DEFAULT_STRATEGY,
