@@ -222,6 +222,7 @@ def test_cli_rebuild_with_an_index_type_prints_the_build_report(tmp_path, encode
                          capture_output=True, text=True, check=True, timeout=300)
     built = json.loads(out.stdout)
     assert built["index_type"].startswith("IVF") and built["build"]["recall_at_10"] >= 0.5
+    assert [f["path"] for f in built["files"]] == [built["path"]] and built["files"][0]["sha256"] == built["sha256"]
     text = subprocess.run(cmd + ["status"], env=env, capture_output=True, text=True, check=True, timeout=300).stdout
     assert "IVF" in text and "recall@10" in text and "index policy: auto" in text
     bad = subprocess.run(cmd + ["rebuild", "--index-type", "ivf-flat", "--recall-floor", "7"], env=env,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import duckdb
@@ -252,10 +253,11 @@ def cmd_rebuild(args) -> int:
     version = memory.rebuild()
     report = memory.indexes.last_build
     if args.json:
-        _print_json({**version.__dict__, "build": report.to_dict() if report else None})
+        _print_json({**asdict(version), "build": report.to_dict() if report else None})
         return 0
     print(f"index version {version.version} written from the ledger and embeddings: "
-          f"{version.n_vectors} vectors, {version.index_type}, sha256 {version.sha256[:16]}…, {version.path}")
+          f"{version.n_vectors} vectors, {version.index_type}, sha256 {version.sha256[:16]}…, {version.path}"
+          + (f" and {len(version.files) - 1} more shard(s)" if len(version.files) > 1 else ""))
     if report:
         print(f"index type: {report.reason}")
         if report.sweep:
