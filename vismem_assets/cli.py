@@ -221,7 +221,8 @@ def cmd_status(args) -> int:
     print(f"\nindex policy: {p['kind']} (IVF-Flat from {p['ivf_from']:,} vectors when its recall@10 on held-out "
           f"memory vectors reaches {p['recall_floor']}; set with VISMEM_INDEX_TYPE, VISMEM_IVF_FROM, VISMEM_RECALL_FLOOR)")
     print(f"adds write delta files while they hold up to {p['delta_fraction']:.0%} of the base's vectors and number "
-          f"{p['max_deltas']} or fewer, then fold into a new base (VISMEM_DELTA_FRACTION, VISMEM_MAX_DELTAS)")
+          f"{p['max_deltas']} or fewer, then fold into a new base (VISMEM_DELTA_FRACTION, VISMEM_MAX_DELTAS); exact bases are "
+          f"written in shards of {p['shard_mib']} MiB (VISMEM_SHARD_MIB)")
     if status["labels"]:
         print("\nactive samples per label:")
         _table(pl.DataFrame({"label": list(status["labels"]), "samples": list(status["labels"].values())}))

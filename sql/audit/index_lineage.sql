@@ -1,8 +1,9 @@
 -- Every index version with its parent and delta: how the live index came to be, of which type,
 -- and the recall its build measured against exact search (NULL: exact). `path` is its first
--- file; `files` all of them (JSON: path, sha256, n_vectors, role = base shard or add's delta).
+-- file; `n_files` how many it has (`index_versions.files`, JSON: path, sha256, n_vectors, role =
+-- base shard or an add's delta).
 SELECT encoder_id, version, parent_version, operation, status, index_type, nprobe, recall_at_10, recall_at_100,
        recall_measured_at, n_vectors, n_added, n_removed, sha256, path,
-       coalesce(json_array_length(files), 1) AS n_files, files, created_at
+       coalesce(json_array_length(files), 1) AS n_files, created_at
 FROM index_versions
 ORDER BY encoder_id, version;
