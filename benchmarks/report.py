@@ -94,13 +94,18 @@ def render(r: dict, command: str = "vismem bench --json") -> str:
         for kind, t in run["types"].items():
             lines += [f"**{kind}** ({t['factory']}, {t['bytes_per_vector']} bytes/vector; trained on {_fmt(t['n_train'])}"
                       f" vectors in {t['train_seconds']} s, {_fmt(run['n'])} added in {t['add_seconds']} s): {t['verdict']}.", ""]
-            lines += _table(["nprobe", "recall@10", "recall@100", "qps", "speed-up"],
-                            [[c["nprobe"], c["recall_at_10"], c["recall_at_100"], c["qps"], c["speedup"]]
-                             for c in t["curve"]])
+            point = t.get("operating_point")
+            rows = [[c["nprobe"], c["recall_at_10"], c["recall_at_100"], c["qps"], c["speedup"]] for c in t["curve"]]
+            if point and point["nprobe"] not in [c["nprobe"] for c in t["curve"]]:
+                rows = sorted([*rows, [point["nprobe"], point["recall_at_10"], point["recall_at_100"], point["qps"],
+                                       point["speedup"]]], key=lambda row: row[0])
+            rows = [[f"**{r[0]}** (used)" if point and r[0] == point["nprobe"] else r[0], *r[1:]] for r in rows]
+            lines += _table(["nprobe", "recall@10", "recall@100", "qps", "speed-up"], rows)
             if t.get("by_batch"):
                 lines += [f"At nprobe {t['operating_point']['nprobe']}, by queries per call (FAISS = its `index.search`,"
-                          " query by query; IVFSearcher = vismem's, list-batched: each probed list read once a call,"
-                          " or FAISS's search below its crossover; the same results):", ""]
+                          " query by query; IVFSearcher = vismem's, list-batched: each probed list read once a call by a"
+                          " compiled kernel that scores it against all the queries probing it, or FAISS's search below"
+                          " its crossover; the same results up to float rounding):", ""]
                 lines += _table(["queries per call", "exact qps", "FAISS IVF qps", "speed-up", "IVFSearcher qps",
                                  "speed-up", "IVFSearcher path"],
                                 [[b["batch"], b["exact_qps"], b["ivf_qps"], b["speedup"], b.get("lists_qps"),

@@ -53,6 +53,9 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   fi
   .venv/bin/python -c 'import torch, faiss, duckdb, polars, transformers, dagster, vismem_assets' \
     || { echo "setup: the environment does not import cleanly (pip log: .venv/pip.log)" >&2; exit 1; }
+  # numba compiles the IVF search kernel once, into its disk cache, so no search waits for it.
+  .venv/bin/python -c 'from vismem_assets.ivf_kernel import compile_now; compile_now()' \
+    || { echo "setup: the IVF search kernel does not compile (numba; pip log: .venv/pip.log)" >&2; exit 1; }
   touch "$STAMP"
 fi
 

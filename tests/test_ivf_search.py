@@ -1,5 +1,5 @@
 """IVFSearcher: list-by-list search of an IVF-Flat inner-product index gives FAISS's own results
-(same similarities bit for bit, same ids up to exact ties, FAISS's padding), on real indexes built
+(similarities to float rounding, the same ids up to near ties, FAISS's padding), on real indexes built
 by index_types' own functions over clustered vectors: both sides of the small-batch crossover,
 k above list sizes and above a query's candidates, empty lists, ids from add_with_ids, with and
 without the direct map, memory-mapped read-only from a file; and it is the exact top k of the
@@ -42,18 +42,26 @@ def flat_ivf():
     return build()
 
 
+ROUNDING = 1e-6  # the kernel sums in another order than FAISS: similarities agree to float rounding
+
+
 def assert_same(got, want):
-    """Similarities equal bit for bit (FAISS's scan computes them); ids equal row by row,
-    except that among neighbours tied exactly at a row's last similarity any may be kept."""
+    """FAISS's results up to float rounding: similarities within ROUNDING, best first, FAISS's
+    padding where FAISS pads; ids equal row by row, except that of neighbours whose similarities
+    are within rounding of the row's k-th best any may be kept, in any order."""
     (gs, gi), (ws, wi) = got, want
     assert gs.dtype == np.float32 and gi.dtype == np.int64 and gs.shape == ws.shape and gi.shape == wi.shape
-    np.testing.assert_array_equal(gs, ws)
+    np.testing.assert_allclose(gs, ws, rtol=0, atol=ROUNDING)
+    np.testing.assert_array_equal(gi == -1, wi == -1)
+    assert np.all(gs[gi == -1] == -np.finfo(np.float32).max)
+    assert np.all(np.diff(gs, axis=1) <= 0)  # best first
     for row in range(len(gs)):
-        last = ws[row, -1]
-        sure = ws[row] > last  # above the k-th similarity: no tie can swap them out
-        assert set(gi[row, sure]) == set(wi[row, sure]), row
-        for value in np.unique(ws[row, sure]):  # ties inside the k best: the same ids, any order
-            assert set(gi[row, gs[row] == value]) == set(wi[row, ws[row] == value]), row
+        sure = ws[row] > ws[row, -1] + ROUNDING  # clearly above the k-th: no near tie can swap them out
+        assert set(wi[row, sure]) <= set(gi[row]), row
+        score_of = dict(zip(wi[row].tolist(), ws[row].tolist()))
+        for i, score in zip(gi[row].tolist(), gs[row].tolist()):
+            if i in score_of:
+                assert abs(score - score_of[i]) <= ROUNDING, (row, i)
         assert len(set(gi[row])) == len(gi[row]) or (gi[row] == -1).any(), row  # no id twice
 
 
@@ -226,5 +234,4 @@ def test_an_ivf_flat_memory_searches_through_the_list_batched_searcher(tmp_path)
     assert isinstance(memory._searcher_cache[1], IVFSearcher) and memory._searcher_cache[0] is index
     plain = faiss.read_index(str(memory.layout.absolute(memory.indexes.live().path)))
     ref_sims, ref_ids = plain.search(queries, 20)
-    np.testing.assert_array_equal(ids, ref_ids)
-    np.testing.assert_allclose(sims, ref_sims, rtol=1e-6)
+    assert_same((sims, ids), (ref_sims, ref_ids))

@@ -202,23 +202,29 @@ def build(vector_ids: np.ndarray, vectors: np.ndarray, policy: IndexPolicy,
                else "exact: asked for (index type flat)")
         return flat_index(vector_ids, vectors), BuildReport("flat", "IDMap2,Flat", why, wanted)
     nlist = nlist_for(n)
-    held_out = min(HELD_OUT, n // 10)
-    if nlist < 4 or held_out < 20:
+    queries_at, train_at = held_out_and_training(n, wanted, nlist, seed)
+    if nlist < 4 or len(queries_at) < 20:
         return flat_index(vector_ids, vectors), BuildReport(
             "flat", "IDMap2,Flat", f"exact: {n:,} vectors are too few to train and check {wanted}", wanted)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    queries_at, train_at = order[:held_out], order[held_out:held_out + training_size(wanted, nlist)]
+    held_out = len(queries_at)
     t0 = time.perf_counter()
     index = train_ivf(wanted, vectors[np.sort(train_at)], nlist, policy.pq_bytes)
     fill(index, vector_ids, vectors)
     train_seconds = time.perf_counter() - t0
     report = BuildReport(wanted, describe(index), "", wanted, nlist=nlist, n_held_out=held_out,
                          n_train=len(train_at), train_seconds=round(train_seconds, 3))
-    _choose_nprobe(index, vector_ids, vectors, queries_at, policy.recall_floor, report)
+    choose_nprobe(index, vector_ids, vectors, queries_at, policy.recall_floor, report)
     if report.nprobe is None:
         return flat_index(vector_ids, vectors), report
     return index, report
+
+
+def held_out_and_training(n: int, kind: str, nlist: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the held-out vectors that measure recall (up to HELD_OUT, a tenth of a small
+    memory) and of the training sample, disjoint, drawn at random."""
+    order = np.random.default_rng(seed).permutation(n)
+    held_out = min(HELD_OUT, n // 10)
+    return order[:held_out], order[held_out:held_out + training_size(kind, nlist)]
 
 
 def flat_index(vector_ids: np.ndarray, vectors: np.ndarray) -> faiss.Index:
@@ -268,7 +274,10 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(hits) / k) if len(hits) else 0.0
 
 
-def _choose_nprobe(index, vector_ids, vectors, queries_at, floor: float, report: BuildReport) -> None:
+def choose_nprobe(index, vector_ids, vectors, queries_at, floor: float, report: BuildReport) -> None:
+    """The smallest nprobe whose recall@10 on the held-out vectors (stored ones, each query's own
+    id left out) reaches the floor, set on the index and written into the report with what was
+    measured; or, where none does or the index is not faster than exact, report.kind "flat"."""
     queries, own = vectors[queries_at], vector_ids[queries_at]
     k_big = min(101, len(vectors))
     t0 = time.perf_counter()
