@@ -64,7 +64,9 @@ def test_human_tables_and_status(cli_home, fm_sets):
     assert status["labels"] == {"Bag": 6, "Sneaker": 6, "Trouser": 6}
     assert status["samples"] == {"active": 18, "quarantined": 1}
     assert status["live_indexes"][0]["version"] == 1
-    assert "live index versions" in run(home, "status").stdout
+    assert status["ivf_search"]["min_batch"] >= 1 and status["ivf_search"]["kernel"].startswith("numba ")
+    text = run(home, "status").stdout
+    assert "live index versions" in text and "IVF-Flat search: calls of" in text
 
 
 def test_eval_json_and_plot(cli_home, tmp_path, fm_sets):

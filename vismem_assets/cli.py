@@ -223,6 +223,10 @@ def cmd_status(args) -> int:
     print(f"adds write delta files while they hold up to {p['delta_fraction']:.0%} of the base's vectors and number "
           f"{p['max_deltas']} or fewer, then fold into a new base (VISMEM_DELTA_FRACTION, VISMEM_MAX_DELTAS); exact bases are "
           f"written in shards of {p['shard_mib']} MiB (VISMEM_SHARD_MIB)")
+    if status.get("ivf_search"):
+        s = status["ivf_search"]
+        print(f"IVF-Flat search: calls of {s['min_batch']} queries or more over {s['min_mib']} MiB or more are searched list "
+              f"by list ({s['kernel']} kernel, {s['threads']} threads); smaller ones by FAISS")
     if status["labels"]:
         print("\nactive samples per label:")
         _table(pl.DataFrame({"label": list(status["labels"]), "samples": list(status["labels"].values())}))

@@ -171,6 +171,14 @@ def _pool():
         return _executor[1]
 
 
+def settings() -> dict:
+    """When the list-batched path is taken and by what (for `vismem status`)."""
+    from importlib.metadata import version
+
+    return {"min_batch": MIN_BATCH, "min_mib": MIN_BYTES >> 20, "threads": _WORKERS,
+            "kernel": f"numba {version('numba')}"}
+
+
 def ivf_searcher(index) -> IVFSearcher | None:
     """The list-batched searcher for an IVF-Flat inner-product index, else None."""
     if index is None or _ivf_flat_ip(index) is None:

@@ -24,7 +24,7 @@ from .imagesets import CheckedImage, ImageSetError, check_image, check_set_name,
 from .index_store import IndexStore, IndexVersion, index_ids, index_vectors
 from .index_types import IndexPolicy, kind_of
 from .ledger import Ledger, insert_rows, to_frame
-from .ivf_search import ivf_searcher
+from .ivf_search import ivf_searcher, settings as ivf_search_settings
 from .search import flat_searcher
 from .voting import DEFAULT_STRATEGY, STRATEGIES, vote_all_k, vote_weights
 
@@ -644,6 +644,7 @@ class Memory:
                           | {"ledger": _du(self.layout.ledger)},
             "index_policy": asdict(self.index_policy),
             "blas": blas_report(),
+            "ivf_search": ivf_search_settings(),
         }
 
 
