@@ -110,6 +110,10 @@ def render(r: dict, command: str = "vismem bench --json") -> str:
                                  "speed-up", "IVFSearcher path"],
                                 [[b["batch"], b["exact_qps"], b["ivf_qps"], b["speedup"], b.get("lists_qps"),
                                   b.get("lists_speedup"), b.get("lists_path") or "–"] for b in t["by_batch"]])
+                first = next((b["lists_first_call_seconds"] for b in t["by_batch"] if b.get("lists_first_call_seconds")), None)
+                if first:
+                    lines += [f"The process's first list-batched call (loading the compiled kernel from numba's disk"
+                              f" cache) took {first} s and is not among the repeats.", ""]
     if add:
         lines += [f"## Add 1% ({_fmt(add['added'])} vectors) to N = {_fmt(add['n'])}, d = {add['d']}", ""]
         lines += ["The add writes a delta file of its vectors; an add that would take the deltas past 10% of the"

@@ -198,6 +198,22 @@ def test_any_number_of_threads_and_chunks(flat_ivf, monkeypatch, workers):
     assert_same(IVFSearcher(index, min_batch=1, min_bytes=0).search(queries[:250], 15), index.search(queries[:250], 15))
 
 
+def test_searches_from_several_threads_at_once(flat_ivf):
+    """One searcher, four callers at once (a Dagster run's threads, a notebook's): the kernel and
+    the shared worker pool keep each call's heaps its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    index, _, _, queries = flat_ivf
+    searcher = IVFSearcher(index, min_batch=1, min_bytes=0)
+    parts = [queries[i::4] for i in range(4)]
+    with ThreadPoolExecutor(4) as callers:
+        results = list(callers.map(lambda q: [searcher.search(q, 12) for _ in range(3)], parts))
+    for q, runs in zip(parts, results):
+        want = index.search(q, 12)
+        for got in runs:
+            assert_same(got, want)
+
+
 def test_other_index_types_are_searched_by_faiss():
     index, _, _, queries = build("ivf-sq8", n=5_000)
     assert ivf_searcher(index) is None
