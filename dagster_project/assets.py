@@ -126,7 +126,7 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
             archive_request_file(config.forget.request_file, "rejected")
             raise
         context.log.info(f"forgot {report.n_samples} samples (request {report.request_id[:12]}); "
-                         f"retained versions rewritten: {report.versions_rewritten}")
+                         f"retained versions erased in place too: {report.versions_rewritten}")
         forgotten = {"forgotten": report.n_samples, "forget_request_id": report.request_id,
                      "forgotten_per_label": table(pl.DataFrame({"label": list(report.per_label()),
                                                                 "samples": list(report.per_label().values())})),
@@ -161,6 +161,7 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
         "path": MetadataValue.path(str(memory.layout.absolute(version.path))),
         "files": len(version.files), "delta_files": len(version.deltas),
         "vectors_in_deltas": sum(d.n_vectors for d in version.deltas),
+        "holes": sum(f.holes for f in version.files),  # forgotten vectors erased in place, until the compaction
         "seconds": round(seconds, 3), "lineage": table(lineage), **forgotten,
     })
 

@@ -27,7 +27,7 @@ def index_file_matches_sha256(visual_memory: VisualMemory) -> AssetCheckResult:
     for file in live.files:
         path = memory.layout.absolute(file.path)
         actual = sha256_file(path) if path.exists() else None
-        rows.append({"file": file.path, "n_vectors": file.n_vectors, "recorded_sha256": file.sha256,
+        rows.append({"file": file.path, "n_vectors": file.n_vectors, "holes": file.holes, "recorded_sha256": file.sha256,
                      "actual_sha256": actual or "file missing", "ok": actual == file.sha256})
     passed = all(r["ok"] for r in rows)
     return AssetCheckResult(

@@ -26,10 +26,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from vismem_assets import audit
+from vismem_assets import audit, erasure
 from vismem_assets.cli import main as cli_main
 from vismem_assets.forgetting import HASHED_FIELDS, ForgetError, ForgetRequest, row_hash
-from vismem_assets.index_store import GENESIS
+from vismem_assets.index_store import GENESIS, index_ids, index_vectors
 from vismem_assets.ledger import audit_queries
 from vismem_assets.memory import Memory
 
@@ -71,9 +71,17 @@ def cli(home: Path, *args) -> tuple[int, str, str]:
 
 
 def faiss_ids(path: Path) -> set[int]:
-    """The vector ids of an index file, read with nothing but FAISS."""
+    """The vector ids of an index file, read with nothing but FAISS (its holes, id -1, aside)."""
     index = faiss.read_index(str(path))
-    return set(faiss.vector_to_array(index.id_map).tolist())
+    return set(faiss.vector_to_array(index.id_map).tolist()) - {-1}
+
+
+def hole_vectors(path: Path) -> np.ndarray:
+    """The vectors a (flat) index file keeps in its holes: what forgetting left where a vector was."""
+    index = faiss.read_index(str(path))
+    ids = faiss.vector_to_array(index.id_map)
+    flat = faiss.downcast_index(index.index)
+    return faiss.rev_swig_ptr(flat.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)[ids == -1]
 
 
 def index_files(home: Path) -> list[Path]:
@@ -159,15 +167,17 @@ def assert_forgotten(memory: Memory, pre: dict, sample_ids: list[str], request_i
 
     # Every retained version file, read with plain FAISS, holds none of them.
     now = {v["version"]: v for v in q("SELECT * FROM index_versions").to_dicts()}
+    kept = {f["path"] for v in now.values() if v["status"] != "purged" for f in json.loads(v["files"])}
     for v in now.values():
         path = root / v["path"]
-        if v["status"] == "purged":
-            assert not path.exists()
+        if v["status"] == "purged":  # its files go, but those a kept version names (erased in place)
+            assert path.exists() == (v["path"] in kept)
             continue
         assert sha_bytes(path.read_bytes()) == v["sha256"]
         assert not faiss_ids(path) & gone_vids, f"version {v['version']} still holds forgotten vectors"
-    for path in index_files(root):  # and no other index file lying around does either
+    for path in index_files(root):  # and no other index file lying around does either,
         assert not faiss_ids(path) & gone_vids, path
+        assert not hole_vectors(path).any(), path  # nor any of their bytes, where they were
     # No index file is byte-identical to a pre-forget version that held them ...
     held = {v["version"]: v for v in pre["versions"] if v["ids"] & gone_vids}
     held_shas = {v["sha256"] for v in held.values()}
@@ -194,7 +204,11 @@ def assert_forgotten(memory: Memory, pre: dict, sample_ids: list[str], request_i
     parquet = sorted(root.glob("embeddings/**/*.parquet"))
     assert parquet
     for path in parquet:
-        assert not set(pl.read_parquet(path, columns=["sample_id"])["sample_id"]) & set(sample_ids), path
+        part = pl.read_parquet(path)
+        assert not set(part["sample_id"]) & set(sample_ids), path
+        if "vector_id" in part.columns:  # (not the cache of query embeddings)
+            assert not set(part["vector_id"]) & gone_vids, path
+            assert not part.filter(pl.col("vector_id") == -1)["vector"].to_numpy().any(), path
     # Images and quarantine copies: gone.
     for folder in (memory.layout.images, memory.layout.quarantine):
         left = [p for p in folder.rglob("*") if p.is_file() and p.name.split(".")[0] in sample_ids]
@@ -346,7 +360,7 @@ def test_forget_prints_a_table_for_people(mem):
     assert rc == 0, err
     assert "forgot 6 sample(s)" in out and "Sandal" in out
     assert "new live index version(s):" in out and ":3" in out
-    assert "retained versions rewritten:" in out and "vismem audit verify" in out
+    assert "retained versions erased in place too:" in out and "vismem audit verify" in out
 
 
 def test_forgetting_a_set_also_removes_its_quarantined_files(mem, sources):
@@ -478,8 +492,8 @@ def test_forgetting_a_class_it_is_never_predicted_and_the_others_keep_their_accu
 
 CRASH_SCRIPT = """
     import os, signal, sys
+    import vismem_assets.erasure as erasure
     import vismem_assets.forgetting as forgetting
-    from vismem_assets.index_store import IndexStore
     from vismem_assets.ledger import Ledger
 
     def die(*args, **kwargs):
@@ -487,8 +501,15 @@ CRASH_SCRIPT = """
         os.kill(os.getpid(), signal.SIGKILL)
 
     point = sys.argv[1]
-    if point == "rewrite_without":     # the new live version is written; retained ones not yet
-        IndexStore.rewrite_without = die
+    apply = erasure.apply
+    def half(path, holes):
+        patch = holes.patches[0]
+        apply(path, erasure.Holes(holes.vector_ids, (erasure.Patch(patch.offsets[:len(patch) // 2 + 1], patch.data),)))
+        die()
+    if point == "erase":               # the erasure recorded (new digests, new live version); no byte changed yet
+        erasure.apply = die
+    elif point == "erase_half":        # ... and some of the first file's vectors zeroed, their ids not yet
+        erasure.apply = half
     elif point == "purge_embeddings":  # every index purged; embeddings, images, proof not yet
         forgetting._purge_embeddings = die
     elif point == "rewrite_file":      # request applied and chained; the ledger file not yet rewritten
@@ -523,20 +544,26 @@ def sandal_ids(sources) -> list[str]:
     return [sid(f) for s in ("A", "B") for f in pngs(sources[s] / "Sandal")]
 
 
-def test_killed_while_rewriting_retained_versions_then_resumed(mem, sources, encoder):
+@pytest.mark.parametrize("point", ["erase", "erase_half"])
+def test_killed_mid_erasure_the_memory_still_searches_then_resumed(mem, sources, encoder, point):
     pre = capture(mem)
     ids = sandal_ids(sources)
+    gone = {pre["vector_id"][s] for s in ids}
 
-    crash(mem.layout.root, "rewrite_without", *SANDAL_ARGS)
+    crash(mem.layout.root, point, *SANDAL_ARGS)
 
     after = Memory(mem.layout.root, encoder=encoder)
     assert_pending_and_blocked(after, SANDAL.request_id, ids)
-    live = after.indexes.live()                                   # the new live version was written ...
+    live = after.indexes.live()                                   # the new live version is recorded ...
     assert live.operation == "forget" and live.version == 3
-    assert not faiss_ids(after.layout.absolute(live.path)) & {pre["vector_id"][s] for s in ids}
-    v1 = after.ledger.query("SELECT path, sha256 FROM index_versions WHERE version = 1").row(0)
-    assert v1[1] == pre["versions"][0]["sha256"]                  # ... the retained v1 not yet
+    v1 = after.layout.absolute(after.ledger.query("SELECT path FROM index_versions WHERE version = 1")["path"][0])
+    assert faiss_ids(v1) & gone                                   # ... its bytes not (all) erased yet
     assert any("v000001" in p and "forgotten vector" in p for p in audit.verify(after).problems)
+    # Searching still works (each file checked as it will be once erased) and finds none of them.
+    _, index = after.live_index()
+    assert not set(index_ids(index).tolist()) & gone and index.ntotal == len(pre["live"]["ids"] - gone)
+    sims, found = after.search(index_vectors(index)[:5], k=index.ntotal)
+    assert not set(found.ravel().tolist()) & gone
     # Already blocked: re-ingesting the set does not bring them back.
     again = after.add(sources["A"])
     assert again.ingest.blocked == 4 and again.ingest.added == 0 and again.index_version == 3
@@ -750,10 +777,10 @@ TAMPERING = {
                                        "UPDATE deletions SET seq = 3 WHERE seq = 100"),
                   r"seq=2 .*(prev_hash|row_hash) does not match"),
     "truncated": (lambda m: tamper_sql(m, "DELETE FROM deletions WHERE seq >= 7"),
-                  r"v000004\.json records 8 deletions .*ledger holds 6: the chain was truncated"),
+                  r"v\d{6}\.json records 8 deletions .*ledger holds 6: the chain was truncated"),
     "rechained": (lambda m: (tamper_sql(m, "UPDATE deletions SET reason = 'routine cleanup' WHERE seq = 2"),
                              recompute_chain(m)),
-                  r"v000004\.json: chain head .* is not deletions row seq=8: the chain was rewritten"),
+                  r"v\d{6}\.json: chain head .* is not deletions row seq=8: the chain was rewritten"),
 }
 
 
@@ -787,8 +814,10 @@ def test_a_forgotten_vector_put_back_into_a_retained_file_is_found(fmem, base_ho
     sandal = sid(pngs(sources["A"] / "Sandal")[0])
     vid = fmem.ledger.query("SELECT vector_id FROM samples WHERE sample_id = ?", [sandal])["vector_id"][0]
     retained = fmem.layout.absolute(fmem.ledger.query("SELECT path FROM index_versions WHERE version = 1")["path"][0])
-    assert retained.name.startswith("v000001.r")                 # rewritten without the Sandals
-    pristine = faiss.read_index(str(base_home / "indexes" / retained.parent.name / "v000001.faiss"))
+    before = base_home / "indexes" / retained.parent.name / retained.name
+    assert sha_bytes(retained.read_bytes()) != sha_bytes(before.read_bytes())   # the Sandals erased in place
+    assert len(hole_vectors(retained)) and vid not in faiss_ids(retained)
+    pristine = faiss.read_index(str(before))
     vector = pristine.reconstruct(int(vid))                      # the vector as it was before forgetting
     index = faiss.read_index(str(retained))
     index.add_with_ids(vector[None, :].astype(np.float32), np.array([vid], dtype=np.int64))
@@ -800,6 +829,20 @@ def test_a_forgotten_vector_put_back_into_a_retained_file_is_found(fmem, base_ho
     assert any(p.startswith(rel) and f"id {vid}" in p for p in report.problems), report.problems
     rc, _, err = cli(fmem.layout.root, "audit", "verify")
     assert rc == 1 and rel in err
+
+
+def test_a_forgotten_vector_written_back_into_its_hole_is_found(fmem, base_home):
+    retained = fmem.layout.absolute(fmem.ledger.query("SELECT path FROM index_versions WHERE version = 1")["path"][0])
+    holes = erasure.index_holes(retained, [], holes_too=True)
+    assert len(holes)
+    before = faiss.read_index(str(base_home / "indexes" / retained.parent.name / retained.name))
+    with open(retained, "r+b") as f:                             # the bytes only, the id stays -1
+        f.seek(int(holes.patches[0].offsets[0]))
+        f.write(index_vectors(before)[0].tobytes())
+
+    report = audit.verify(fmem)
+
+    assert report.problems == [f"{fmem.layout.relative(retained)} has holes whose bytes were not erased"]
 
 
 def test_a_forgotten_image_dropped_back_into_the_store_is_found(fmem, sources):

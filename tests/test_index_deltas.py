@@ -1,8 +1,8 @@
 """Delta files: a small add writes only its vectors (the base file is not read or rewritten),
 loading a version sees base and deltas as one index, adds fold into a new base past the
-policy's limits, and forgetting rewrites only the files that hold a forgotten vector, once
-for every version sharing them, deleting a file only when no version names it. Real FAISS
-files, a real ledger, the real forgetting path and audit."""
+policy's limits, and forgetting erases in place only in the files that hold a forgotten
+vector, once for every version sharing them, and only those vectors' bytes. Real FAISS files,
+a real ledger, the real forgetting path and audit."""
 from __future__ import annotations
 
 import hashlib
@@ -35,7 +35,14 @@ def add_set(memory, n: int, name: str, seed: int):
 
 
 def file_ids(memory, rel: str) -> set[int]:
-    return set(index_ids(faiss.read_index(str(memory.layout.absolute(rel)))).tolist())
+    """The ids FAISS reads in a file, its holes (id -1, where a forgotten vector was) aside."""
+    return set(index_ids(faiss.read_index(str(memory.layout.absolute(rel)))).tolist()) - {-1}
+
+
+def changed_bytes(before: bytes, path) -> int:
+    after = path.read_bytes()
+    assert len(after) == len(before)
+    return int(np.count_nonzero(np.frombuffer(after, np.uint8) != np.frombuffer(before, np.uint8)))
 
 
 def files_on_disk(memory) -> set[str]:
@@ -118,25 +125,30 @@ def test_policy_limits_are_checked_and_read_from_the_environment():
         IndexPolicy.from_env({"VISMEM_MAX_DELTAS": "many"})
 
 
-def test_forgetting_from_a_delta_rewrites_only_the_delta(memory):
+def test_forgetting_from_a_delta_erases_in_the_delta_only_its_vectors(memory):
     add_set(memory, 50, "d1", seed=1)
     add_set(memory, 50, "d2", seed=2)
     parent = memory.indexes.live()
+    delta = memory.layout.absolute(parent.deltas[1].path)
+    before, stamps = delta.read_bytes(), {f.path: memory.layout.absolute(f.path).stat().st_mtime_ns for f in parent.files}
     victims = sorted(file_ids(memory, parent.deltas[1].path))[:3]
     memory.forget(ForgetRequest(requested_by="test", reason="delta", sample_ids=samples_of(memory, victims)))
     live = memory.indexes.live()
     assert live.operation == "forget" and live.n_vectors == parent.n_vectors - 3
-    assert live.path == parent.path and live.sha256 == parent.sha256          # base shared, not rewritten
-    assert live.deltas[0] == parent.deltas[0]                                 # first delta shared
-    assert live.deltas[1].path != parent.deltas[1].path and live.deltas[1].n_vectors == 47
-    assert not file_ids(memory, live.deltas[1].path) & set(victims)
-    assert not memory.layout.absolute(parent.deltas[1].path).exists()         # no version names it now
+    assert live.files[:2] == parent.files[:2]                                  # base and first delta untouched
+    assert all(memory.layout.absolute(f.path).stat().st_mtime_ns == stamps[f.path] for f in parent.files[:2])
+    erased = live.deltas[1]
+    assert erased.path == parent.deltas[1].path and (erased.n_vectors, erased.holes) == (47, 3)
+    assert erased.sha256 == sha(memory, erased.path) != parent.deltas[1].sha256
+    assert not file_ids(memory, erased.path) & set(victims)
+    # Only the three vectors and their ids changed, in place: at most 3 x (4 d + 8) bytes.
+    assert 0 < changed_bytes(before, delta) <= 3 * (4 * D + 8)
     assert memory.index_consistency()["ok"] and audit.verify(memory).ok
 
 
-def test_a_file_shared_by_retained_versions_is_rewritten_once(memory):
-    """Base B is named by three versions (B, B+d1, B+d1+d2): forgetting a vector of B writes one
-    new base for all of them, and no file anywhere holds the vector."""
+def test_a_file_shared_by_retained_versions_is_erased_once(memory):
+    """Base B is named by three versions (B, B+d1, B+d1+d2): forgetting a vector of B erases it
+    in B, once, for all of them; no file is written or deleted, and no file holds the vector."""
     base = memory.indexes.live()
     add_set(memory, 50, "d1", seed=1)
     add_set(memory, 50, "d2", seed=2)
@@ -144,15 +156,14 @@ def test_a_file_shared_by_retained_versions_is_rewritten_once(memory):
     before = files_on_disk(memory)
     memory.forget(ForgetRequest(requested_by="test", reason="base", sample_ids=samples_of(memory, victim)))
     versions = [v for v in memory.indexes.versions() if v.status != "purged"]
-    bases = {v.path for v in versions}
-    assert len(bases) == 1 and base.path not in bases                         # one rewrite, named by all
+    assert {v.path for v in versions} == {base.path} and len({v.sha256 for v in versions}) == 1
+    erasures = memory.ledger.query("SELECT path, n_erased, old_sha256, new_sha256 FROM index_erasures").rows()
+    assert erasures == [(base.path, 2, base.sha256, versions[0].sha256)]
     rewrites = memory.ledger.query("SELECT version, old_path, new_path, n_removed FROM index_rewrites ORDER BY version")
-    assert set(rewrites["new_path"]) <= bases and set(rewrites["old_path"]) == {base.path}
+    assert set(rewrites["old_path"]) == set(rewrites["new_path"]) == {base.path} and set(rewrites["n_removed"]) == {2}
     assert all(not file_ids(memory, f.path) & set(victim) for v in versions for f in v.files)
     assert audit.verify(memory).ok and memory.index_consistency()["ok"]
-    # Deltas were shared, not copied: the only new files are the base's rewrite.
-    after = files_on_disk(memory)
-    assert after - before == bases and before - after == {base.path}
+    assert files_on_disk(memory) == before
 
 
 def test_retention_keeps_files_a_kept_version_still_names(memory):
@@ -246,16 +257,19 @@ def test_an_exact_base_is_written_in_shards_and_read_as_one(sharded):
     np.testing.assert_allclose(sharded.search(queries, 20)[0], reference.search(queries, 20)[0], rtol=1e-5, atol=1e-6)
 
 
-def test_forgetting_one_vector_rewrites_one_shard(sharded):
+def test_forgetting_one_vector_erases_it_in_its_shard(sharded):
     before = sharded.indexes.live()
     victim = sorted(file_ids(sharded, before.files[1].path))[0]
     sharded.forget(ForgetRequest(requested_by="test", reason="one", sample_ids=samples_of(sharded, [victim])))
     live = sharded.indexes.live()
-    assert live.files[0] == before.files[0] and live.files[2] == before.files[2]     # shared, untouched
-    assert os.path.basename(live.files[1].path) == f"v{live.version:06d}.s001.faiss"
-    assert live.files[1].n_vectors == 8191 and victim not in file_ids(sharded, live.files[1].path)
-    assert not sharded.layout.absolute(before.files[1].path).exists()
+    assert live.files[0] == before.files[0] and live.files[2] == before.files[2]     # untouched
+    assert live.files[1].path == before.files[1].path and live.files[1].sha256 != before.files[1].sha256
+    assert (live.files[1].n_vectors, live.files[1].holes) == (8191, 1)
+    assert victim not in file_ids(sharded, live.files[1].path)
     assert audit.verify(sharded).ok and sharded.index_consistency()["ok"]
-    # A small add then goes into a delta beside the shards, and a rebuild writes shards afresh.
+    # A small add then goes into a delta beside the shards, and a rebuild writes shards afresh, without holes.
     assert add_set(sharded, 100, "late", seed=3).files[-1].role == "delta"
-    assert [f.role for f in sharded.rebuild().files] == ["base"] * 3
+    rebuilt = sharded.rebuild()
+    assert [f.role for f in rebuilt.files] == ["base"] * 3 and not any(f.holes for f in rebuilt.files)
+    assert set().union(*(set(index_ids(faiss.read_index(str(sharded.layout.absolute(f.path)))).tolist())
+                         for f in rebuilt.files)) == set(sharded.indexes.ids().tolist())

@@ -10,12 +10,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 import polars as pl
 
+from . import erasure
 from .forgetting import HASHED_FIELDS, row_hash
-from .index_store import GENESIS, index_ids
+from .index_store import GENESIS
 
 
 @dataclass
@@ -81,24 +81,33 @@ def check_manifests(memory, rows: pl.DataFrame, report: AuditReport) -> None:
 
 
 def find_traces(memory, sample_ids: list[str], vector_ids: np.ndarray, report: AuditReport | None = None) -> list[str]:
-    """Where do these samples still exist? Every index file, embedding file and stored image."""
+    """Where do these samples still exist? Every index file, embedding file and stored image.
+    A hole a forget left in a file (id -1) must hold no bytes of what was there either."""
     problems = []
     counts = {"index_files": 0, "embedding_files": 0, "image_files": 0}
     root = memory.layout.root
     if len(vector_ids):
         for path in sorted(root.glob("indexes/*/*.faiss")):
             counts["index_files"] += 1
-            held = np.intersect1d(index_ids(faiss.read_index(str(path))), vector_ids)
+            found = erasure.index_holes(path, vector_ids, holes_too=True)
+            held = np.intersect1d(found.vector_ids, vector_ids)
             if len(held):
                 problems.append(f"{memory.layout.relative(path)} holds {len(held)} forgotten vector(s), e.g. id {held[0]}")
+            elif not erasure.applied(path, found):
+                problems.append(f"{memory.layout.relative(path)} has holes whose bytes were not erased")
     wanted = set(sample_ids)
     if wanted:
         for path in sorted(root.glob("embeddings/**/*.parquet")):
             counts["embedding_files"] += 1
-            ids = set(pl.read_parquet(path, columns=["sample_id"])["sample_id"])
-            held = ids & wanted
-            if held:
+            part = pl.read_parquet(path)
+            if "vector_id" not in part.columns:  # the cache of query embeddings
+                part = part.with_columns(vector_id=pl.lit(None, pl.Int64))
+            held = part.filter(pl.col("sample_id").is_in(list(wanted)) | pl.col("vector_id").is_in(vector_ids.tolist()))
+            holes = part.filter(pl.col("vector_id") == erasure.HOLE_ID)
+            if len(held):
                 problems.append(f"{memory.layout.relative(path)} holds {len(held)} forgotten embedding(s)")
+            elif len(holes) and (holes["vector"].to_numpy().any() or (holes["sample_id"] != "0" * 64).any()):
+                problems.append(f"{memory.layout.relative(path)} has erased rows that still hold a vector or sample id")
         for folder in (memory.layout.images, memory.layout.quarantine):
             for path in folder.rglob("*"):
                 counts["image_files"] += 1

@@ -211,8 +211,11 @@ def cmd_status(args) -> int:
     if status["live_indexes"]:
         print("\nlive index versions:")
         live = pl.DataFrame(status["live_indexes"])
-        _table(live.select("version", "n_vectors", "index_type", "nprobe", "recall_at_10", "path", "files",
+        _table(live.select("version", "n_vectors", "index_type", "nprobe", "recall_at_10", "path", "files", "holes",
                            "created_at"))
+        if live["holes"].sum():
+            print("  holes: entries of forgotten vectors, erased in place; the next compaction (vismem compact) "
+                  "writes the index without them")
         for row in live.iter_rows(named=True):
             if row["build_reason"]:
                 measured = f" (measured at the build of version {row['recall_measured_at']})" if row["recall_at_10"] else ""
@@ -296,7 +299,7 @@ def cmd_forget(args) -> int:
         _table(pl.DataFrame({"label": list(report.per_label()), "samples": list(report.per_label().values())}))
     if not report.dry_run:
         print(f"new live index version(s): {', '.join(report.index_versions) or 'none (no vectors held)'}")
-        print(f"retained versions rewritten: {', '.join(report.versions_rewritten) or 'none'}")
+        print(f"retained versions erased in place too: {', '.join(report.versions_rewritten) or 'none'}")
         print(f"embedding/image files purged: {report.files_removed}; took {report.seconds:.2f} s")
         print("check it: vismem audit verify")
     return 0

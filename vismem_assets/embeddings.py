@@ -13,6 +13,7 @@ import numpy as np
 import polars as pl
 
 from .atomic import atomic_path
+from .erasure import HOLE_ID
 from .encoders.base import EncoderMismatchError
 from .home import Layout
 
@@ -45,6 +46,7 @@ class EmbeddingStore:
         if not paths:
             return np.empty(0, np.int64), np.empty((0, self.dim), np.float32)
         frame = pl.concat([pl.read_parquet(self.layout.absolute(p), columns=["vector_id", "vector"]) for p in paths])
+        frame = frame.filter(pl.col("vector_id") != HOLE_ID)  # erased rows (a forgotten sample's)
         if keep_vector_ids is not None:
             frame = frame.filter(np.isin(frame["vector_id"].to_numpy(), keep_vector_ids))
         frame = frame.unique("vector_id", keep="first").sort("vector_id")
@@ -58,6 +60,7 @@ class EmbeddingStore:
 
 
 def write_part(frame: pl.DataFrame, path: Path) -> None:
-    """Uncompressed: float32 vectors do not compress (zstd saved 9% of the bytes here and made
-    writing 4x and reading 1.5x slower), and forgetting rewrites parts."""
-    frame.write_parquet(path, compression="uncompressed")
+    """Uncompressed (float32 vectors do not compress: zstd saved 9% of the bytes here and made
+    writing 4x and reading 1.5x slower) and without statistics (a page's min or max would be a
+    value of one of its rows): so forgetting can erase a row where it is (erasure.py)."""
+    frame.write_parquet(path, compression="uncompressed", statistics=False)

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from . import erasure
 from .atomic import atomic_path
 from .embeddings import write_part
-from .index_store import GENESIS, IndexStore, index_ids
+from .index_store import GENESIS, IndexStore
 from .ledger import insert_rows, to_frame
 
 CATEGORIES = ("gdpr", "license", "quality", "bias", "other")
@@ -189,7 +190,7 @@ def apply_pending(memory, only: str | None = None) -> dict[str, tuple[list[str],
             sample_ids = targets["sample_id"].to_list()
             new_versions = _purge_indexes(memory, vector_ids, request_id)
             rewritten = _rewritten_versions(con, request_id)
-            removed = _purge_embeddings(memory, con, sample_ids) + _purge_files(memory, targets)
+            removed = _purge_embeddings(memory, con, sample_ids, vector_ids) + _purge_files(memory, targets)
             con.execute("DELETE FROM sample_weights WHERE vector_id IN (SELECT unnest(?::BIGINT[]))",
                         [vector_ids.tolist()])
             memory._index_cache = None
@@ -234,48 +235,51 @@ def _index_stores(memory, con) -> list[IndexStore]:
 
 
 def _purge_indexes(memory, vector_ids: np.ndarray, request_id: str) -> list[str]:
-    """A new live version without the vectors, and every retained version rewritten without them;
+    """Erase the vectors in place from every index file of every version that holds them;
     returns the new live versions ("slug:version")."""
     new_versions = []
     with memory.ledger.connect() as con:
         for store in _index_stores(memory, con):
-            slug = store.root.name
-            rewritten = {}  # old file -> its rewrite: a file versions share is rewritten once
-            version = store.remove(vector_ids, rewritten)
+            version = store.erase(vector_ids, request_id)
             if version is not None:
-                new_versions.append(f"{slug}:{version.version}")
-                # The version it replaced, rewritten without them, would equal it byte for byte
-                # in content: purge it instead of writing the same vectors twice.
-                store.purge(version.parent_version, note=f"superseded by forget version {version.version}")
-            for old in store.versions():
-                if old.status == "retained":
-                    store.rewrite_without(old, vector_ids, request_id, rewritten)
+                new_versions.append(f"{store.root.name}:{version.version}")
             store.remove_unreferenced_files()
     return new_versions
 
 
-def _purge_embeddings(memory, con, sample_ids: list[str]) -> int:
-    """Rewrite each parquet part that holds a forgotten row; the ledger moves to the new part first."""
-    parts = [p for (p,) in con.execute(
-        "SELECT DISTINCT path FROM embeddings WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [sample_ids]).fetchall()]
+def _purge_embeddings(memory, con, sample_ids: list[str], vector_ids: np.ndarray) -> int:
+    """Erase the rows in place from each embedding part that holds them (erasure.py), or, for a
+    part not laid out for that (written before it), rewrite the part without them."""
+    parts = dict(con.execute("SELECT DISTINCT e.path, c.dim FROM embeddings e JOIN encoders c USING (encoder_id)"
+                             " WHERE e.sample_id IN (SELECT unnest(?::VARCHAR[]))", [sample_ids]).fetchall())
+    present = [p for p in parts if memory.layout.absolute(p).exists()]
+    metadata: dict[str, list[dict]] = {}
+    if present:  # every footer in one query
+        rows = to_frame(con.execute("SELECT * FROM parquet_metadata(?::VARCHAR[])",
+                                    [[str(memory.layout.absolute(p)) for p in present]]))
+        for row in rows.to_dicts():
+            metadata.setdefault(memory.layout.relative(Path(row["file_name"])), []).append(row)
     forgotten = pl.Series(sample_ids, dtype=pl.String)
-    for rel in parts:
-        old = memory.layout.absolute(rel)
-        frame = pl.read_parquet(old) if old.exists() else None
-        if frame is not None:
-            keep = frame.filter(~pl.col("sample_id").is_in(forgotten.implode()))
-            new_rel = None
+    moved = {}
+    for rel in present:
+        path = memory.layout.absolute(rel)
+        try:
+            erasure.apply(path, erasure.part_holes(path, metadata[rel], vector_ids, parts[rel]))
+        except erasure.LayoutError:
+            keep = pl.read_parquet(path).filter(~pl.col("sample_id").is_in(forgotten.implode()))
+            moved[rel] = None
             if len(keep):
-                new = old.with_name(f"part-{uuid.uuid4().hex[:16]}.parquet")
+                new = path.with_name(f"part-{uuid.uuid4().hex[:16]}.parquet")
                 with atomic_path(new) as tmp:
                     write_part(keep, tmp)
-                new_rel = memory.layout.relative(new)
-        with memory.ledger.transaction():
-            con.execute("DELETE FROM embeddings WHERE path = ? AND sample_id IN (SELECT unnest(?::VARCHAR[]))",
-                        [rel, sample_ids])
-            if frame is not None and new_rel:
-                con.execute("UPDATE embeddings SET path = ? WHERE path = ?", [new_rel, rel])
-        old.unlink(missing_ok=True)
+                moved[rel] = memory.layout.relative(new)
+    with memory.ledger.transaction():
+        con.execute("DELETE FROM embeddings WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [sample_ids])
+        for old, new in moved.items():
+            if new:
+                con.execute("UPDATE embeddings SET path = ? WHERE path = ?", [new, old])
+    for old in moved:
+        memory.layout.absolute(old).unlink(missing_ok=True)
     # Cached query embeddings are vectors too.
     for cache in memory.layout.root.glob("embeddings/*/_queries.parquet"):
         frame = pl.read_parquet(cache)

@@ -12,29 +12,33 @@ index_types.py.
   share of the base (`delta_fraction`, 10%) or number (`max_deltas`), an add folds them and the
   new vectors into a new base of the base's type instead. Loading a version adds its deltas'
   vectors to its base, so every reader sees one index.
-* Forgetting rewrites only the files that hold a forgotten vector (each once, whichever
-  versions share it); the rest stay shared. A file is deleted once no version names it.
+* Forgetting erases in place (erasure.py): in each file that holds a forgotten vector,
+  whichever versions share it, the vector's bytes and id are overwritten, leaving a hole that
+  `load` drops. The file's new sha256 is recorded, in every version naming it, before a byte
+  changes; the new live version names the same files. A file is deleted once no version names it.
 
 Files are written whole to a temp file, fsynced and renamed, and only then recorded in the
 ledger (which marks the new version live and its parent retained). A crash at any point leaves
-the previous version live and loadable; the ledger never names a file that was not completed.
+the previous version live and loadable (a file a crash left half erased is checked as it will be
+once erased, and its forgotten vectors are dropped); the ledger never names a file that was not
+completed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import re
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from . import erasure
 from .atomic import atomic_path, write_bytes_atomic
 from .encoders.base import EncoderMismatchError
 from .home import Layout
-from .index_types import (BuildReport, IndexPolicy, build, describe, flat_index, index_ids, kind_of,
-                          new_flat_index, remove_ids)
+from .index_types import BuildReport, IndexPolicy, build, describe, flat_index, index_ids, kind_of, new_flat_index
 from .ledger import Ledger
 
 __all__ = ["IndexStore", "IndexVersion", "IndexFile", "IndexIntegrityError", "index_ids", "index_vectors",
@@ -52,6 +56,7 @@ class IndexFile:
     sha256: str
     n_vectors: int
     role: str = "base"   # base (the index type's own file, or a shard of it) | delta (exact, from an add)
+    holes: int = 0       # erased entries (id -1) it still holds beside its n_vectors, until a compaction
 
 
 @dataclass(frozen=True)
@@ -123,23 +128,34 @@ def index_vectors(index: faiss.Index, copy: bool = True) -> np.ndarray:
     return view.copy() if copy else view
 
 
+def _without(index: faiss.Index, unfinished: np.ndarray) -> faiss.Index:
+    """The index (read whole) without its holes and without these ids, where it has any. An IVF
+    index drops its hash-table direct map for that (it only removes listed ids, and holes share
+    one id), and gets it back rebuilt from the lists."""
+    ids = index_ids(index)
+    gone = (ids == erasure.HOLE_ID) | np.isin(ids, unfinished)
+    if not gone.any():
+        return index
+    selector = faiss.IDSelectorBatch(np.unique(ids[gone]))
+    ivf = faiss.extract_index_ivf(index) if kind_of(index) != "flat" else None
+    if ivf is not None:
+        ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+    index.remove_ids(selector)
+    if ivf is not None:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return index
+
+
 def nprobe_of(index) -> int | None:
     return faiss.extract_index_ivf(index).nprobe if kind_of(index) != "flat" else None
 
 
 def file_name(version: int, position: int, role: str) -> str:
     """`v<version>.faiss` for the first file a version writes, then `.s<j>` for base shards and
-    `.delta` for an add's delta (`.delta<j>` where a forget rewrote one)."""
+    `.delta` for an add's delta."""
     if role == "delta":
-        return f"v{version:06d}.delta{position or ''}.faiss"
+        return f"v{version:06d}.delta.faiss"
     return f"v{version:06d}.faiss" if position == 0 else f"v{version:06d}.s{position:03d}.faiss"
-
-
-def rewritten_name(path: str, request_id: str) -> str:
-    """The name a file gets when a forget request rewrites it: the same for the same file and
-    request, so a retry after a crash finds what the first attempt wrote."""
-    stem = re.sub(r"\.r[0-9a-f]{12}$", "", Path(path).name.removesuffix(".faiss"))
-    return f"{stem}.r{request_id[:12]}.faiss"
 
 
 _COLUMNS = ("encoder_id, version, path, sha256, parent_version, operation, n_vectors, n_added, n_removed, status,"
@@ -171,48 +187,61 @@ class IndexStore:
 
     def load(self, version: IndexVersion | None = None, mmap: bool = False) -> tuple[IndexVersion, faiss.Index]:
         """Read a version (the live one by default) as one index, refusing bytes that don't match
-        the ledger: its base, with its shards' and deltas' vectors added. `mmap`: map the vectors
-        or inverted lists instead of reading them into memory (for searching: the pages are the
-        file's, shared and reclaimable); such an index must not be changed (FAISS would write
-        into a read-only mapping), so writers load without it, and so does a version of several
-        files (until the next fold or compaction)."""
+        the ledger: its base, with its shards' and deltas' vectors added, without holes (erased
+        entries) or the vectors of a forget request a crash left unfinished. `mmap`: map the
+        vectors or inverted lists instead of reading them into memory (for searching: the pages
+        are the file's, shared and reclaimable); such an index must not be changed (FAISS would
+        write into a read-only mapping), so writers load without it, and so does a version of
+        several files or with holes (until the next fold or compaction)."""
         version = version or self.live()
         if version is None:
-            raise FileNotFoundError(f"no index yet for encoder {self.encoder_id}: add an image set first (vismem add)")
-        first = self._read(version.files[0], version, mmap=mmap and len(version.files) == 1)
+            raise FileNotFoundError(f"no index for encoder {self.encoder_id} yet: add an image set first (vismem add)")
+        unfinished = self._unfinished_forgets()
+        whole = len(version.files) == 1 and not version.files[0].holes
+        first, mapped = self._read(version.files[0], version, unfinished, mmap=mmap and whole)
         if len(version.files) == 1:
-            return version, first
+            return version, first if mapped else _without(first, unfinished)
         # An exact index is gathered into one fresh flat index (one copy of each file's vectors);
         # an IVF base gets the deltas' vectors assigned to its lists.
-        index = new_flat_index(self.dim) if kind_of(first) == "flat" else first
+        index = new_flat_index(self.dim) if kind_of(first) == "flat" else _without(first, unfinished)
         for file in version.files:
-            part = first if file is version.files[0] else self._read(file, version)
+            part = first if file is version.files[0] else self._read(file, version, unfinished)[0]
             if part is not index and part.ntotal:
-                index.add_with_ids(index_vectors(part, copy=False), index_ids(part))
+                ids = index_ids(part)
+                keep = (ids != erasure.HOLE_ID) & ~np.isin(ids, unfinished)
+                index.add_with_ids(index_vectors(part, copy=False)[keep], ids[keep])
         return version, index
 
     def ids(self, version: IndexVersion | None = None) -> np.ndarray:
-        """The vector ids a version holds, without reading its vectors: each file memory-mapped,
-        only the pages of its ids touched. Integrity is `load`'s check, made before anything is
-        searched or rewritten; this only decides what is already in."""
+        """The vector ids a version holds (holes aside), without reading its vectors: each file
+        memory-mapped, only the pages of its ids touched. Integrity is `load`'s check, made before
+        anything is searched or changed; this only decides what is already in."""
         version = version or self.live()
         if version is None:
             return np.empty(0, np.int64)
-        return np.concatenate([self.file_ids(f) for f in version.files])
+        ids = np.concatenate([self.file_ids(f) for f in version.files])
+        return ids[ids != erasure.HOLE_ID]
 
     def file_ids(self, file: IndexFile) -> np.ndarray:
-        path = self.layout.absolute(file.path)
-        if not path.exists():
-            raise IndexIntegrityError(f"index file {path} is missing; run `vismem rebuild` to write a fresh version")
-        return index_ids(faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY))
+        return index_ids(faiss.read_index(str(self._existing(file.path)), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY))
 
-    def _read(self, file: IndexFile, version: IndexVersion, mmap: bool = False) -> faiss.Index:
-        path = self.layout.absolute(file.path)
+    def _existing(self, relative: str, version: IndexVersion | None = None) -> Path:
+        path = self.layout.absolute(relative)
         if not path.exists():
-            raise IndexIntegrityError(
-                f"index version {version.version} is missing its file {path}; run `vismem rebuild` to write a fresh version"
-            )
+            raise IndexIntegrityError(f"index {f'version {version.version} is missing its file' if version else 'file'} "
+                                      f"{path}{'' if version else ' is missing'}; run `vismem rebuild` to write a fresh version")
+        return path
+
+    def _read(self, file: IndexFile, version: IndexVersion, unfinished: np.ndarray,
+              mmap: bool = False) -> tuple[faiss.Index, bool]:
+        """(the file's index, whether it is memory-mapped). Its bytes must hash to what the ledger
+        recorded, or, while a forget request is unfinished, to that once its erasure is done
+        (a crash mid-erasure): then it is read whole, for `load` to drop what it erases."""
+        path = self._existing(file.path, version)
         actual = sha256_file(path)
+        if actual != file.sha256 and (file.holes or len(unfinished)):
+            if erasure.sha256_patched(path, erasure.index_holes(path, unfinished, holes_too=True)) == file.sha256:
+                actual, mmap = file.sha256, False
         if actual != file.sha256:
             raise IndexIntegrityError(
                 f"index file {path} has sha256 {actual[:12]}… but the ledger recorded {file.sha256[:12]}… "
@@ -222,7 +251,13 @@ class IndexStore:
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0)
         if index.d != self.dim:
             raise EncoderMismatchError(f"index {path} has dimension {index.d}, encoder {self.encoder_id} has {self.dim}")
-        return index
+        return index, mmap
+
+    def _unfinished_forgets(self) -> np.ndarray:
+        """Vector ids of forget requests accepted but not yet applied (a crash mid-way)."""
+        rows = self.ledger.query("SELECT t.vector_id FROM forget_targets t JOIN forget_requests r USING (request_id)"
+                                 " WHERE r.state = 'pending' AND t.vector_id IS NOT NULL")
+        return rows["vector_id"].to_numpy().astype(np.int64) if len(rows) else np.empty(0, np.int64)
 
     # ---- writing versions --------------------------------------------------------------------
 
@@ -266,82 +301,80 @@ class IndexStore:
             base = self._write_base(index, version)
             return self._record(con, version, self.live(), operation, base, index, base, report=self.last_build)
 
-    def remove(self, vector_ids: np.ndarray, rewritten: dict | None = None) -> IndexVersion | None:
-        """A new live version without these vectors (really removed, not filtered at search time).
-        Only the files holding some are rewritten; `rewritten` collects old path -> new file, so
-        retained versions sharing those files reuse the rewrite (`rewrite_without`)."""
-        vector_ids = np.asarray(vector_ids, np.int64)
-        with self.ledger.connect() as con:
-            parent = self.live()
-            if parent is None:
-                return None
-            held = [np.intersect1d(self.file_ids(f), vector_ids) for f in parent.files]
-            if not any(len(h) for h in held):
-                return None
-            version = self._next_version(con)
-            files, written, base_index = [], [], None
-            for j, (file, gone) in enumerate(zip(parent.files, held)):
-                if not len(gone):
-                    files.append(file)
-                    continue
-                index = self._read(file, parent)
-                remove_ids(index, gone)
-                new = self._write(index, file_name(version, j, file.role), file.role)
-                base_index = index if j == 0 else base_index
-                files.append(new)
-                written.append(new)
-                if rewritten is not None:
-                    rewritten[file.path] = new
-            return self._record(con, version, parent, "forget", tuple(files), base_index, written,
-                                removed=np.concatenate(held))
+    def erase(self, vector_ids: np.ndarray, request_id: str) -> IndexVersion | None:
+        """Forget these vectors in every version, live and retained: each file holding some,
+        whichever versions share it, has them erased in place (erasure.py), its new sha256
+        recorded first. Returns the new live version (the live one's files, erased; its parent
+        purged, being the same bytes), or None if the live version held none. Running it again
+        after a crash finishes the erasure the first attempt recorded."""
+        vector_ids = np.unique(np.asarray(vector_ids, np.int64))
+        with self.ledger.connect() as con:  # one writer from finding the vectors to recording them
+            retry = con.execute("SELECT count(*) FROM index_erasures WHERE encoder_id = ? AND request_id = ?",
+                                [self.encoder_id, request_id]).fetchone()[0] > 0
+            versions = [v for v in self.versions() if v.status != "purged"]
+            files = {f.path: f for v in versions for f in v.files}
+            holes = {}
+            for path, file in files.items():
+                # A retry also patches the holes already there: some may be half written.
+                found = erasure.index_holes(self._existing(path), vector_ids, holes_too=retry and file.holes > 0)
+                if any(len(p) for p in found.patches):
+                    holes[path] = found
+            live = None
+            if holes and not retry:
+                with ThreadPoolExecutor(2) as pool:  # hashing is I/O and SIMD: two files at once
+                    digests = dict(zip(holes, pool.map(lambda p: erasure.sha256_patched(self.layout.absolute(p),
+                                                                                        holes[p]), holes)))
+                live = self._record_erasure(con, versions, files, holes, digests, request_id)
+            for path, found in holes.items():
+                erasure.apply(self.layout.absolute(path), found)
+            newest = {f.path: (v, f) for v in self.versions() if v.status != "purged" for f in v.files}
+            for path in holes:
+                if path in newest:
+                    self._manifest(con, newest[path][1], newest[path][0], index_type=newest[path][0].index_type,
+                                   erased_for=request_id)
+            return live
 
-    def rewrite_without(self, version: IndexVersion, vector_ids: np.ndarray, request_id: str,
-                        rewritten: dict | None = None) -> bool:
-        """Rewrite the files of a retained version that hold these vectors, each under a new name
-        (or reuse the rewrite another version sharing the file already made: `rewritten`, or the
-        ledger after a crash); the ledger switches to them (old and new sha256 recorded) before
-        an old file no version names any more is deleted."""
-        rewritten = {} if rewritten is None else rewritten
-        with self.ledger.connect() as con:
-            files, changes = [], []
-            for file in version.files:
-                gone = np.intersect1d(self.file_ids(file), vector_ids)
-                if not len(gone):
-                    files.append(file)
+    def _record_erasure(self, con, versions: list[IndexVersion], files: dict[str, IndexFile],
+                        holes: dict[str, erasure.Holes], digests: dict[str, str], request_id: str) -> IndexVersion | None:
+        """Record, before a byte changes, what erasing `holes` makes of each file and version."""
+        changed = {path: replace(files[path], sha256=digests[path], n_vectors=files[path].n_vectors - len(found),
+                                 holes=files[path].holes + len(found))
+                   for path, found in holes.items()}
+        live = next((v for v in versions if v.status == "live"), None)
+        with self.ledger.transaction():
+            for path, found in holes.items():
+                con.execute("INSERT INTO index_erasures VALUES (?, ?, ?, ?, ?, ?, now())",
+                            [self.encoder_id, path, request_id, len(found), files[path].sha256, digests[path]])
+            for v in versions:  # (the live one is superseded below, as it was written)
+                touched = [f for f in v.files if f.path in changed]
+                if v.status != "retained" or not touched:
                     continue
-                new = rewritten.get(file.path) or self._named(rewritten_name(file.path, request_id))
-                if new is None:
-                    index = self._read(file, version)
-                    remove_ids(index, gone)
-                    new = self._write(index, rewritten_name(file.path, request_id), file.role)
-                    self._manifest(con, new, version, index_type=version.index_type, rewritten_for=request_id)
-                rewritten[file.path] = new
-                files.append(new)
-                changes.append((file, new, len(gone)))
-            if not changes:
-                return False
-            head, _ = chain_head(con)
-            with self.ledger.transaction():
-                for old, new, n in changes:
+                now = tuple(changed.get(f.path, f) for f in v.files)
+                con.execute("UPDATE index_versions SET path = ?, sha256 = ?, n_vectors = ?, files = ? WHERE encoder_id = ?"
+                            " AND version = ?", [now[0].path, now[0].sha256, sum(f.n_vectors for f in now), _json(now),
+                                                 self.encoder_id, v.version])
+                for f in touched:
                     con.execute("INSERT INTO index_rewrites (encoder_id, version, request_id, old_sha256, new_sha256,"
                                 " n_removed, rewritten_at, old_path, new_path) VALUES (?, ?, ?, ?, ?, ?, now(), ?, ?)",
-                                [self.encoder_id, version.version, request_id, old.sha256, new.sha256, n, old.path,
-                                 new.path])
-                con.execute("UPDATE index_versions SET path = ?, sha256 = ?, n_vectors = ?, files = ?, chain_head = ?"
-                            " WHERE encoder_id = ? AND version = ?",
-                            [files[0].path, files[0].sha256, sum(f.n_vectors for f in files), _json(files), head,
-                             self.encoder_id, version.version])
-            self._delete_unnamed([old.path for old, _, _ in changes])
-            return True
+                                [self.encoder_id, v.version, request_id, f.sha256, changed[f.path].sha256,
+                                 len(holes[f.path]), f.path, f.path])
+            if live is None or not any(f.path in changed for f in live.files):
+                return None
+            # A shard or delta left with only holes drops out of the new version (the base stays).
+            now = tuple(f for j, f in enumerate(changed.get(f.path, f) for f in live.files) if j == 0 or f.n_vectors)
+            removed = np.concatenate([holes[f.path].vector_ids for f in live.files if f.path in holes])
+            version = self._next_version(con)
+            new = self._record(con, version, live, "forget", now, None, [], removed=removed)
+            con.execute("UPDATE index_versions SET status = 'purged', note = ? WHERE encoder_id = ? AND version = ?",
+                        [f"superseded by forget version {version}: the same files, erased in place", self.encoder_id,
+                         live.version])
+            return new
 
     # ---- files no version names --------------------------------------------------------------
 
     def named_files(self) -> dict[str, IndexFile]:
         """Every file a version that is not purged names (live and retained), by path."""
         return {f.path: f for v in self.versions() if v.status != "purged" for f in v.files}
-
-    def _named(self, path: Path | str) -> IndexFile | None:
-        return self.named_files().get(self.layout.relative(self.root / Path(path).name))
 
     def remove_unreferenced_files(self) -> list[Path]:
         """Index files the ledger does not name (left by a crash between write and record)."""

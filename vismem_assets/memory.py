@@ -629,7 +629,8 @@ class Memory:
         """What a person asks first: which encoder, how many of what, which index, how much disk."""
         q = self.ledger.query
         live = q("SELECT encoder_id, version, n_vectors, index_type, nprobe, recall_at_10, recall_at_100,"
-                 " recall_measured_at, build_reason, sha256, path, coalesce(json_array_length(files), 1) AS files, created_at"
+                 " recall_measured_at, build_reason, sha256, path, coalesce(json_array_length(files), 1) AS files,"
+                 f" {HOLES}, created_at"
                  " FROM index_versions"
                  " WHERE status = 'live' ORDER BY encoder_id")
         return {
@@ -647,6 +648,10 @@ class Memory:
             "ivf_search": ivf_search_settings(),
         }
 
+
+# Erased entries (forgotten vectors' holes) a version's files hold until a compaction, from its `files` JSON.
+HOLES = ("coalesce(list_sum(list_transform(json_transform(files, '[{\"holes\": \"BIGINT\"}]'),"
+         " lambda f: coalesce(f.holes, 0))), 0) AS holes")
 
 _EMBEDDED_ACTIVE = ("SELECT {} FROM samples s JOIN embeddings e ON e.sample_id = s.sample_id"
                     " WHERE e.encoder_id = ? AND s.status = 'active'")

@@ -1,9 +1,13 @@
 -- Every index version with its parent and delta: how the live index came to be, of which type,
 -- and the recall its build measured against exact search (NULL: exact). `path` is its first
 -- file; `n_files` how many it has (`index_versions.files`, JSON: path, sha256, n_vectors, role =
--- base shard or an add's delta).
+-- base shard or an add's delta, holes); `holes` the forgotten vectors erased in place in them,
+-- which the next compaction writes away.
 SELECT encoder_id, version, parent_version, operation, status, index_type, nprobe, recall_at_10, recall_at_100,
        recall_measured_at, n_vectors, n_added, n_removed, sha256, path,
-       coalesce(json_array_length(files), 1) AS n_files, created_at
+       coalesce(json_array_length(files), 1) AS n_files,
+       coalesce(list_sum(list_transform(json_transform(files, '[{"holes": "BIGINT"}]'), lambda f: coalesce(f.holes, 0))), 0)
+           AS holes,
+       created_at
 FROM index_versions
 ORDER BY encoder_id, version;
