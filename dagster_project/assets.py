@@ -130,7 +130,9 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
         forgotten = {"forgotten": report.n_samples, "forget_request_id": report.request_id,
                      "forgotten_per_label": table(pl.DataFrame({"label": list(report.per_label()),
                                                                 "samples": list(report.per_label().values())})),
-                     "versions_rewritten": report.versions_rewritten}
+                     "versions_rewritten": report.versions_rewritten,
+                     "forget_seconds": table(pl.DataFrame({"step": list(report.phases),
+                                                           "seconds": list(report.phases.values())}))}
         archive_request_file(config.forget.request_file, "applied")
     before = memory.indexes.live()
     if config.rebuild:

@@ -60,7 +60,7 @@ def test_erasing_changes_only_the_erased_entries_and_plain_faiss_reads_the_file(
     expected = erasure.sha256_patched(path, holes)
     assert sha(path) == hashlib.sha256(before).hexdigest()       # hashing as patched writes nothing
 
-    erasure.apply(path, holes)
+    erasure.apply({path: holes})
 
     assert sha(path) == expected
     code = 4 * D if kind in ("flat", "ivf-flat") else faiss.extract_index_ivf(original).code_size
@@ -85,11 +85,11 @@ def test_a_crash_part_way_leaves_a_file_that_hashes_to_the_recorded_digest_once_
     recorded = erasure.sha256_patched(path, holes)
     # The codes of half of them written, no id yet (what a SIGKILL in `apply` can leave).
     codes = holes.patches[0]
-    erasure.apply(path, erasure.Holes(holes.vector_ids, (erasure.Patch(codes.offsets[:len(codes) // 2], codes.data),)))
+    erasure.apply({path: erasure.Holes(holes.vector_ids, (erasure.Patch(codes.offsets[:len(codes) // 2], codes.data),))})
     assert sha(path) != recorded
     assert erasure.sha256_patched(path, erasure.index_holes(path, gone, holes_too=True)) == recorded
     # ... and finishing it (idempotent) gives exactly that file.
-    erasure.apply(path, erasure.index_holes(path, gone, holes_too=True))
+    erasure.apply({path: erasure.index_holes(path, gone, holes_too=True)})
     assert sha(path) == recorded
 
 
@@ -140,7 +140,7 @@ def test_erasing_rows_of_an_embedding_part(tmp_path, n, d):
     rows = [0, 1, n // 2, n - 1]
     before = path.read_bytes()
     holes = erasure.part_holes(path, meta, frame["vector_id"].to_numpy()[rows], d)
-    erasure.apply(path, holes)
+    erasure.apply({path: holes})
     back = pl.read_parquet(path)
     others = [r for r in range(n) if r not in rows]
     assert back[others].equals(frame[others])

@@ -361,6 +361,11 @@ def test_forget_prints_a_table_for_people(mem):
     assert "forgot 6 sample(s)" in out and "Sandal" in out
     assert "new live index version(s):" in out and ":3" in out
     assert "retained versions erased in place too:" in out and "vismem audit verify" in out
+    # Where the time went, step by step: the steps add up to (nearly) all of it.
+    steps = re.search(r"took ([\d.]+) s \((.*)\)", out)
+    seconds = {name.strip(): float(value) for name, value in re.findall(r"([a-z ]+) ([\d.]+) s", steps.group(2))}
+    assert list(seconds) == ["indexes", "embeddings", "image files", "proof", "ledger file"]
+    assert 0.5 * float(steps.group(1)) <= sum(seconds.values()) <= float(steps.group(1)) + 0.02
 
 
 def test_forgetting_a_set_also_removes_its_quarantined_files(mem, sources):
@@ -502,9 +507,10 @@ CRASH_SCRIPT = """
 
     point = sys.argv[1]
     apply = erasure.apply
-    def half(path, holes):
+    def half(erasures):
+        path, holes = next(iter(erasures.items()))
         patch = holes.patches[0]
-        apply(path, erasure.Holes(holes.vector_ids, (erasure.Patch(patch.offsets[:len(patch) // 2 + 1], patch.data),)))
+        apply({path: erasure.Holes(holes.vector_ids, (erasure.Patch(patch.offsets[:len(patch) // 2 + 1], patch.data),))})
         die()
     if point == "erase":               # the erasure recorded (new digests, new live version); no byte changed yet
         erasure.apply = die

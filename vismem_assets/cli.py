@@ -300,7 +300,8 @@ def cmd_forget(args) -> int:
     if not report.dry_run:
         print(f"new live index version(s): {', '.join(report.index_versions) or 'none (no vectors held)'}")
         print(f"retained versions erased in place too: {', '.join(report.versions_rewritten) or 'none'}")
-        print(f"embedding/image files purged: {report.files_removed}; took {report.seconds:.2f} s")
+        print(f"embedding/image files purged: {report.files_removed}; took {report.seconds:.2f} s ("
+              + ", ".join(f"{step.replace('_', ' ')} {s:.2f} s" for step, s in report.phases.items()) + ")")
         print("check it: vismem audit verify")
     return 0
 

@@ -26,11 +26,14 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+from .index_types import index_ids
 
 HOLE_ID = -1
 _HOLE_ID_BYTES = np.int64(HOLE_ID).tobytes()
@@ -70,7 +73,7 @@ def index_holes(path: Path, vector_ids: np.ndarray, holes_too: bool = False) -> 
     again completes an erasure a crash interrupted."""
     path = Path(path)
     index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
-    targets = np.asarray(vector_ids, np.int64)
+    targets = np.unique(np.asarray(vector_ids, np.int64))
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
@@ -79,7 +82,11 @@ def index_holes(path: Path, vector_ids: np.ndarray, holes_too: bool = False) -> 
 
 
 def _wanted(ids: np.ndarray, targets: np.ndarray, holes_too: bool) -> np.ndarray:
-    hit = np.isin(ids, targets) if len(targets) else np.zeros(len(ids), bool)
+    """Which of `ids` are in `targets` (sorted, unique), or holes too."""
+    hit = np.zeros(len(ids), bool)
+    if len(targets):
+        at = np.searchsorted(targets, ids)
+        hit = targets[np.minimum(at, len(targets) - 1)] == ids
     return hit | (ids == HOLE_ID) if holes_too else hit
 
 
@@ -104,33 +111,25 @@ def _ivf_holes(path: Path, ivf, targets: np.ndarray, holes_too: bool) -> Holes:
     code = ivf.code_size
     lists = ivf.invlists
     sizes = np.array([lists.list_size(l) for l in range(ivf.nlist)], np.int64)
+    used = np.flatnonzero(sizes)
     size = path.stat().st_size
-    start = size - int(sizes.sum()) * (code + 8)
-    list_at = start + np.concatenate([[0], np.cumsum(sizes * (code + 8))[:-1]])
-    found, code_at, id_at = [], [], []
+    list_at = size - int(sizes.sum()) * (code + 8) + np.concatenate([[0], np.cumsum(sizes * (code + 8))[:-1]])
+    # Entry j of list l: its code at list_at[l] + j * code, its id at list_at[l] + sizes[l] * code + 8 j.
+    lst = np.repeat(used, sizes[used])
+    row = np.arange(len(lst)) - np.repeat(np.cumsum(sizes[used]) - sizes[used], sizes[used])
+    id_at = list_at[lst] + sizes[lst] * code + 8 * row
     raw = np.memmap(path, np.uint8, mode="r")
-    for l in np.flatnonzero(sizes).tolist():
-        n, at = int(sizes[l]), int(list_at[l])
-        ids = raw[at + n * code: at + n * (code + 8)].view(np.int64)
-        if not np.array_equal(ids, faiss.rev_swig_ptr(lists.get_ids(l), n)):
-            raise LayoutError(f"{path}: inverted list {l} is not where vismem's IVF files keep it")
-        rows = np.flatnonzero(_wanted(ids, targets, holes_too))
-        if len(rows):
-            found.append(ids[rows].copy())
-            code_at.append(at + rows * code)
-            id_at.append(at + n * code + rows * 8)
+    ids = np.concatenate([raw[list_at[l] + sizes[l] * code: list_at[l] + sizes[l] * (code + 8)] for l in used.tolist()]
+                         ).view(np.int64) if len(used) else np.empty(0, np.int64)
     del raw
-    ids = np.concatenate(found) if found else np.empty(0, np.int64)
-    patches = [Patch(_sorted(code_at), bytes(code)), Patch(_sorted(id_at), _HOLE_ID_BYTES)]
+    if not np.array_equal(ids, index_ids(ivf)):
+        raise LayoutError(f"{path}: the inverted lists are not where vismem's IVF files keep them")
+    hit = np.flatnonzero(_wanted(ids, targets, holes_too))
+    patches = [Patch(list_at[lst[hit]] + row[hit] * code, bytes(code)), Patch(id_at[hit], _HOLE_ID_BYTES)]
     pairs_at, keys = _direct_map(path, ivf)
     if pairs_at is not None:
-        rows = np.flatnonzero(_wanted(keys, targets, holes_too))
-        patches.append(Patch(pairs_at + rows * 16, _HOLE_PAIR))
-    return Holes(ids, tuple(patches))
-
-
-def _sorted(parts: list[np.ndarray]) -> np.ndarray:
-    return np.sort(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+        patches.append(Patch(pairs_at + np.flatnonzero(_wanted(keys, targets, holes_too)) * 16, _HOLE_PAIR))
+    return Holes(ids[hit], tuple(patches))
 
 
 def _direct_map(path: Path, ivf) -> tuple[int | None, np.ndarray]:
@@ -179,14 +178,14 @@ def part_holes(path: Path, metadata: list[dict], vector_ids: np.ndarray, dim: in
     reading (vectors: a unit vector, or a hole's zeros, where each row's should be)."""
     import polars as pl
 
-    frame = pl.read_parquet(path, columns=["sample_id", "vector_id"])
-    rows = np.flatnonzero(_wanted(frame["vector_id"].to_numpy(), np.asarray(vector_ids, np.int64), holes_too))
     columns = {m["path_in_schema"].split(",")[0]: m for m in metadata if m["row_group_id"] == 0}
     if (any(m["row_group_id"] != 0 for m in metadata) or set(columns) != {"sample_id", "vector_id", "vector"}
             or any(m["compression"] != "UNCOMPRESSED" or m["stats_min_value"] is not None
                    or m["offset_index_offset"] is None for m in columns.values())
             or any(e in columns["vector"]["encodings"] for e in ("DICTIONARY", "SPLIT"))):
         raise LayoutError(f"{path}: not a plain, uncompressed embedding part of one row group without statistics")
+    frame = pl.read_parquet(path, columns=["sample_id", "vector_id"])
+    rows = np.flatnonzero(_wanted(frame["vector_id"].to_numpy(), np.unique(np.asarray(vector_ids, np.int64)), holes_too))
     n = len(frame)
     stored = frame["sample_id"].to_list()
     with open(path, "rb") as f:
@@ -271,18 +270,22 @@ def _varint(buf: bytes, p: int) -> tuple[int, int]:
 
 # ---- writing and hashing ---------------------------------------------------------------------
 
-def apply(path: Path, holes: Holes) -> None:
-    """Write the patches in place and make them durable."""
-    if not any(len(p) for p in holes.patches):
-        return
-    fd = os.open(path, os.O_WRONLY)
+def apply(erasures: dict[Path, Holes]) -> None:
+    """Write each file's patches in place, then make them durable (the files synced together:
+    one at a time, syncing hundreds of parts took longer than writing them)."""
+    fds = []
     try:
-        for patch in holes.patches:
-            for offset in patch.offsets.tolist():
-                os.pwrite(fd, patch.data, offset)
-        os.fdatasync(fd)
+        for path, holes in erasures.items():
+            if any(len(p) for p in holes.patches):
+                fds.append(os.open(path, os.O_WRONLY))
+                for patch in holes.patches:
+                    for offset in patch.offsets.tolist():
+                        os.pwrite(fds[-1], patch.data, offset)
+        with ThreadPoolExecutor(min(8, max(1, len(fds)))) as pool:
+            list(pool.map(os.fdatasync, fds))
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
 
 
 def applied(path: Path, holes: Holes) -> bool:

@@ -89,6 +89,7 @@ class ForgetReport:
     versions_rewritten: list[str] = field(default_factory=list)
     files_removed: int = 0
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per step (see apply_pending)
 
     @property
     def n_samples(self) -> int:
@@ -169,44 +170,75 @@ def forget(memory, request: ForgetRequest, dry_run: bool = False) -> ForgetRepor
             # From here on the hashes are blocked: ingest refuses them, search never returns them.
             con.execute("UPDATE samples SET status = 'forgotten' WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))",
                         [todo["sample_id"].to_list()])
-    finished = apply_pending(memory, only=request.request_id)
-    report.index_versions, report.versions_rewritten, report.files_removed = finished[request.request_id]
+    finished = apply_pending(memory, only=request.request_id)[request.request_id]
+    report.index_versions, report.versions_rewritten = finished.index_versions, finished.versions_rewritten
+    report.files_removed, report.phases = finished.files_removed, finished.phases
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def apply_pending(memory, only: str | None = None) -> dict[str, tuple[list[str], list[str], int]]:
-    """Finish accepted requests (all pending ones, or one): purge every trace, then chain the proof."""
+@dataclass
+class Applied:
+    index_versions: list[str]
+    versions_rewritten: list[str]
+    files_removed: int
+    phases: dict[str, float]
+
+
+def apply_pending(memory, only: str | None = None) -> dict[str, Applied]:
+    """Finish accepted requests (all pending ones, or one): purge every trace, then chain the
+    proof. Each one's `phases`: seconds erasing in the index files, in the embedding files,
+    deleting image files, writing the proof (and the pruning statistics, the manifests), and
+    rewriting the ledger file."""
     pending = memory.ledger.query(
         "SELECT request_id FROM forget_requests WHERE state = 'pending'" + (" AND request_id = ?" if only else "")
         + " ORDER BY requested_at", [only] if only else [])
     done = {}
     for request_id in pending["request_id"]:
+        clock = _Phases()
         with memory.ledger.connect() as con:  # one writer: nothing else changes the memory meanwhile
             targets = to_frame(con.execute(
                 "SELECT t.sample_id, t.vector_id, s.image_path FROM forget_targets t JOIN samples s USING (sample_id)"
                 " WHERE t.request_id = ?", [request_id]))
             vector_ids = targets["vector_id"].drop_nulls().to_numpy().astype(np.int64)
             sample_ids = targets["sample_id"].to_list()
-            new_versions = _purge_indexes(memory, vector_ids, request_id)
+            new_versions = clock("indexes", _purge_indexes, memory, vector_ids, request_id)
             rewritten = _rewritten_versions(con, request_id)
-            removed = _purge_embeddings(memory, con, sample_ids, vector_ids) + _purge_files(memory, targets)
-            con.execute("DELETE FROM sample_weights WHERE vector_id IN (SELECT unnest(?::BIGINT[]))",
-                        [vector_ids.tolist()])
-            memory._index_cache = None
-            _forget_in_reliability(memory, con)
-            _chain(con, request_id)
-            for store in _index_stores(memory, con):  # every version written from now on carries the new head
-                live = store.live()
-                if live is not None:
-                    store.refresh_manifest(live, con)
-        memory.ledger.rewrite_file()  # drop the redacted names' old bytes from the DuckDB file
+            removed = clock("embeddings", _purge_embeddings, memory, con, sample_ids, vector_ids)
+            removed += clock("image_files", _purge_files, memory, targets)
+            clock("proof", _prove, memory, con, request_id, vector_ids)
+        clock("ledger_file", memory.ledger.rewrite_file)  # drop the redacted names' old bytes from the DuckDB file
         # Applied only now: a crash before this leaves the request pending, and a retry finishes it.
         with memory.ledger.transaction() as con:
             con.execute("UPDATE forget_requests SET state = 'applied', applied_at = (SELECT max(applied_at)"
                         " FROM deletions WHERE request_id = ?) WHERE request_id = ?", [request_id, request_id])
-        done[request_id] = (new_versions, rewritten, removed)
+        done[request_id] = Applied(new_versions, rewritten, removed, clock.seconds)
     return done
+
+
+class _Phases:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn, *args):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 4)
+
+
+def _prove(memory, con, request_id: str, vector_ids: np.ndarray) -> None:
+    """What is left once every trace is gone: pruning statistics without them, the hash-chained
+    deletions rows, and every live version's manifest carrying the new chain head."""
+    con.execute("DELETE FROM sample_weights WHERE vector_id IN (SELECT unnest(?::BIGINT[]))", [vector_ids.tolist()])
+    memory._index_cache = None
+    _forget_in_reliability(memory, con)
+    _chain(con, request_id)
+    for store in _index_stores(memory, con):  # every version written from now on carries the new head
+        live = store.live()
+        if live is not None:
+            store.refresh_manifest(live, con)
 
 
 def _forget_in_reliability(memory, con) -> None:
@@ -260,11 +292,11 @@ def _purge_embeddings(memory, con, sample_ids: list[str], vector_ids: np.ndarray
         for row in rows.to_dicts():
             metadata.setdefault(memory.layout.relative(Path(row["file_name"])), []).append(row)
     forgotten = pl.Series(sample_ids, dtype=pl.String)
-    moved = {}
+    moved, erased = {}, {}
     for rel in present:
         path = memory.layout.absolute(rel)
         try:
-            erasure.apply(path, erasure.part_holes(path, metadata[rel], vector_ids, parts[rel]))
+            erased[path] = erasure.part_holes(path, metadata[rel], vector_ids, parts[rel])
         except erasure.LayoutError:
             keep = pl.read_parquet(path).filter(~pl.col("sample_id").is_in(forgotten.implode()))
             moved[rel] = None
@@ -273,6 +305,7 @@ def _purge_embeddings(memory, con, sample_ids: list[str], vector_ids: np.ndarray
                 with atomic_path(new) as tmp:
                     write_part(keep, tmp)
                 moved[rel] = memory.layout.relative(new)
+    erasure.apply(erased)
     with memory.ledger.transaction():
         con.execute("DELETE FROM embeddings WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [sample_ids])
         for old, new in moved.items():

@@ -325,8 +325,7 @@ class IndexStore:
                     digests = dict(zip(holes, pool.map(lambda p: erasure.sha256_patched(self.layout.absolute(p),
                                                                                         holes[p]), holes)))
                 live = self._record_erasure(con, versions, files, holes, digests, request_id)
-            for path, found in holes.items():
-                erasure.apply(self.layout.absolute(path), found)
+            erasure.apply({self.layout.absolute(path): found for path, found in holes.items()})
             newest = {f.path: (v, f) for v in self.versions() if v.status != "purged" for f in v.files}
             for path in holes:
                 if path in newest:
