@@ -1,6 +1,6 @@
 """Adding 1% to a memory of N vectors, against a full rebuild of N.
 
-    python -m benchmarks.add [--n 100000] [--json]
+    python -m benchmarks.add [--n 100000] [--d 1280] [--types flat ...] [--json]
 
 Adding writes the new embeddings as a delta file beside the live version's files (the version
 is the parent's files plus that one); a rebuild reads every embedding file and writes a new
@@ -20,17 +20,16 @@ from pathlib import Path
 
 import faiss
 
-from vismem_assets.encoders import load_encoder
 from vismem_assets.index_types import KINDS, IndexPolicy
 
-from .synthetic import build_memory, clustered_vectors, insert_vectors
+from .synthetic import bench_encoder, build_memory, clustered_vectors, insert_vectors
 
 
-def run(n: int, fraction: float = 0.01, repeats: int = 3, kinds=("flat",)) -> dict:
+def run(n: int, d: int = 1280, fraction: float = 0.01, repeats: int = 3, kinds=("flat",)) -> dict:
     """`kinds`: index types measured one after another on the same memory (the first is the
     headline figure; IVF-PQ is measured with its recall floor lowered, to show what a
     compressed version file costs)."""
-    encoder = load_encoder("efficientnet-lite0")  # its id and dimension; the model is never loaded
+    encoder = bench_encoder(d)
     with tempfile.TemporaryDirectory(prefix="vismem-bench-") as tmp:
         memory = build_memory(Path(tmp) / "home", n, encoder, index_policy=IndexPolicy(kind=kinds[0]))
         m = max(1, int(n * fraction))
@@ -59,7 +58,7 @@ def run(n: int, fraction: float = 0.01, repeats: int = 3, kinds=("flat",)) -> di
                                   "add_ratio": round(add / rebuild, 4), "fold_seconds": round(fold, 4),
                                   "adds_per_fold": per_fold + 1,
                                   "amortised_ratio": round((per_fold * add + fold) / (per_fold + 1) / rebuild, 4)}
-        out.update({k: out["types"][kinds[0]][k] for k in ("rebuild_seconds", "add_seconds", "add_ratio")})
+        out.update({k: out["types"][kinds[0]][k] for k in ("index_type", "rebuild_seconds", "add_seconds", "add_ratio")})
         return out
 
 
@@ -81,10 +80,11 @@ def _fold_seconds(memory, m: int, kind: str, seed: int) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--d", type=int, default=1280)
     parser.add_argument("--types", nargs="+", default=["flat"], choices=KINDS[1:])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    result = run(args.n, kinds=tuple(args.types))
+    result = run(args.n, args.d, kinds=tuple(args.types))
     if args.json:
         print(json.dumps(result))
     else:

@@ -1,6 +1,6 @@
 """Peak resident memory of a process that searches the memory, against the index size on disk.
 
-    python -m benchmarks.memory [--n 100000] [--json]
+    python -m benchmarks.memory [--n 100000] [--d 1280] [--types flat ivf-flat] [--json]
 
 A child process opens the memory (sha256 check, faiss.read_index) and answers 100 queries; its
 peak RSS and its anonymous memory are compared with the index file's size and with a baseline
@@ -14,10 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vismem_assets.encoders import load_encoder
 from vismem_assets.index_types import KINDS, IndexPolicy
 
-from .synthetic import build_memory
+from .synthetic import bench_encoder, build_memory
 
 IMPORTS = "import numpy, faiss, duckdb, polars, torch; import vismem_assets.memory"
 # VmHWM belongs to the process image, so the parent's memory at fork time does not count
@@ -27,9 +26,9 @@ IMPORTS = "import numpy, faiss, duckdb, polars, torch; import vismem_assets.memo
 REPORT = ("\nprint(*[l.split()[1] for l in open('/proc/self/status') if l.startswith(('VmHWM', 'RssAnon'))])")
 SEARCH = IMPORTS + """
 import numpy as np, sys
-from vismem_assets.encoders import load_encoder
+from benchmarks.synthetic import bench_encoder
 from vismem_assets.memory import Memory
-m = Memory(sys.argv[1], encoder=load_encoder())
+m = Memory(sys.argv[1], encoder=bench_encoder(int(sys.argv[2])))
 q = np.random.default_rng(0).standard_normal((100, m.encoder.dim)).astype(np.float32)
 q /= np.linalg.norm(q, axis=1, keepdims=True)
 m.search(q, 20)
@@ -43,10 +42,10 @@ def peak_rss_mib(code: str, *args: str) -> tuple[float, float]:
     return int(hwm) / 1024, int(anon) / 1024  # kB
 
 
-def run(n: int, kinds=("flat",)) -> dict:
+def run(n: int, d: int = 1280, kinds=("flat",)) -> dict:
     """`kinds`: index types measured one after another on the same memory (the first is the
     headline figure): a flat index is read whole, an IVF one memory-mapped."""
-    encoder = load_encoder("efficientnet-lite0")
+    encoder = bench_encoder(d)
     with tempfile.TemporaryDirectory(prefix="vismem-bench-") as tmp:
         memory = build_memory(Path(tmp) / "home", n, encoder, index_policy=IndexPolicy(kind=kinds[0]))
         baseline, baseline_anon = peak_rss_mib(IMPORTS)
@@ -57,7 +56,7 @@ def run(n: int, kinds=("flat",)) -> dict:
                 memory.rebuild()
             live = memory.indexes.live()
             index_mib = sum(memory.layout.absolute(f.path).stat().st_size for f in live.files) / 2**20
-            searching, searching_anon = peak_rss_mib(SEARCH, str(memory.layout.root))
+            searching, searching_anon = peak_rss_mib(SEARCH, str(memory.layout.root), str(d))
             out["types"][kind] = {"index_type": live.index_type, "index_mib": round(index_mib, 1),
                                   "search_rss_mib": round(searching, 1),
                                   "rss_over_index": round((searching - baseline) / index_mib, 3),
@@ -68,10 +67,11 @@ def run(n: int, kinds=("flat",)) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--d", type=int, default=1280)
     parser.add_argument("--types", nargs="+", default=["flat", "ivf-flat"], choices=KINDS[1:])
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    result = run(args.n, kinds=tuple(args.types))
+    result = run(args.n, args.d, kinds=tuple(args.types))
     if args.json:
         print(json.dumps(result))
         return 0

@@ -22,13 +22,19 @@ import time
 
 import faiss
 
+# Updates and memory run at N = 10^6, d = 384 (DINOv2-S), on IVF-Flat (what a memory that size
+# gets) and exact; and at N = 10^5, d = 1280 (the default encoder), on every index type. The
+# first configuration gives the headline figures.
+UPDATES = ((1_000_000, 384, ("ivf-flat", "flat")), (100_000, 1280, ("flat", "ivf-flat", "ivf-sq8", "ivf-pq")))
+QUICK = ((5_000, 1280, ("flat",)),)
 SIZES = {  # (full, quick)
     "embedding": ({"n": 512}, {"n": 64}),
     "search": ({"n": 1_000_000, "d": 384}, {"n": 20_000, "d": 384}),
-    "add": ({"n": 100_000, "kinds": ("flat", "ivf-flat", "ivf-sq8", "ivf-pq")}, {"n": 5_000}),
-    "forget": ({"n": 100_000, "kinds": ("flat", "ivf-flat", "ivf-sq8", "ivf-pq")}, {"n": 5_000}),
+    "add": ({"configs": UPDATES}, {"configs": QUICK}),
+    "forget": ({"configs": UPDATES}, {"configs": QUICK}),
     "index_types": ({"configs": ((1_000_000, 384), (100_000, 1280))}, {"configs": ((20_000, 384),)}),
-    "memory": ({"n": 100_000, "kinds": ("flat", "ivf-flat")}, {"n": 5_000}),
+    "memory": ({"configs": ((1_000_000, 384, ("ivf-flat", "flat")), (100_000, 1280, ("flat", "ivf-flat")))},
+               {"configs": QUICK}),
 }
 
 
@@ -42,17 +48,18 @@ def _run(name: str, quick: bool) -> dict:
         return run(quick=quick, **sizes)
     if name == "add":
         from .add import run
-        return run(sizes["n"], repeats=1 if quick else 3, kinds=sizes.get("kinds", ("flat",)))
-    if name == "forget":
+        runs = [run(n, d, repeats=1 if quick else 3, kinds=kinds) for n, d, kinds in sizes["configs"]]
+    elif name == "forget":
         from .forget import run
-        return run(sizes["n"], sizes=tuple(s for s in (1, 100, 10_000) if s <= sizes["n"] // 4),
-                   kinds=sizes.get("kinds", ("flat",)))
-    if name == "index_types":
+        runs = [run(n, d, sizes=tuple(s for s in (1, 100, 10_000) if s <= n // 4), kinds=kinds)
+                for n, d, kinds in sizes["configs"]]
+    elif name == "index_types":
         from .index_types import run
         runs = [run(n, d, repeats=1 if quick else 3) for n, d in sizes["configs"]]
-        return {**runs[0], "runs": runs}
-    from .memory import run
-    return run(sizes["n"], kinds=sizes.get("kinds", ("flat",)))
+    else:
+        from .memory import run
+        runs = [run(n, d, kinds=kinds) for n, d, kinds in sizes["configs"]]
+    return {**runs[0], "runs": runs}
 
 
 def run(quick: bool = False, only: tuple[str, ...] = tuple(SIZES)) -> dict:
@@ -71,6 +78,7 @@ def run(quick: bool = False, only: tuple[str, ...] = tuple(SIZES)) -> dict:
         "search_ratio": search.get("search_ratio"), "embed_ratio": embedding.get("embed_ratio"),
         "add_ratio": results.get("add", {}).get("add_ratio"),
         "forget_ratio": results.get("forget", {}).get("forget_ratio"),
+        "forget_index_ratio": results.get("forget", {}).get("forget_index_ratio"),
         # The IVF type vismem builds (if it passed the floor), as vismem searches it; first configuration
         **{key: results.get("index_types", {}).get(key)
            for key in ("ivf_type", "ivf_recall_at_10", "ivf_recall_at_100", "ivf_speedup", "ivf_flat_speedup",
@@ -98,8 +106,9 @@ def main(argv=None) -> int:
              result["details"].get("embedding", {}).get("images_per_second_bare"), result["embed_ratio"], ">= 0.85"),
             ("add 1% / rebuild (s)", result["details"].get("add", {}).get("add_seconds"),
              result["details"].get("add", {}).get("rebuild_seconds"), result["add_ratio"], "<= 0.05"),
-            ("forget 10,000 / rebuild (s)", None, result["details"].get("forget", {}).get("rebuild_seconds"),
-             result["forget_ratio"], "<= 0.05"),
+            ("forget 10,000 / rebuild (s)", result["details"].get("forget", {}).get("forget_seconds"),
+             result["details"].get("forget", {}).get("rebuild_seconds"), result["forget_ratio"], "<= 0.05"),
+            ("  of which index files / rebuild", None, None, result["forget_index_ratio"], "<= 0.05"),
             (f"{result['ivf_type']} recall@10 (exact = 1)", result["ivf_recall_at_10"], 1.0, result["ivf_recall_at_10"], ">= 0.95"),
             (f"{result['ivf_type']} speed-up over exact (qps)", None, None, result["ivf_speedup"], ">= 20 at N = 10^6"),
             ("searching RSS above imports / index size", None, None, result["rss_over_index"], "mmap: < 1")]

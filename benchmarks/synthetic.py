@@ -4,12 +4,16 @@ Gaussian noise, L2-normalised; its label is its cluster. No images: only the led
 embedding files and index a real memory of that size would have."""
 from __future__ import annotations
 
+import atexit
 import hashlib
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from vismem_assets.encoders import load_encoder
 from vismem_assets.encoders.base import Encoder, Preprocessing
 from vismem_assets.ledger import insert_rows
 from vismem_assets.memory import EMBED_CHUNK, Memory
@@ -73,12 +77,33 @@ def insert_vectors(memory: Memory, vectors: np.ndarray, labels: np.ndarray, pref
                                             "path": ("VARCHAR", [path] * len(ids[part]))}, embedded_at="now()")
 
 
+def bench_encoder(d: int) -> Encoder:
+    """What a scale run of dimension d stands in for: the default encoder (1280: its id and
+    dimension; its model is never loaded), else an encoder of that dimension (384: DINOv2-S's)."""
+    return load_encoder("efficientnet-lite0") if d == 1280 else QueryVectors(d)
+
+
+TEMPLATE_FROM = 100_000           # memories this large are built once a process, then copied
+_templates: dict[tuple, Path] = {}
+
+
 def build_memory(home: Path, n: int, encoder, seed: int = 0, index_policy=None) -> Memory:
-    """A memory with a live index over n synthetic samples of the encoder's dimension."""
-    memory = Memory(home, encoder=encoder, index_policy=index_policy)
-    vectors, labels = clustered_vectors(n, encoder.dim, seed=seed)
+    """A memory with a live index over n synthetic samples of the encoder's dimension. Its
+    ledger and embedding files (minutes at 10^6) are built once a process and copied after."""
     t0 = time.perf_counter()
-    insert_vectors(memory, vectors, labels, f"synthetic-{seed}")
+    key = (n, encoder.id, encoder.dim, seed)
+    if key in _templates:
+        shutil.copytree(_templates[key], home)
+        how = "copied"
+    else:
+        vectors, labels = clustered_vectors(n, encoder.dim, seed=seed)
+        insert_vectors(Memory(home, encoder=encoder), vectors, labels, f"synthetic-{seed}")
+        if n >= TEMPLATE_FROM:
+            _templates[key] = Path(tempfile.mkdtemp(prefix="vismem-bench-template-")) / "home"
+            atexit.register(shutil.rmtree, _templates[key].parent, True)
+            shutil.copytree(home, _templates[key])
+        how = "built"
+    memory = Memory(home, encoder=encoder, index_policy=index_policy)
     memory.index_pending()
-    print(f"built a synthetic memory of {n} vectors (d={encoder.dim}) in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"{how} a synthetic memory of {n} vectors (d={encoder.dim}) in {time.perf_counter() - t0:.1f} s", flush=True)
     return memory
