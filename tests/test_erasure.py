@@ -18,7 +18,8 @@ from benchmarks.synthetic import QueryVectors, build_memory, clustered_vectors
 from vismem_assets import audit, erasure
 from vismem_assets.embeddings import write_part
 from vismem_assets.forgetting import ForgetRequest
-from vismem_assets.index_store import index_ids, index_vectors
+from vismem_assets.index_store import held_ids, index_ids, index_vectors
+from vismem_assets.ivf_search import IVFSearcher
 from vismem_assets.index_types import IndexPolicy, build, flat_index
 from vismem_assets.ledger import to_frame
 
@@ -168,6 +169,19 @@ def test_an_older_part_is_rewritten_instead(tmp_path):
     assert audit.verify(memory).ok and memory.index_consistency()["ok"]
 
 
+def test_a_part_a_crash_left_behind_goes_with_the_next_forget(tmp_path):
+    """A crash between recording a rewritten part and deleting the old one leaves a part no
+    ledger row names, holding what was forgotten: the next forget deletes it."""
+    memory = build_memory(tmp_path / "home", 3000, QueryVectors(D), index_policy=IndexPolicy(kind="flat"))
+    part = memory.layout.absolute(memory.embedding_files()[0])
+    stray = part.with_name("part-left-by-a-crash.parquet")
+    stray.write_bytes(part.read_bytes())
+    victim = pl.read_parquet(part)["sample_id"][3]
+    memory.forget(ForgetRequest(requested_by="test", reason="stray", sample_ids=[victim]))
+    assert not stray.exists() and part.exists()
+    assert audit.verify(memory).ok
+
+
 def test_an_ivf_memory_forgets_in_place_searches_without_the_holes_and_compaction_removes_them(tmp_path):
     memory = build_memory(tmp_path / "home", 12_000, QueryVectors(D),
                           index_policy=IndexPolicy(kind="ivf-flat", recall_floor=0.5))
@@ -181,8 +195,10 @@ def test_an_ivf_memory_forgets_in_place_searches_without_the_holes_and_compactio
     after = memory.indexes.live()
     assert after.path == live.path and after.files[0].holes == 300 and after.n_vectors == live.n_vectors - 300
     assert sorted(p.name for p in memory.layout.indexes(memory.encoder.slug).iterdir()) == files_before
-    _, index = memory.live_index()                       # read whole (it has holes), holes dropped
-    assert index.ntotal == after.n_vectors and not np.isin(gone, index_ids(index)).any()
+    _, index = memory.live_index()                       # still memory-mapped, holes and all
+    assert (index_ids(index) == -1).sum() == 300 and not np.isin(gone, index_ids(index)).any()
+    assert len(held_ids(index)) == after.n_vectors and memory.index_consistency()["ok"]
+    assert memory.stored_vectors()[1].shape == (after.n_vectors, D)
     q = clustered_vectors(200, D, seed=5)[0]
     _, found = memory.search(q, 50)
     assert not np.isin(found, gone).any()
@@ -195,6 +211,25 @@ def test_an_ivf_memory_forgets_in_place_searches_without_the_holes_and_compactio
     compacted, _ = memory.compact(retain=1)
     assert not any(f.holes for f in compacted.files) and compacted.n_vectors == after.n_vectors
     assert not (index_ids(faiss.read_index(str(memory.layout.absolute(compacted.path)))) == -1).any()
+
+
+@pytest.mark.parametrize("queries", [10, 600])   # FAISS's search; the list-batched kernel
+def test_searching_a_mapped_ivf_index_with_holes_never_returns_them(tmp_path, data, queries):
+    ids, x, gone = data
+    path = tmp_path / "index.faiss"
+    write_index("ivf-flat", ids, x, path)
+    erasure.apply({path: erasure.index_holes(path, gone)})
+    mapped = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    reference = erasure_free(faiss.read_index(str(path)))   # the same lists without the holes
+    q = clustered_vectors(queries, D, seed=8)[0]
+    # Far queries: the zero vectors of the holes would outrank every stored one if searched.
+    q[: queries // 2] *= -1
+    searcher = IVFSearcher(mapped, min_batch=256, min_bytes=0, holes=True)
+    assert searcher.lists_for(queries) == (queries >= 256)
+    sims, found = searcher.search(q, 20)
+    expected_sims, expected = reference.search(q, 20)
+    assert not (found == -1).sum() > (expected == -1).sum()
+    assert np.array_equal(found, expected) and np.allclose(sims, expected_sims, atol=1e-5)
 
 
 def erasure_free(index):

@@ -3,7 +3,8 @@
 Forgotten samples are scattered: a few of them sit in every index file and every embedding
 part, so rewriting the files that hold them rewrites the whole memory. Here each forgotten
 vector's own bytes are overwritten where they are instead, and its id with them, leaving a
-hole that readers drop (`index_store`, `embeddings`) and the next compaction writes away:
+hole that readers drop or skip (`index_store`, `ivf_search`, `embeddings`) and the next
+compaction writes away:
 
 * an exact index file (IDMap2 over a flat index) ends with [n*d: u64][vectors][n: u64][ids];
   a hole is a zero vector with id -1 (FAISS's "no result");
@@ -16,7 +17,8 @@ hole that readers drop (`index_store`, `embeddings`) and the next compaction wri
 
 Every place is found from the file itself and checked before a byte is written: ids where
 FAISS (or polars) reads them, the vector column's pages exactly where the offset index puts
-them. A file laid out any other way raises `LayoutError` (the caller rewrites it instead).
+them. A file laid out any other way raises `LayoutError` (forgetting then rewrites an embedding
+part written before erasure in place; index files are all vismem's).
 `Patch`es say what goes where; `sha256_patched` hashes a file as it will be once patched, so
 the ledger can record the digest before the bytes change (a crash mid-way leaves a file that,
 patched again, matches it).

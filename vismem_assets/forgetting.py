@@ -1,12 +1,13 @@
 """Forgetting with proof.
 
 A request is accepted in one transaction (its samples become 'forgotten', so their hashes
-are blocked at once), then every trace is removed — the live index through a new version,
-every retained version rewritten, embedding rows, images, quarantine copies, pruning weights —
-and only then are the hash-chained `deletions` rows written and the request marked applied.
-A crash anywhere leaves the request 'pending'; running it again (or `resume_pending`) finishes
-it, since each step is idempotent. Finally the ledger file itself is rewritten, because DuckDB
-keeps old bytes (a redacted file name) in its file after an UPDATE or DELETE.
+are blocked at once), then every trace is removed — erased in place from every index file of
+the live and retained versions (the live index moving to a new version) and from every
+embedding part (erasure.py), images, quarantine copies, pruning weights — and only then are the
+hash-chained `deletions` rows written and the request marked applied. A crash anywhere leaves
+the request 'pending'; running it again (or `apply_pending`) finishes it, since each step is
+idempotent. Finally the ledger file itself is rewritten, because DuckDB keeps old bytes (a
+redacted file name) in its file after an UPDATE or DELETE.
 """
 from __future__ import annotations
 
@@ -170,9 +171,10 @@ def forget(memory, request: ForgetRequest, dry_run: bool = False) -> ForgetRepor
             # From here on the hashes are blocked: ingest refuses them, search never returns them.
             con.execute("UPDATE samples SET status = 'forgotten' WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))",
                         [todo["sample_id"].to_list()])
+    accepted = round(time.perf_counter() - t0, 4)
     finished = apply_pending(memory, only=request.request_id)[request.request_id]
     report.index_versions, report.versions_rewritten = finished.index_versions, finished.versions_rewritten
-    report.files_removed, report.phases = finished.files_removed, finished.phases
+    report.files_removed, report.phases = finished.files_removed, {"accept": accepted, **finished.phases}
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -188,8 +190,8 @@ class Applied:
 def apply_pending(memory, only: str | None = None) -> dict[str, Applied]:
     """Finish accepted requests (all pending ones, or one): purge every trace, then chain the
     proof. Each one's `phases`: seconds erasing in the index files, in the embedding files,
-    deleting image files, writing the proof (and the pruning statistics, the manifests), and
-    rewriting the ledger file."""
+    deleting image files, writing the proof (and the pruning statistics, the manifests),
+    rewriting the ledger file, and marking the request applied."""
     pending = memory.ledger.query(
         "SELECT request_id FROM forget_requests WHERE state = 'pending'" + (" AND request_id = ?" if only else "")
         + " ORDER BY requested_at", [only] if only else [])
@@ -209,11 +211,15 @@ def apply_pending(memory, only: str | None = None) -> dict[str, Applied]:
             clock("proof", _prove, memory, con, request_id, vector_ids)
         clock("ledger_file", memory.ledger.rewrite_file)  # drop the redacted names' old bytes from the DuckDB file
         # Applied only now: a crash before this leaves the request pending, and a retry finishes it.
-        with memory.ledger.transaction() as con:
-            con.execute("UPDATE forget_requests SET state = 'applied', applied_at = (SELECT max(applied_at)"
-                        " FROM deletions WHERE request_id = ?) WHERE request_id = ?", [request_id, request_id])
+        clock("finish", _mark_applied, memory, request_id)
         done[request_id] = Applied(new_versions, rewritten, removed, clock.seconds)
     return done
+
+
+def _mark_applied(memory, request_id: str) -> None:
+    with memory.ledger.transaction() as con:
+        con.execute("UPDATE forget_requests SET state = 'applied', applied_at = (SELECT max(applied_at)"
+                    " FROM deletions WHERE request_id = ?) WHERE request_id = ?", [request_id, request_id])
 
 
 class _Phases:
@@ -281,7 +287,13 @@ def _purge_indexes(memory, vector_ids: np.ndarray, request_id: str) -> list[str]
 
 def _purge_embeddings(memory, con, sample_ids: list[str], vector_ids: np.ndarray) -> int:
     """Erase the rows in place from each embedding part that holds them (erasure.py), or, for a
-    part not laid out for that (written before it), rewrite the part without them."""
+    part not laid out for that (written before it), rewrite the part without them. Parts no
+    ledger row names (a crash between a rewrite and its record, or after it) go first."""
+    referenced = {p for (p,) in con.execute("SELECT DISTINCT path FROM embeddings").fetchall()}
+    stray = [p for p in memory.layout.root.glob("embeddings/*/*/part-*.parquet")
+             if memory.layout.relative(p) not in referenced]
+    for path in stray:  # (parts are written under the ledger lock, which this process holds)
+        path.unlink()
     parts = dict(con.execute("SELECT DISTINCT e.path, c.dim FROM embeddings e JOIN encoders c USING (encoder_id)"
                              " WHERE e.sample_id IN (SELECT unnest(?::VARCHAR[]))", [sample_ids]).fetchall())
     present = [p for p in parts if memory.layout.absolute(p).exists()]
@@ -320,7 +332,7 @@ def _purge_embeddings(memory, con, sample_ids: list[str], vector_ids: np.ndarray
         if len(keep) < len(frame):
             with atomic_path(cache) as tmp:
                 write_part(keep, tmp)
-    return len(parts)
+    return len(parts) + len(stray)
 
 
 def _purge_files(memory, targets: pl.DataFrame) -> int:

@@ -41,7 +41,7 @@ from .home import Layout
 from .index_types import BuildReport, IndexPolicy, build, describe, flat_index, index_ids, kind_of, new_flat_index
 from .ledger import Ledger
 
-__all__ = ["IndexStore", "IndexVersion", "IndexFile", "IndexIntegrityError", "index_ids", "index_vectors",
+__all__ = ["IndexStore", "IndexVersion", "IndexFile", "IndexIntegrityError", "held_ids", "index_ids", "index_vectors",
            "new_flat_index"]
 GENESIS = "0" * 64  # prev_hash of the first deletion
 
@@ -128,6 +128,12 @@ def index_vectors(index: faiss.Index, copy: bool = True) -> np.ndarray:
     return view.copy() if copy else view
 
 
+def held_ids(index: faiss.Index) -> np.ndarray:
+    """The vector ids an index holds, its holes (id -1, where a forget erased one) aside."""
+    ids = index_ids(index)
+    return ids[ids != erasure.HOLE_ID]
+
+
 def _without(index: faiss.Index, unfinished: np.ndarray) -> faiss.Index:
     """The index (read whole) without its holes and without these ids, where it has any. An IVF
     index drops its hash-table direct map for that (it only removes listed ids, and holes share
@@ -192,13 +198,13 @@ class IndexStore:
         vectors or inverted lists instead of reading them into memory (for searching: the pages
         are the file's, shared and reclaimable); such an index must not be changed (FAISS would
         write into a read-only mapping), so writers load without it, and so does a version of
-        several files or with holes (until the next fold or compaction)."""
+        several files (until the next fold or compaction). A mapped index keeps its holes (id -1):
+        its searchers skip them (ivf_search.py)."""
         version = version or self.live()
         if version is None:
             raise FileNotFoundError(f"no index for encoder {self.encoder_id} yet: add an image set first (vismem add)")
         unfinished = self._unfinished_forgets()
-        whole = len(version.files) == 1 and not version.files[0].holes
-        first, mapped = self._read(version.files[0], version, unfinished, mmap=mmap and whole)
+        first, mapped = self._read(version.files[0], version, unfinished, mmap=mmap and len(version.files) == 1)
         if len(version.files) == 1:
             return version, first if mapped else _without(first, unfinished)
         # An exact index is gathered into one fresh flat index (one copy of each file's vectors);
@@ -219,11 +225,9 @@ class IndexStore:
         version = version or self.live()
         if version is None:
             return np.empty(0, np.int64)
-        ids = np.concatenate([self.file_ids(f) for f in version.files])
-        return ids[ids != erasure.HOLE_ID]
-
-    def file_ids(self, file: IndexFile) -> np.ndarray:
-        return index_ids(faiss.read_index(str(self._existing(file.path)), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY))
+        return np.concatenate([held_ids(faiss.read_index(str(self._existing(f.path)),
+                                                         faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY))
+                               for f in version.files])
 
     def _existing(self, relative: str, version: IndexVersion | None = None) -> Path:
         path = self.layout.absolute(relative)
@@ -399,9 +403,6 @@ class IndexStore:
         old = retained[: max(len(retained) - (keep - 1), 0)]
         self._purge(old, note=f"retention: newest {keep} kept")
         return old
-
-    def purge(self, version: int | None, note: str) -> None:
-        self._purge([v for v in self.versions() if v.version == version and v.status == "retained"], note)
 
     def _purge(self, versions: list[IndexVersion], note: str) -> None:
         with self.ledger.transaction() as con:

@@ -112,7 +112,7 @@ def scan_lists(lists, code_addresses, id_addresses, sizes, queries, list_start, 
             for j in range(m):
                 row, root = first + j, roots[j]
                 for v in range(rows):
-                    if scores[v, j] > root:
+                    if scores[v, j] > root and ids[start + v] >= 0:  # (-1: a hole a forget left)
                         _push(out_s[row], out_i[row], scores[v, j], ids[start + v])
                         root = out_s[row, 0]
                 roots[j] = root

@@ -70,12 +70,21 @@ class IVFSearcher:
     Only an IVF-Flat inner-product index (a bare IndexIVFFlat, with or without a direct map,
     possibly memory-mapped read-only) gets the list-by-list path; for any other index (IVF-SQ8,
     IVF-PQ, wrapped or L2 indexes) this searcher just delegates to `index.search`. It keeps the
-    index alive (the kernel reads the index's lists where FAISS keeps them)."""
+    index alive (the kernel reads the index's lists where FAISS keeps them). Holes (id -1, what
+    a forget leaves in a memory-mapped index until the next compaction) are never returned: the
+    kernel skips them, and with `holes` FAISS's search is given a selector that does."""
 
-    def __init__(self, index, min_batch: int = MIN_BATCH, min_bytes: int = MIN_BYTES):
+    def __init__(self, index, min_batch: int = MIN_BATCH, min_bytes: int = MIN_BYTES, holes: bool = False):
+        import faiss
+
         self.index = index
         self.min_batch, self.min_bytes = min_batch, min_bytes
         self._ivf = _ivf_flat_ip(index)
+        self._params = None
+        if holes:  # ids from 0 up: every stored vector, no hole (nprobe and max_codes as the index has them)
+            ivf = faiss.extract_index_ivf(index)
+            self._selector = faiss.IDSelectorRange(0, np.iinfo(np.int64).max)
+            self._params = faiss.SearchParametersIVF(sel=self._selector, nprobe=ivf.nprobe, max_codes=ivf.max_codes)
 
     @property
     def list_batched(self) -> bool:
@@ -93,7 +102,7 @@ class IVFSearcher:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         ivf = self._ivf
         if queries.ndim != 2 or k < 1 or not self.lists_for(len(queries)) or queries.shape[1] != ivf.d:
-            return self.index.search(queries, k)  # (which also raises FAISS's errors)
+            return self.index.search(queries, k, params=self._params)  # (which also raises FAISS's errors)
         out = [self._search(queries[i:i + MAX_CHUNK], int(k)) for i in range(0, len(queries), MAX_CHUNK)]
         return out[0] if len(out) == 1 else (np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]))
 
@@ -182,8 +191,9 @@ def settings() -> dict:
             "kernel": f"numba {version('numba')}"}
 
 
-def ivf_searcher(index) -> IVFSearcher | None:
-    """The list-batched searcher for an IVF-Flat inner-product index, else None."""
-    if index is None or _ivf_flat_ip(index) is None:
+def ivf_searcher(index, holes: bool = False) -> IVFSearcher | None:
+    """The list-batched searcher for an IVF-Flat inner-product index, or, for an IVF index with
+    holes, the searcher that skips them; else None."""
+    if index is None or (_ivf_flat_ip(index) is None and not holes):
         return None
-    return IVFSearcher(index)
+    return IVFSearcher(index, holes=holes)

@@ -21,7 +21,8 @@ from .evaluation import DEFAULT_K, Evaluation, score
 from .evaluation import record as record_rows
 from .home import Layout, resolve_home
 from .imagesets import CheckedImage, ImageSetError, check_image, check_set_name, read_image_set
-from .index_store import IndexStore, IndexVersion, index_ids, index_vectors
+from .erasure import HOLE_ID
+from .index_store import IndexStore, IndexVersion, held_ids, index_ids, index_vectors
 from .index_types import IndexPolicy, kind_of
 from .ledger import Ledger, insert_rows, to_frame
 from .ivf_search import ivf_searcher, settings as ivf_search_settings
@@ -103,7 +104,7 @@ class Memory:
         self._encoder_choice = encoder
         self.index_policy = index_policy or IndexPolicy.from_env()
         self._index_cache: tuple[tuple, IndexVersion, object] | None = None
-        self._searcher_cache: tuple[object, object] | None = None  # (index, its searcher or None)
+        self._searcher_cache: tuple[object, object, int] | None = None  # (index, its searcher or None, its holes)
 
     # ---- encoder -----------------------------------------------------------------------------
 
@@ -375,7 +376,7 @@ class Memory:
         else (an approximate index keeps no exact vectors) read from the embedding files."""
         if index is None:
             _, index = self.live_index()
-        ids = index_ids(index)
+        ids = held_ids(index)
         if kind_of(index) == "flat":
             return ids, index_vectors(index)
         with self.ledger.connect() as con:
@@ -399,20 +400,22 @@ class Memory:
         if vectors.ndim != 2 or vectors.shape[1] != self.encoder.dim:
             raise EncoderMismatchError(f"query vectors of shape {vectors.shape} do not match encoder {self.encoder.id}")
         _, index = self.live_index()
-        k = max(1, min(k, index.ntotal))
-        searcher = self._searcher(index)
+        searcher, holes = self._searcher(index)
+        k = max(1, min(k, index.ntotal - holes))
         if searcher is not None:
             return searcher.search(vectors, k)
         sims, ids = index.search(np.ascontiguousarray(vectors, np.float32), k)
         return sims, ids
 
-    def _searcher(self, index):
-        """The searcher of the live index (exact for a flat one, list-batched for IVF-Flat, None
-        for the rest), cached with it: it reads the index's own vectors or lists (no copy) and
-        keeps that index alive while cached."""
+    def _searcher(self, index) -> tuple[object, int]:
+        """The searcher of the live index (exact for a flat one, list-batched for IVF-Flat, one
+        that skips holes for an IVF index mapped with some, None for the rest) and its number of
+        holes, cached with it: it reads the index's own vectors or lists (no copy) and keeps that
+        index alive while cached."""
         if self._searcher_cache is None or self._searcher_cache[0] is not index:
-            self._searcher_cache = (index, flat_searcher(index) or ivf_searcher(index))
-        return self._searcher_cache[1]
+            holes = int(np.count_nonzero(index_ids(index) == HOLE_ID))
+            self._searcher_cache = (index, flat_searcher(index) or ivf_searcher(index, holes=holes > 0), holes)
+        return self._searcher_cache[1], self._searcher_cache[2]
 
     def classify(self, images: list, k: int = DEFAULT_K, strategy: str = DEFAULT_STRATEGY,
                  progress: bool | None = None, unknown: bool = False, pruning: str | None = None) -> list[Prediction]:
@@ -515,14 +518,14 @@ class Memory:
                                batch: int = 4096, pruning: bool = False) -> Evaluation:
         """Each stored sample classified by all the others (for memories without a query split)."""
         version, index = self.live_index()
-        if index.ntotal < 2:
-            raise ValueError("leave-one-out needs at least two samples in the memory")
         ids_all, vectors = self.stored_vectors(index)
-        k = min(k_max, index.ntotal - 1)
+        if len(ids_all) < 2:
+            raise ValueError("leave-one-out needs at least two samples in the memory")
+        k = min(k_max, len(ids_all) - 1)
         sims = np.empty((len(ids_all), k), np.float32)
         ids = np.empty((len(ids_all), k), np.int64)
         for start in range(0, len(ids_all), batch):
-            s, i = index.search(vectors[start:start + batch], k + 1)
+            s, i = self.search(vectors[start:start + batch], k + 1)
             own = i == ids_all[start:start + batch, None]
             own[:, -1] |= ~own.any(axis=1)  # self not retrieved (exact duplicates): drop the last instead
             keep = ~own
@@ -549,11 +552,11 @@ class Memory:
             [self.encoder.id, version.version, percentile])
         if len(cached):
             return float(cached["distance"][0])
-        if index.ntotal < 2:
-            raise ValueError("a novelty threshold needs at least two samples in the memory")
         ids, vectors = self.stored_vectors(index)
+        if len(ids) < 2:
+            raise ValueError("a novelty threshold needs at least two samples in the memory")
         pick = np.random.default_rng(version.version).choice(len(ids), min(len(ids), NOVELTY_SAMPLE), replace=False)
-        sims, nn = index.search(vectors[pick], 2)
+        sims, nn = self.search(vectors[pick], 2)
         nearest_other = np.where(nn[:, 0] == ids[pick], sims[:, 1], sims[:, 0])
         distance = float(np.percentile(1.0 - nearest_other, percentile))
         with self.ledger.transaction() as con:
@@ -589,7 +592,7 @@ class Memory:
     def index_consistency(self) -> dict:
         """Does the live index hold exactly the active embedded samples of this encoder?"""
         _, index = self.live_index()
-        in_index = index_ids(index)
+        in_index = held_ids(index)
         with self.ledger.connect() as con:
             expected = self._embedded_active(con)["vector_id"].to_numpy()
         missing = np.setdiff1d(expected, in_index)

@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 
 from . import reliability as rel_mod
-from .index_store import index_ids
+from .index_store import held_ids
 from .ledger import insert_rows
 
 SOFT_K, HARD_K = rel_mod.SOFT_K, rel_mod.HARD_K
@@ -46,7 +46,7 @@ def reliability(memory, k: int) -> tuple[rel_mod.Reliability, ReliabilityRun]:
         "SELECT index_version, mode, base_version, n_samples, n_requeried, seconds, path FROM reliability_runs"
         " WHERE encoder_id = ? AND k = ? AND index_version <= ? ORDER BY index_version DESC LIMIT 1",
         [enc, k, version.version])
-    ids = index_ids(index)
+    ids = held_ids(index)
     if len(stored) and stored["index_version"][0] == version.version:
         row = stored.row(0, named=True)
         return rel_mod.load(memory.layout.absolute(row["path"])), ReliabilityRun(
