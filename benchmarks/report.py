@@ -89,7 +89,11 @@ def render(r: dict, command: str = "vismem bench --json") -> str:
                   f"{emb['n']} Fashion-MNIST images, default encoder, backend {emb['backend']} ({emb['threads']} threads):"
                   f" full path {emb['images_per_second_full']} img/s against the bare forward"
                   f" {emb['images_per_second_bare']} img/s = {emb['embed_ratio']}. Bare forward per image:"
-                  + ", ".join(f" {k} {v} ms" for k, v in emb.get("ms_per_image_bare", {}).items()) + ".", ""]
+                  + ", ".join(f" {k} {v} ms" for k, v in emb.get("ms_per_image_bare", {}).items()) + "."
+                  + "".join(f" The full path here is the {b['full_path']} one (decoding overlapped with the forward"
+                            f" {b['embed_ratio_overlapped']}, sequential {b['embed_ratio_sequential']} of the bare"
+                            " forward): `embed` overlaps only where a core is left over beside the forward's threads."
+                            for b in [emb.get("backends", {}).get(emb["backend"], {})] if "full_path" in b), ""]
     for run in types.get("runs", [types] if types else []):
         lines += [f"## Index types, N = {_fmt(run['n'])}, d = {run['d']}", "",
                   f"{run['queries']} held-out queries, k = {run['k']}; exact search {run['exact_qps']} qps (baseline).", ""]

@@ -4,6 +4,7 @@ encoding without changing a single bit of the result, its order or its errors.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import threading
@@ -187,16 +188,31 @@ def test_overlapped_embed_equals_sequential_keeps_order_and_bounds_memory(onnx_e
 
     monkeypatch.setattr(onnx_encoder, "prepare", counting_prepare)
     monkeypatch.setattr(onnx_encoder, "forward", counting_forward)
-    overlapped = onnx_encoder.embed(real_images)
+    overlapped = onnx_encoder.embed(real_images, overlap=True)
     assert np.array_equal(overlapped, sequential)
     assert state["prepared"] == state["encoded"] == 4
     assert all(name.startswith("vismem-decode") for name in state["threads"])
     assert state["most_in_flight"] <= 2  # the batch being encoded and the one being decoded
 
     # Order: embedding the images reversed gives the same rows reversed (up to batch composition).
-    reversed_rows = onnx_encoder.embed(real_images[::-1])
+    reversed_rows = onnx_encoder.embed(real_images[::-1], overlap=True)
     assert np.abs(reversed_rows[::-1] - sequential).max() <= 1e-5
     assert not [t for t in threading.enumerate() if t.name.startswith("vismem-decode")]
+
+
+def test_embed_overlaps_by_default_only_where_a_core_is_left_over(onnx_encoder, real_images, monkeypatch):
+    """Decoding on a helper thread pays only beside a forward that leaves a core free; on the
+    2-core machine this was written on, with a 2-thread forward, it made both wait."""
+    monkeypatch.setattr(onnx_encoder, "batch_size", 4)
+    cores = len(os.sched_getaffinity(0))
+    decoded_ahead = []
+    batches = onnx_encoder._batches
+    monkeypatch.setattr(onnx_encoder, "_batches", lambda *a: decoded_ahead.append(1) or batches(*a))
+    for threads, overlaps in ((cores, False), (cores - 1, cores > 1)):
+        monkeypatch.setattr(onnx_encoder, "runtime_info", lambda t=threads: {"backend": "onnx", "threads": t})
+        decoded_ahead.clear()
+        onnx_encoder.embed(real_images)
+        assert onnx_encoder.overlaps() is overlaps and bool(decoded_ahead) is overlaps
 
 
 @pytest.mark.parametrize("overlap", [True, False])

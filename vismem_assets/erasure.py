@@ -34,6 +34,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import polars as pl
 
 from .index_types import index_ids
 
@@ -178,8 +179,6 @@ def part_holes(path: Path, metadata: list[dict], vector_ids: np.ndarray, dim: in
     its rows of DuckDB's `parquet_metadata()` (one per row group and column). Sample ids, vector
     ids and vectors are read where the offset index puts each page, and checked against polars'
     reading (vectors: a unit vector, or a hole's zeros, where each row's should be)."""
-    import polars as pl
-
     columns = {m["path_in_schema"].split(",")[0]: m for m in metadata if m["row_group_id"] == 0}
     if (any(m["row_group_id"] != 0 for m in metadata) or set(columns) != {"sample_id", "vector_id", "vector"}
             or any(m["compression"] != "UNCOMPRESSED" or m["stats_min_value"] is not None
@@ -189,6 +188,8 @@ def part_holes(path: Path, metadata: list[dict], vector_ids: np.ndarray, dim: in
     frame = pl.read_parquet(path, columns=["sample_id", "vector_id"])
     rows = np.flatnonzero(_wanted(frame["vector_id"].to_numpy(), np.unique(np.asarray(vector_ids, np.int64)), holes_too))
     n = len(frame)
+    if not len(rows):
+        return Holes(rows, ())
     stored = frame["sample_id"].to_list()
     with open(path, "rb") as f:
         vectors = _rows(f, columns["vector"], 4 * dim, n)
@@ -273,16 +274,23 @@ def _varint(buf: bytes, p: int) -> tuple[int, int]:
 # ---- writing and hashing ---------------------------------------------------------------------
 
 def apply(erasures: dict[Path, Holes]) -> None:
-    """Write each file's patches in place, then make them durable (the files synced together:
-    one at a time, syncing hundreds of parts took longer than writing them)."""
-    fds = []
+    """Write each file's patches in place, through a writable mapping (a few ids and pairs at
+    once, a vector a slice: a syscall each took longer), then make them durable, the files
+    synced together (one at a time, syncing hundreds of parts took longer than writing them)."""
+    touched = [path for path, holes in erasures.items() if any(len(p) for p in holes.patches)]
+    for path in touched:
+        mapping = np.memmap(path, np.uint8, mode="r+")
+        mapped = mapping.view(np.ndarray)  # (slices of a plain array: no memmap object each)
+        for patch in erasures[path].patches:
+            data = np.frombuffer(patch.data, np.uint8)
+            if len(data) <= 64:
+                mapped[patch.offsets[:, None] + np.arange(len(data))] = data
+            else:
+                for offset in patch.offsets.tolist():
+                    mapped[offset:offset + len(data)] = data
+        del mapped, mapping  # (unmapped: the pages stay dirty in the page cache until synced)
+    fds = [os.open(path, os.O_RDONLY) for path in touched]
     try:
-        for path, holes in erasures.items():
-            if any(len(p) for p in holes.patches):
-                fds.append(os.open(path, os.O_WRONLY))
-                for patch in holes.patches:
-                    for offset in patch.offsets.tolist():
-                        os.pwrite(fds[-1], patch.data, offset)
         with ThreadPoolExecutor(min(8, max(1, len(fds)))) as pool:
             list(pool.map(os.fdatasync, fds))
     finally:

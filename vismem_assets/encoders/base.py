@@ -3,6 +3,7 @@ the exact weights and preprocessing so vectors of two encoders never mix."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from abc import ABC, abstractmethod
 from collections import deque
@@ -140,21 +141,28 @@ class Encoder(ABC):
         """How `forward` runs in this process (backend, threads); loads the model if needed."""
         return {"backend": "torch", "threads": torch.get_num_threads()}
 
+    def overlaps(self) -> bool:
+        """Whether `embed` decodes on a helper thread by default: only where a core is left over
+        beside the forward's threads. On 2 cores with a 2-thread forward the two only wait for
+        each other (measured: overlapped 0.82-0.87 of the bare forward, sequential 0.86-0.95)."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return cores > int(self.runtime_info().get("threads") or 1)
+
     def embed(self, images: Sequence, progress: bool | None = None, desc: str = "embedding",
               overlap: bool | None = None) -> np.ndarray:
         """Images (PIL, arrays or paths) -> float32 (n, dim), each row of unit L2 norm.
 
-        With `overlap` (the default whenever there is more than one batch) a helper thread
-        decodes and preprocesses batch i+1 while the model encodes batch i; PIL's decoders and
-        resampling and numpy release the GIL, so the two really run at once. The rows, their
-        order and the errors are those of the sequential path: an unreadable image raises the
-        same ValueError naming it.
+        With `overlap` (the default when there is more than one batch and `overlaps()`) a
+        helper thread decodes and preprocesses batch i+1 while the model encodes batch i; PIL's
+        decoders and resampling and numpy release the GIL, so the two really run at once. The
+        rows, their order and the errors are those of the sequential path: an unreadable image
+        raises the same ValueError naming it.
         """
         n = len(images)
         out = np.empty((n, self.dim), dtype=np.float32)
         show = n > self.batch_size if progress is None else progress
         starts = range(0, n, self.batch_size)
-        overlap = len(starts) > 1 if overlap is None else overlap
+        overlap = len(starts) > 1 and self.overlaps() if overlap is None else overlap
         batches = self._batches(images, starts) if overlap else (
             (start, self.prepare(images[start : start + self.batch_size])) for start in starts)
         with tqdm(total=n, desc=desc, unit="img", disable=not show) as bar, torch.inference_mode(), \
