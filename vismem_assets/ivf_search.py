@@ -80,11 +80,16 @@ class IVFSearcher:
         self.index = index
         self.min_batch, self.min_bytes = min_batch, min_bytes
         self._ivf = _ivf_flat_ip(index)
-        self._params = None
-        if holes:  # ids from 0 up: every stored vector, no hole (nprobe and max_codes as the index has them)
-            ivf = faiss.extract_index_ivf(index)
-            self._selector = faiss.IDSelectorRange(0, np.iinfo(np.int64).max)
-            self._params = faiss.SearchParametersIVF(sel=self._selector, nprobe=ivf.nprobe, max_codes=ivf.max_codes)
+        self._skip_holes = faiss.IDSelectorRange(0, np.iinfo(np.int64).max) if holes else None  # ids from 0 up
+
+    def _params(self):
+        """FAISS's search parameters that skip holes, at the index's nprobe as it is now; or None."""
+        import faiss
+
+        if self._skip_holes is None:
+            return None
+        ivf = faiss.extract_index_ivf(self.index)
+        return faiss.SearchParametersIVF(sel=self._skip_holes, nprobe=ivf.nprobe, max_codes=ivf.max_codes)
 
     @property
     def list_batched(self) -> bool:
@@ -102,7 +107,7 @@ class IVFSearcher:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         ivf = self._ivf
         if queries.ndim != 2 or k < 1 or not self.lists_for(len(queries)) or queries.shape[1] != ivf.d:
-            return self.index.search(queries, k, params=self._params)  # (which also raises FAISS's errors)
+            return self.index.search(queries, k, params=self._params())  # (which also raises FAISS's errors)
         out = [self._search(queries[i:i + MAX_CHUNK], int(k)) for i in range(0, len(queries), MAX_CHUNK)]
         return out[0] if len(out) == 1 else (np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]))
 
