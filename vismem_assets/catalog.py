@@ -2,21 +2,27 @@
 from __future__ import annotations
 
 import numpy as np
-import polars as pl
 
 
 class Catalog:
-    """Active samples of the memory, addressable by FAISS vector id."""
+    """Active samples of the memory, addressable by FAISS vector id: columns in vector-id order
+    (`label_codes` index `label_names`, which are sorted)."""
 
-    def __init__(self, frame: pl.DataFrame):
-        frame = frame.sort("vector_id")
-        self.vector_ids = frame["vector_id"].to_numpy()
-        self.sample_ids = frame["sample_id"].to_list()
-        self.image_paths = frame["image_path"].to_list()
-        labels = frame["label"].to_list()
-        self.label_names = sorted(set(labels))
-        code = {name: i for i, name in enumerate(self.label_names)}
-        self.label_codes = np.array([code[x] for x in labels], dtype=np.int64)
+    def __init__(self, vector_ids: np.ndarray, sample_ids: np.ndarray, image_paths: np.ndarray,
+                 label_codes: np.ndarray, label_names: list[str]):
+        self.vector_ids = np.asarray(vector_ids, np.int64)
+        self.sample_ids, self.image_paths = sample_ids, image_paths
+        self.label_codes = np.asarray(label_codes, np.int64)
+        self.label_names = list(label_names)
+
+    @classmethod
+    def query(cls, con) -> "Catalog":
+        """From the ledger, as numpy columns (a million samples: ~0.4 s; through Python rows, 2 s)."""
+        active = "FROM samples WHERE status = 'active' AND vector_id IS NOT NULL"
+        names = [name for (name,) in con.execute(f"SELECT DISTINCT label {active} ORDER BY label").fetchall()]
+        cols = con.execute("SELECT vector_id, sample_id, image_path, dense_rank() OVER (ORDER BY label) - 1 AS code"
+                           f" {active} ORDER BY vector_id").fetchnumpy()
+        return cls(cols["vector_id"], cols["sample_id"], cols["image_path"], cols["code"], names)
 
     def rows(self, vector_ids: np.ndarray) -> np.ndarray:
         """Row positions of the given vector ids (-1 where unknown, e.g. FAISS's -1 padding)."""

@@ -389,8 +389,8 @@ class Memory:
         return got_ids, vectors
 
     def catalog(self) -> Catalog:
-        return Catalog(self.ledger.query(
-            "SELECT vector_id, sample_id, label, image_path FROM samples WHERE status = 'active' AND vector_id IS NOT NULL"))
+        with self.ledger.connect() as con:
+            return Catalog.query(con)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, vector_ids), each (n, min(k, N)), best first. A flat index is searched
