@@ -94,16 +94,24 @@ def test_a_crash_part_way_leaves_a_file_that_hashes_to_the_recorded_digest_once_
     assert sha(path) == recorded
 
 
-def test_a_patch_that_spans_read_blocks_hashes_the_same(tmp_path):
+def test_the_digest_as_patched_matches_the_file_once_patched(tmp_path):
     path = tmp_path / "big.bin"
-    data = np.random.default_rng(0).integers(0, 255, (3 * erasure._BLOCK + 100), dtype=np.uint8).tobytes()
+    data = np.random.default_rng(0).integers(0, 255, 1_000_003, dtype=np.uint8).tobytes()
     path.write_bytes(data)
-    offsets = np.array([5, erasure._BLOCK - 10, 2 * erasure._BLOCK - 3], np.int64)
-    holes = erasure.Holes(np.arange(3), (erasure.Patch(offsets, b"\xff" * 40),))
+    # at the start, twice at one place (a retry's holes), overlapping, and ending at the last byte
+    offsets = np.array([0, 500_000, 500_000, 500_020, len(data) - 40], np.int64)
+    holes = erasure.Holes(np.arange(len(offsets)), (erasure.Patch(offsets, b"\xff" * 40),))
     patched = bytearray(data)
     for o in offsets:
         patched[o:o + 40] = b"\xff" * 40
     assert erasure.sha256_patched(path, holes) == hashlib.sha256(patched).hexdigest()
+    assert erasure.sha256_patched(path) == hashlib.sha256(data).hexdigest()
+    past_end = erasure.Holes(np.arange(1), (erasure.Patch(np.array([len(data) - 10]), b"\xff" * 40),))
+    with pytest.raises(erasure.LayoutError, match="past the end"):
+        erasure.sha256_patched(path, past_end)
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    assert erasure.sha256_patched(empty) == hashlib.sha256(b"").hexdigest()
 
 
 def test_files_laid_out_otherwise_are_refused(tmp_path, data):

