@@ -135,8 +135,8 @@ def render(r: dict, command: str = "vismem bench --json") -> str:
                   " version beside the live one", "",
                   "Each forget erases in place (its vectors' bytes and ids overwritten in every index file and"
                   " embedding part that holds them), hashes each touched index file anew, deletes the images,"
-                  " chains the proof and rewrites the ledger file; seconds per step:", ""]
-        steps = ("accept", "embeddings", "image_files", "proof", "ledger_file", "finish")
+                  " zeroes their file names, and chains the proof; seconds per step:", ""]
+        steps = ("accept", "embeddings", "image_files", "names", "proof", "finish")
         lines += _table(["index type", "samples", "forget s", "rebuild s", "forget ÷ rebuild", "index files s",
                          "index files ÷ rebuild", *(s.replace("_", " ") + " s" for s in steps)],
                         [[f"{k} ({t['index_type']})" + (f": image set {f['image_set']}" if "image_set" in f else ""),

@@ -57,16 +57,18 @@ def insert_vectors(memory: Memory, vectors: np.ndarray, labels: np.ndarray, pref
         name = f"{prefix}-{start // chunk:04d}"
         with memory.ledger.transaction() as con:
             con.execute("INSERT INTO image_sets VALUES (?, 'synthetic', now(), now())", [name])
+            pos, lengths = memory.ledger.names.append(con, [f"img-{i}.png" for i in range(start, start + len(ids[part]))])
             insert_rows(con, "samples", {
                 "sample_id": ("VARCHAR", ids[part]),
                 "label": ("VARCHAR", [f"c{c:03d}" for c in labels[part]]),
                 "image_set": ("VARCHAR", [name] * len(ids[part])),
                 "status": ("VARCHAR", ["active"] * len(ids[part])),
-                "original_name": ("VARCHAR", [f"img-{i}.png" for i in range(start, start + len(ids[part]))]),
+                "name_pos": ("BIGINT", pos), "name_len": ("INTEGER", lengths),
             }, added_at="now()", vector_id="nextval('vector_id_seq')")
             insert_rows(con, "sample_sources", {
                 "sample_id": ("VARCHAR", ids[part]), "image_set": ("VARCHAR", [name] * len(ids[part])),
                 "ingest_id": ("BIGINT", [0] * len(ids[part])),
+                "name_pos": ("BIGINT", pos), "name_len": ("INTEGER", lengths),
             }, arrived_at="now()")
             vector_of = dict(con.execute("SELECT sample_id, vector_id FROM samples"
                                          " WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [ids[part]]).fetchall())

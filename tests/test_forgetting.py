@@ -32,6 +32,7 @@ from vismem_assets.forgetting import HASHED_FIELDS, ForgetError, ForgetRequest, 
 from vismem_assets.index_store import GENESIS, index_ids, index_vectors
 from vismem_assets.ledger import audit_queries
 from vismem_assets.memory import Memory
+from vismem_assets.names import NAMES_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 LABELS = ("Bag", "Trouser", "Sneaker", "Sandal")
@@ -114,6 +115,15 @@ def ledger_bytes(home: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(home.glob("ledger.duckdb*")) if not p.name.endswith(".lock"))
 
 
+def names_bytes(home: Path) -> bytes:
+    return (home / NAMES_FILE).read_bytes()
+
+
+def stored_bytes(home: Path) -> bytes:
+    """Every byte the ledger and its name file hold, stale ones included."""
+    return ledger_bytes(home) + names_bytes(home)
+
+
 def capture(memory: Memory) -> dict:
     """What the memory holds before a forget: every version's file sha and ids, every sample's names."""
     versions = memory.ledger.query("SELECT version, path, sha256, status FROM index_versions ORDER BY version").to_dicts()
@@ -121,11 +131,11 @@ def capture(memory: Memory) -> dict:
         path = memory.layout.absolute(v["path"])
         v["ids"] = faiss_ids(path)
         assert v["sha256"] == sha_bytes(path.read_bytes())
-    samples = memory.ledger.query("SELECT sample_id, vector_id, label, status, original_name FROM samples")
+    samples = memory.ledger.query("SELECT sample_id, vector_id, label, status, original_name(name_pos, name_len) AS original_name FROM samples")
     names: dict[str, set[str]] = {}
     for sample_id, name in memory.ledger.query(
-            "SELECT sample_id, original_name FROM sample_sources UNION ALL SELECT sample_id, original_name FROM samples"
-            " UNION ALL SELECT sample_id, original_name FROM quarantine").rows():
+            "SELECT sample_id, original_name(name_pos, name_len) AS original_name FROM sample_sources UNION ALL SELECT sample_id, original_name(name_pos, name_len) AS original_name FROM samples"
+            " UNION ALL SELECT sample_id, original_name(name_pos, name_len) AS original_name FROM quarantine").rows():
         if sample_id and name:
             names.setdefault(sample_id, set()).add(name.split("/")[-1])
     return {"versions": versions, "live": next(v for v in versions if v["status"] == "live"),
@@ -215,20 +225,20 @@ def assert_forgotten(memory: Memory, pre: dict, sample_ids: list[str], request_i
         assert not left, left
 
     # The ledger keeps the hash and the label, nothing that names the file.
-    got = q("SELECT sample_id, status, label, original_name, image_path FROM samples"
+    got = q("SELECT sample_id, status, label, name_pos, image_path FROM samples"
             " WHERE sample_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY sample_id", [sample_ids]).rows()
     assert got == [(s, "forgotten", pre["label"][s], None, None) for s in sample_ids]
-    assert q("SELECT count(*) AS n FROM sample_sources WHERE original_name IS NOT NULL AND sample_id IN"
+    assert q("SELECT count(*) AS n FROM sample_sources WHERE name_pos IS NOT NULL AND sample_id IN"
              " (SELECT unnest(?::VARCHAR[]))", [sample_ids])["n"][0] == 0
-    assert q("SELECT count(*) AS n FROM quarantine WHERE (original_name <> '[redacted]' OR stored_path IS NOT NULL)"
+    assert q("SELECT count(*) AS n FROM quarantine WHERE (name_pos IS NOT NULL OR stored_path IS NOT NULL)"
              " AND sample_id IN (SELECT unnest(?::VARCHAR[]))", [sample_ids])["n"][0] == 0
-    # ... not even as stale bytes in the DuckDB file, while the names of kept samples are there.
-    raw = ledger_bytes(root)
+    # ... nor in the name file, while the names of kept samples are there (and never in the DuckDB file).
     forgotten_names = set().union(*(pre["names"].get(s, set()) for s in sample_ids))
     kept_names = set().union(*(n for s, n in pre["names"].items() if s not in sample_ids)) - forgotten_names
     assert forgotten_names and kept_names
-    assert [n for n in sorted(forgotten_names) if n.encode() in raw] == []
-    assert [n for n in sorted(kept_names) if n.encode() not in raw] == []
+    assert [n for n in sorted(forgotten_names) if n.encode() in stored_bytes(root)] == []
+    assert [n for n in sorted(kept_names) if n.encode() not in names_bytes(root)] == []
+    assert [n for n in sorted(kept_names | forgotten_names) if n.encode() in ledger_bytes(root)] == []
 
     report = audit.verify(memory)
     assert report.ok, report.problems
@@ -337,7 +347,7 @@ def test_forget_each_kind_of_target(mem, sources, tmp_path, kind):
         assert rewritten == [1]
     if kind == "label":
         assert not list(mem.layout.quarantine.iterdir())           # the quarantine copy went with its label
-        assert mem.ledger.query("SELECT original_name, stored_path FROM quarantine").rows() == [("[redacted]", None)]
+        assert mem.ledger.query("SELECT name_pos, stored_path FROM quarantine").rows() == [(None, None)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -364,7 +374,7 @@ def test_forget_prints_a_table_for_people(mem):
     # Where the time went, step by step: the steps add up to (nearly) all of it.
     steps = re.search(r"took ([\d.]+) s \((.*)\)", out)
     seconds = {name.strip(): float(value) for name, value in re.findall(r"([a-z ]+) ([\d.]+) s", steps.group(2))}
-    assert list(seconds) == ["accept", "indexes", "embeddings", "image files", "proof", "ledger file", "finish"]
+    assert list(seconds) == ["accept", "indexes", "embeddings", "image files", "names", "proof", "finish"]
     assert 0.8 * float(steps.group(1)) <= sum(seconds.values()) <= float(steps.group(1)) + 0.03
 
 
@@ -376,8 +386,8 @@ def test_forgetting_a_set_also_removes_its_quarantined_files(mem, sources):
 
     assert report.n_samples == 16 + 1          # the 16 images and the broken file that came with set A
     assert not list(mem.layout.quarantine.iterdir())
-    assert mem.ledger.query("SELECT original_name, stored_path FROM quarantine").rows() == [("[redacted]", None)]
-    assert b"broken.png" not in ledger_bytes(mem.layout.root)
+    assert mem.ledger.query("SELECT name_pos, stored_path FROM quarantine").rows() == [(None, None)]
+    assert b"broken.png" not in stored_bytes(mem.layout.root)
 
 
 # ---- dry run ----------------------------------------------------------------------------------------------
@@ -432,7 +442,7 @@ def test_reingesting_a_set_after_forgetting_part_of_it(mem, sources, tmp_path):
     assert q("SELECT label FROM samples WHERE sample_id = ?", [gone_ids[0]])["label"][0] == "Trouser"
     assert q("SELECT count(*) AS n FROM samples")["n"][0] == 26                  # 25 + the one new Coat
     assert q("SELECT max(vector_id) AS m FROM samples")["m"][0] == n_vectors + 1  # one new vector, the Coat's
-    assert q("SELECT count(*) AS n FROM sample_sources WHERE original_name = 'Coat/not-a-trouser.png'")["n"][0] == 0
+    assert q("SELECT count(*) AS n FROM sample_sources WHERE original_name(name_pos, name_len) = 'Coat/not-a-trouser.png'")["n"][0] == 0
     assert q("SELECT count(*) AS n FROM embeddings WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))",
              [gone_ids])["n"][0] == 0
     for path in index_files(mem.layout.root):
@@ -499,7 +509,6 @@ CRASH_SCRIPT = """
     import os, signal, sys
     import vismem_assets.erasure as erasure
     import vismem_assets.forgetting as forgetting
-    from vismem_assets.ledger import Ledger
 
     def die(*args, **kwargs):
         print("KILLED", flush=True)
@@ -518,8 +527,8 @@ CRASH_SCRIPT = """
         erasure.apply = half
     elif point == "purge_embeddings":  # every index purged; embeddings, images, proof not yet
         forgetting._purge_embeddings = die
-    elif point == "rewrite_file":      # request applied and chained; the ledger file not yet rewritten
-        Ledger.rewrite_file = die
+    elif point == "prove":             # names zeroed in the name file; the ledger still points at them
+        forgetting._prove = die
     from vismem_assets.cli import main
     main(sys.argv[2:])
     print("UNREACHED", flush=True)
@@ -629,17 +638,22 @@ def test_retry_after_a_crash_reports_what_the_request_forgot(crashed_after_index
     assert report.n_samples == 6 and report.per_label() == {"Sandal": 6}
 
 
-def test_killed_before_the_ledger_file_is_rewritten_names_still_go(mem, sources, encoder):
+def test_killed_between_erasing_names_and_the_proof_a_retry_finishes(mem, sources, encoder):
     names = [f.name for s in ("A", "B") for f in pngs(sources[s] / "Sandal")]
-    assert all(n.encode() in ledger_bytes(mem.layout.root) for n in names)
+    assert all(n.encode() in names_bytes(mem.layout.root) for n in names)
 
-    crash(mem.layout.root, "rewrite_file", *SANDAL_ARGS)
+    crash(mem.layout.root, "prove", *SANDAL_ARGS)
 
     after = Memory(mem.layout.root, encoder=encoder)
-    after.resume_forgetting()                                     # every retry a user has
+    assert [n for n in names if n.encode() in stored_bytes(after.layout.root)] == []  # zeroed before the crash
+    assert not audit.verify(after).ok                             # ... but the ledger still points at them
+    after.resume_forgetting()
     assert vismem(after.layout.root, *SANDAL_ARGS).returncode == 0
-    assert audit.verify(after).ok
-    assert [n for n in names if n.encode() in ledger_bytes(after.layout.root)] == []
+    report = audit.verify(after)
+    assert report.ok, report.problems
+    kept = after.ledger.query("SELECT original_name(name_pos, name_len) AS n FROM sample_sources"
+                              " WHERE name_pos IS NOT NULL")["n"].to_list()
+    assert kept and all(n and "\0" not in n for n in kept)        # the other names read back whole
 
 
 # ---- requests that name nothing, or are incomplete -------------------------------------------------------------
@@ -921,14 +935,16 @@ def test_audit_queries_from_the_command_line(fmem, sources):
     assert rc == 2 and "no audit query" in err
 
 
-def test_every_audit_sql_file_runs_in_plain_duckdb(fmem, sources):
-    """As a user runs them in the duckdb CLI: SET VARIABLE, then the file's text, read-only."""
+def test_every_audit_sql_file_runs_in_plain_duckdb(fmem, sources, monkeypatch):
+    """As a user runs them in the duckdb CLI started in the memory home: SET VARIABLE, then the
+    file's text, read-only."""
     sandal = sid(pngs(sources["B"] / "Sandal")[0])
     params = {"proof_of_forgetting": {"sample_id": sandal}, "deletions_by_requester": {"requested_by": "bob"}}
     expected = {name: fmem.ledger.run_named(name, params.get(name)).rows() for name in audit_queries()}
     assert {"deletions_by_requester", "deletions_by_category", "proof_of_forgetting", "index_lineage",
             "memory_size_over_time", "forget_requests"} <= set(expected)
 
+    monkeypatch.chdir(fmem.layout.root)  # where names.bin is found
     con = duckdb.connect(str(fmem.layout.ledger), read_only=True)
     try:
         for name in audit_queries():

@@ -86,7 +86,7 @@ def test_folder_set_is_registered_content_addressed(memory, fm_sets, tmp_path):
     assert report.quarantined == [] and report.label_conflicts == [] and report.blocked == 0
 
     samples = memory.ledger.query(
-        "SELECT sample_id, vector_id, label, image_set, status, image_path, original_name, format, width, height"
+        "SELECT sample_id, vector_id, label, image_set, status, image_path, original_name(name_pos, name_len) AS original_name, format, width, height"
         " FROM samples ORDER BY original_name")
     assert len(samples) == n
     expected = sorted((f"{label}/{path.name}", label, path.read_bytes()) for label, path in items)
@@ -164,13 +164,13 @@ def test_same_bytes_under_other_names_and_sets_are_stored_once(memory, fm_sets, 
 
     assert report.added == 0 and report.duplicates == 2 and report.label_conflicts == []
     assert count(memory, "samples") == 1
-    sources = memory.ledger.query("SELECT image_set, original_name, label FROM sample_sources"
+    sources = memory.ledger.query("SELECT image_set, original_name(name_pos, name_len) AS original_name, label FROM sample_sources"
                                   " WHERE sample_id = ? ORDER BY image_set, original_name", [sha(data)])
     assert sources.rows() == [("one", f"{label}/{path.name}", label),
                               ("two", f"{label}/copy-a.png", label), ("two", f"{label}/copy-b.png", label)]
     stored = [p for p in memory.layout.images.rglob("*") if p.is_file()]
     assert [p.name for p in stored] == [f"{sha(data)}.png"]
-    assert memory.ledger.query("SELECT image_set, original_name FROM samples").row(0) == ("one", f"{label}/{path.name}")
+    assert memory.ledger.query("SELECT image_set, original_name(name_pos, name_len) AS original_name FROM samples").row(0) == ("one", f"{label}/{path.name}")
 
     # Within one fresh set: two names, same bytes -> one sample, two sources.
     (_, other), = fm_files(fm_sets, labels=("Trouser",), per_label=1)
@@ -262,7 +262,7 @@ def test_bad_files_are_quarantined_and_the_rest_goes_in(memory, fm_sets, tmp_pat
             assert word in by_name[f"Bag/{name}"], (name, by_name[f"Bag/{name}"])
 
     rows = memory.ledger.query(
-        "SELECT original_name, sample_id, reason, stored_path, ingest_id, image_set FROM quarantine")
+        "SELECT original_name(name_pos, name_len) AS original_name, sample_id, reason, stored_path, ingest_id, image_set FROM quarantine")
     assert len(rows) == len(bad)
     for row in rows.iter_rows(named=True):
         name = row["original_name"].split("/", 1)[1]
@@ -325,10 +325,10 @@ def test_csv_manifest_with_relative_and_absolute_paths(memory, fm_sets, tmp_path
     assert report.image_set == "catalogue" and report.n_files == len(items) + 1
     assert report.added == len(items)
     assert report.quarantined == [{"name": str(unlabelled), "reason": "no label"}]
-    got = memory.ledger.query("SELECT sample_id, label, original_name FROM samples WHERE status = 'active'")
+    got = memory.ledger.query("SELECT sample_id, label, original_name(name_pos, name_len) AS original_name FROM samples WHERE status = 'active'")
     assert sorted(got.rows()) == sorted((sha(p.read_bytes()), lab, name)
                                         for (lab, p), (name, _) in zip(items, rows))
-    q = memory.ledger.query("SELECT original_name, sample_id, reason FROM quarantine")
+    q = memory.ledger.query("SELECT original_name(name_pos, name_len) AS original_name, sample_id, reason FROM quarantine")
     assert q.rows() == [(str(unlabelled), sha(unlabelled.read_bytes()), "no label")]
     assert count(memory, "samples", "status = 'quarantined' AND vector_id IS NULL") == 1
 

@@ -38,11 +38,13 @@ def verify(memory) -> AuditReport:
     rows = memory.ledger.query(f"SELECT {', '.join(HASHED_FIELDS)}, prev_hash, row_hash FROM deletions ORDER BY seq")
     check_chain(rows, report)
     check_manifests(memory, rows, report)
-    forgotten = memory.ledger.query("SELECT sample_id, vector_id, original_name, image_path FROM samples"
-                                    " WHERE status = 'forgotten'")
+    forgotten = memory.ledger.query(
+        "SELECT sample_id, vector_id, image_path, name_pos IS NOT NULL OR EXISTS (SELECT 1 FROM sample_sources src"
+        " WHERE src.sample_id = s.sample_id AND src.name_pos IS NOT NULL) OR EXISTS (SELECT 1 FROM quarantine q"
+        " WHERE q.sample_id = s.sample_id AND q.name_pos IS NOT NULL) AS named FROM samples s WHERE status = 'forgotten'")
     report.problems += [f"forget request {r} is still pending (accepted, purge unfinished): run `vismem forget --resume`"
                         for r in memory.ledger.query("SELECT request_id FROM forget_requests WHERE state = 'pending'")["request_id"]]
-    named = forgotten.filter(pl.col("original_name").is_not_null() | pl.col("image_path").is_not_null())
+    named = forgotten.filter(pl.col("named") | pl.col("image_path").is_not_null())
     report.problems += [f"forgotten sample {s[:16]}… still has its file name or path in the ledger" for s in named["sample_id"]]
     traces = find_traces(memory, forgotten["sample_id"].to_list(), forgotten["vector_id"].drop_nulls().to_numpy(), report)
     report.problems += traces

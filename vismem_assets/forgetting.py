@@ -190,8 +190,8 @@ class Applied:
 def apply_pending(memory, only: str | None = None) -> dict[str, Applied]:
     """Finish accepted requests (all pending ones, or one): purge every trace, then chain the
     proof. Each one's `phases`: seconds erasing in the index files, in the embedding files,
-    deleting image files, writing the proof (and the pruning statistics, the manifests),
-    rewriting the ledger file, and marking the request applied."""
+    deleting image files, erasing file names, writing the proof (and the pruning statistics,
+    the manifests, the ledger's commit), and marking the request applied."""
     pending = memory.ledger.query(
         "SELECT request_id FROM forget_requests WHERE state = 'pending'" + (" AND request_id = ?" if only else "")
         + " ORDER BY requested_at", [only] if only else [])
@@ -208,9 +208,8 @@ def apply_pending(memory, only: str | None = None) -> dict[str, Applied]:
             rewritten = _rewritten_versions(con, request_id)
             removed = clock("embeddings", _purge_embeddings, memory, con, sample_ids, vector_ids)
             removed += clock("image_files", _purge_files, memory, targets)
+            clock("names", _erase_names, memory, con, request_id)
             clock("proof", _prove, memory, con, request_id, vector_ids)
-        # (closing the connection above wrote the ledger's changes: counted with the file's rewrite)
-        clock("ledger_file", memory.ledger.rewrite_file)  # drop the redacted names' old bytes from the DuckDB file
         # Applied only now: a crash before this leaves the request pending, and a retry finishes it.
         clock("finish", _mark_applied, memory, request_id)
         done[request_id] = Applied(new_versions, rewritten, removed, clock.seconds)
@@ -407,12 +406,21 @@ def _chain(con, request_id: str) -> None:
         raise
 
 
+_TARGETS = "SELECT sample_id FROM forget_targets WHERE request_id = ?"
+
+
+def _erase_names(memory, con, request_id: str) -> int:
+    """A file name can itself be personal data: its bytes are zeroed in the name file (the
+    ledger's references to them go with the proof, so a crash between finds them again)."""
+    return memory.ledger.names.erase(*memory.ledger.names.spans_of(con, _TARGETS, [request_id]))
+
+
 def _redact(con, request_id: str) -> None:
-    """A file name can itself be personal data: only the hash and the label stay."""
-    targets = "SELECT sample_id FROM forget_targets WHERE request_id = ?"
-    con.execute(f"UPDATE samples SET original_name = NULL, image_path = NULL WHERE sample_id IN ({targets})", [request_id])
-    con.execute(f"UPDATE sample_sources SET original_name = NULL WHERE sample_id IN ({targets})", [request_id])
-    con.execute(f"UPDATE quarantine SET original_name = '[redacted]', stored_path = NULL WHERE sample_id IN ({targets})",
+    """Only the hash and the label stay: no reference to a name, no stored path."""
+    con.execute(f"UPDATE samples SET name_pos = NULL, name_len = NULL, image_path = NULL WHERE sample_id IN ({_TARGETS})",
+                [request_id])
+    con.execute(f"UPDATE sample_sources SET name_pos = NULL, name_len = NULL WHERE sample_id IN ({_TARGETS})", [request_id])
+    con.execute(f"UPDATE quarantine SET name_pos = NULL, name_len = NULL, stored_path = NULL WHERE sample_id IN ({_TARGETS})",
                 [request_id])
 
 

@@ -20,6 +20,7 @@ import duckdb
 import polars as pl
 
 from .atomic import fsync_dir
+from .names import NAMES_FILE, NameFile, move_names_out
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 MIGRATIONS_DIR = SQL_DIR / "migrations"
@@ -77,6 +78,9 @@ class Ledger:
         self.lock_timeout = float(lock_timeout or os.environ.get("VISMEM_LOCK_TIMEOUT", 600))
         self._local = threading.local()
         self._migrated = False
+        self.names = NameFile(self.path.with_name(NAMES_FILE))
+        # Written before a migration that moved names out commits, removed once the file is copied.
+        self._stale_bytes = self.path.with_name(self.path.name + ".copy-pending")
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
@@ -107,11 +111,16 @@ class Ledger:
             yield outer
             return
         with self._lock():
-            con = duckdb.connect(str(self.path))
-            self._local.con = con
+            con = self._open()
             try:
                 if not self._migrated:
                     self._migrate(con)
+                if self._stale_bytes.exists():  # names moved out of DuckDB: their old bytes go with a fresh copy
+                    con.close()
+                    self._copy_to_fresh_file()
+                    self._stale_bytes.unlink()
+                    con = self._open()
+                self._local.con = con
                 yield con
             finally:
                 self._local.con = None
@@ -154,6 +163,13 @@ class Ledger:
                 for key in variables or {}:
                     con.execute(f'RESET VARIABLE "{key}"')
 
+    def _open(self) -> duckdb.DuckDBPyConnection:
+        con = duckdb.connect(str(self.path))
+        home = str(self.path.parent.resolve()).replace("'", "''")
+        con.execute(f"SET file_search_path = '{home}'")  # where the macro original_name() finds names.bin
+        self.names.ensure()
+        return con
+
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
         con.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -166,6 +182,8 @@ class Ledger:
             con.begin()
             try:
                 con.execute(sql)
+                if version == 7 and move_names_out(con, self.names):
+                    self._stale_bytes.touch()
                 con.execute(
                     "INSERT INTO schema_migrations VALUES (?, ?, now())", [version, name]
                 )
@@ -175,26 +193,23 @@ class Ledger:
                 raise
         self._migrated = True
 
-    def rewrite_file(self) -> None:
-        """Copy the database into a fresh file and swap it in: DuckDB keeps the old bytes of
-        updated or deleted rows in its file, and forgetting must not leave them there."""
-        if getattr(self._local, "con", None) is not None:
-            raise RuntimeError("rewrite_file needs the ledger closed: call it outside connect()")
+    def _copy_to_fresh_file(self) -> None:
+        """Copy the database into a fresh file and swap it in (under the lock): DuckDB keeps the
+        old bytes of updated or deleted rows in its file's free blocks."""
         fresh = self.path.with_name(self.path.name + ".fresh")
-        with self._lock():
-            fresh.unlink(missing_ok=True)
-            con = duckdb.connect(str(self.path))
-            try:
-                source = con.execute("SELECT current_database()").fetchone()[0]
-                con.execute(f"ATTACH '{fresh}' AS fresh")
-                con.execute(f'COPY FROM DATABASE "{source}" TO fresh')
-                con.execute("DETACH fresh")
-            finally:
-                con.close()
-            with open(fresh, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(fresh, self.path)
-            fsync_dir(self.path.parent)
+        fresh.unlink(missing_ok=True)
+        con = duckdb.connect(str(self.path))
+        try:
+            source = con.execute("SELECT current_database()").fetchone()[0]
+            con.execute(f"ATTACH '{fresh}' AS fresh")
+            con.execute(f'COPY FROM DATABASE "{source}" TO fresh')
+            con.execute("DETACH fresh")
+        finally:
+            con.close()
+        with open(fresh, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(fresh, self.path)
+        fsync_dir(self.path.parent)
 
     def schema_version(self) -> int:
         with self.connect() as con:

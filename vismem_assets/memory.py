@@ -183,10 +183,17 @@ class Memory:
                 report.blocked += sum(1 for c in arrivals if c.sample_id == sid)
                 self._image_path(good[sid]).unlink(missing_ok=True)
             arrivals = [c for c in arrivals if known.get(c.sample_id) != "forgotten"]
+            # Names go to the name file (durably, before the rows that point at them commit).
+            named = arrivals + bad
+            spans = list(zip(*self.ledger.names.append(con, [c.source.name for c in named]))) if named else []
+            first_span: dict[str, tuple[int, int]] = {}
+            for c, span in zip(named, spans):
+                if c.sample_id:
+                    first_span.setdefault(c.sample_id, span)
             revived = [c.sample_id for c in new if known.get(c.sample_id) == "quarantined"]
             if revived:  # bytes once refused (e.g. for a missing label) now arrive usable
                 con.execute("DELETE FROM samples WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [revived])
-            self._insert_samples(con, name, new, "active")
+            self._insert_samples(con, name, new, "active", first_span)
             report.added = len(new)
             # Everything that arrived, duplicates included, is remembered with where it came from.
             first_label = {sid: labels.get(sid) or c.source.label for sid, c in good.items()}
@@ -201,17 +208,19 @@ class Memory:
             insert_rows(con, "sample_sources", {
                 "sample_id": ("VARCHAR", [c.sample_id for c in arrivals]),
                 "image_set": ("VARCHAR", [name] * len(arrivals)),
-                "original_name": ("VARCHAR", [c.source.name for c in arrivals]),
+                "name_pos": ("BIGINT", [pos for pos, _ in spans[:len(arrivals)]]),
+                "name_len": ("INTEGER", [n for _, n in spans[:len(arrivals)]]),
                 "label": ("VARCHAR", [c.source.label for c in arrivals]),
                 "ingest_id": ("BIGINT", [report.ingest_id] * len(arrivals)),
             }, arrived_at="now()")
             quarantined_new = [c for c in {c.sample_id: c for c in bad if c.sample_id}.values()
                                if c.sample_id not in known and c.sample_id not in good]
-            self._insert_samples(con, name, quarantined_new, "quarantined")
+            self._insert_samples(con, name, quarantined_new, "quarantined", first_span)
             insert_rows(con, "quarantine", {
                 "ingest_id": ("BIGINT", [report.ingest_id] * len(bad)),
                 "image_set": ("VARCHAR", [name] * len(bad)),
-                "original_name": ("VARCHAR", [c.source.name for c in bad]),
+                "name_pos": ("BIGINT", [pos for pos, _ in spans[len(arrivals):]]),
+                "name_len": ("INTEGER", [n for _, n in spans[len(arrivals):]]),
                 "sample_id": ("VARCHAR", [c.sample_id for c in bad]),
                 "reason": ("VARCHAR", [c.reason for c in bad]),
                 "stored_path": ("VARCHAR", [None if c.data is None else
@@ -243,7 +252,8 @@ class Memory:
                 path.write_bytes(c.data)
         return _without_bytes(c, keep_marker=c.data is not None)
 
-    def _insert_samples(self, con, image_set: str, items: list[CheckedImage], status: str) -> None:
+    def _insert_samples(self, con, image_set: str, items: list[CheckedImage], status: str,
+                        spans: dict[str, tuple[int, int]]) -> None:
         active = status == "active"
         insert_rows(con, "samples", {
             "sample_id": ("VARCHAR", [c.sample_id for c in items]),
@@ -251,7 +261,8 @@ class Memory:
             "image_set": ("VARCHAR", [image_set] * len(items)),
             "status": ("VARCHAR", [status] * len(items)),
             "image_path": ("VARCHAR", [self.layout.relative(self._image_path(c)) if active else None for c in items]),
-            "original_name": ("VARCHAR", [c.source.name for c in items]),
+            "name_pos": ("BIGINT", [spans[c.sample_id][0] for c in items]),
+            "name_len": ("INTEGER", [spans[c.sample_id][1] for c in items]),
             "format": ("VARCHAR", [c.format for c in items]),
             "width": ("INTEGER", [c.width for c in items]),
             "height": ("INTEGER", [c.height for c in items]),

@@ -1,0 +1,108 @@
+"""Original file names, kept out of DuckDB in one file that is erased in place.
+
+A file name can itself be personal data, so forgetting a sample must take its names away for
+good. DuckDB keeps the old bytes of changed rows in its file's free blocks, and the only way
+to drop them there is to copy the whole ledger into a new file: seconds per forget at a
+million samples. Here names are appended to `names.bin` beside the ledger and each ledger row
+holds where its name lies (`name_pos`, `name_len`, in bytes). Forgetting overwrites those
+bytes with zeros, costing only what is forgotten, and the row's reference goes.
+
+The ledger reads names with the SQL macro `original_name(name_pos, name_len)` (migration 007),
+which finds `names.bin` on DuckDB's `file_search_path`: the memory home, set by every ledger
+connection (or the working directory, for the duckdb CLI started in the home).
+Every access happens under the ledger's lock: one writer, as for the ledger itself.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import fsync_dir
+
+NAMES_FILE = "names.bin"
+# The tables whose rows name a file; a row's span is NULL once its sample is forgotten.
+NAMED_TABLES = ("samples", "sample_sources", "quarantine")
+_SPANS = " UNION ALL ".join(f"SELECT name_pos, name_len FROM {t}" for t in NAMED_TABLES)
+
+
+class NameFile:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def ensure(self) -> None:
+        """The file exists (empty for a new memory): the SQL macro cannot read a missing file."""
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch()
+            fsync_dir(self.path.parent)
+
+    def end(self, con) -> int:
+        """Where the names the ledger holds (committed or in this transaction) end."""
+        return int(con.execute(f"SELECT coalesce(max(name_pos + name_len), 0) FROM ({_SPANS})").fetchone()[0])
+
+    def append(self, con, names: list[str]) -> tuple[list[int], list[int]]:
+        """Write names after the last one the ledger references, durably, before the ledger
+        row that refers to them commits; (positions, lengths). Bytes past that end (a write whose
+        transaction never committed) are dropped first."""
+        encoded = [name.encode() for name in names]
+        lengths = [len(b) for b in encoded]
+        start = self.end(con)
+        positions = (start + np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)])).tolist() if names else []
+        self.ensure()
+        with open(self.path, "r+b") as f:
+            f.truncate(start)
+            f.seek(start)
+            f.write(b"".join(encoded))
+            f.flush()
+            os.fsync(f.fileno())
+        return positions, lengths
+
+    def erase(self, positions: list[int], lengths: list[int]) -> int:
+        """Overwrite each span with zeros, in place, durably; the bytes overwritten."""
+        if not positions:
+            return 0
+        size = self.path.stat().st_size
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            for pos, n in zip(positions, lengths):
+                if pos + n > size:
+                    raise ValueError(f"{self.path} ends at byte {size}, before the name at {pos}+{n} the ledger "
+                                     "refers to: the file was truncated or replaced; restore it from a backup")
+                os.pwrite(fd, bytes(n), pos)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return int(sum(lengths))
+
+    def spans_of(self, con, sample_ids_sql: str, params: list) -> tuple[list[int], list[int]]:
+        """The spans of every name the samples selected by `sample_ids_sql` have, in every table."""
+        rows = con.execute(" UNION ALL ".join(
+            f"SELECT name_pos, name_len FROM {t} WHERE name_pos IS NOT NULL AND sample_id IN ({sample_ids_sql})"
+            for t in NAMED_TABLES), params * len(NAMED_TABLES)).fetchall()
+        return [r[0] for r in rows], [r[1] for r in rows]
+
+    def read(self, pos: int, n: int) -> str:
+        with open(self.path, "rb") as f:
+            f.seek(pos)
+            return f.read(n).decode()
+
+
+def move_names_out(con, names: NameFile) -> int:
+    """Migration 007's second half: the names a ledger held in `original_name` columns go to
+    the name file, and the columns go; the names moved. (Rows redacted by a forget before
+    keep no name.) Runs inside the migration's transaction: nothing in the file is referenced
+    until it commits, so a failed try's bytes are dropped by the next."""
+    moved = 0
+    for table in NAMED_TABLES:
+        rows = con.execute(f"SELECT rowid, original_name FROM {table}"
+                           " WHERE original_name IS NOT NULL AND original_name <> '[redacted]'").fetchall()
+        if rows:
+            positions, lengths = names.append(con, [name for _, name in rows])
+            con.execute(f"UPDATE {table} SET name_pos = m.pos, name_len = m.len FROM (SELECT unnest(?::BIGINT[]) AS id,"
+                        f" unnest(?::BIGINT[]) AS pos, unnest(?::INTEGER[]) AS len) m WHERE {table}.rowid = m.id",
+                        [[r for r, _ in rows], positions, lengths])
+            moved += len(rows)
+        con.execute(f"ALTER TABLE {table} DROP COLUMN original_name")
+    return moved
