@@ -148,7 +148,8 @@ def test_erasing_rows_of_an_embedding_part(tmp_path, n, d):
     path, frame, meta = part(tmp_path, n, d)
     rows = [0, 1, n // 2, n - 1]
     before = path.read_bytes()
-    holes = erasure.part_holes(path, meta, frame["vector_id"].to_numpy()[rows], d)
+    holes = erasure.part_holes(path, meta, frame["vector_id"].to_numpy()[rows], frame["sample_id"].to_list()[:2] +
+                               [frame["sample_id"][n // 2], frame["sample_id"][n - 1]], d)
     erasure.apply({path: holes})
     back = pl.read_parquet(path)
     others = [r for r in range(n) if r not in rows]
@@ -156,14 +157,23 @@ def test_erasing_rows_of_an_embedding_part(tmp_path, n, d):
     assert back["vector_id"].to_numpy()[rows].tolist() == [-1] * 4
     assert back["sample_id"].to_list()[:2] == ["0" * 64] * 2 and not back["vector"].to_numpy()[rows].any()
     assert changed_bytes(before, path.read_bytes()) <= 4 * (4 * d + 64 + 8)
-    assert erasure.applied(path, erasure.part_holes(path, meta, [], d, holes_too=True))
+    assert erasure.applied(path, erasure.part_holes(path, meta, [], [], d, holes_too=True))
+
+
+def test_a_part_whose_row_holds_another_sample_than_the_ledger_says_is_refused(tmp_path):
+    path, frame, meta = part(tmp_path, 100, 16)
+    before = path.read_bytes()
+    ids, samples = frame["vector_id"].to_numpy()[:3], frame["sample_id"].to_list()[:3]
+    with pytest.raises(erasure.LayoutError, match="row 1 does not hold the sample the ledger puts there"):
+        erasure.part_holes(path, meta, ids, [samples[0], samples[2], samples[1]], 16)
+    assert path.read_bytes() == before
 
 
 def test_parts_written_with_statistics_or_compressed_are_refused(tmp_path):
     for options in ({"compression": "zstd"}, {"compression": "uncompressed"}):  # polars' default: statistics
         path, frame, meta = part(tmp_path, 100, 16, **options)
         with pytest.raises(erasure.LayoutError):
-            erasure.part_holes(path, meta, frame["vector_id"].to_numpy()[:3], 16)
+            erasure.part_holes(path, meta, frame["vector_id"].to_numpy()[:3], frame["sample_id"].to_list()[:3], 16)
 
 
 def test_an_older_part_is_rewritten_instead(tmp_path):

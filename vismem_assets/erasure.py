@@ -15,9 +15,9 @@ compaction writes away:
   statistics) ends each data page with its values, row after row; its offset index says where
   the pages are. A hole is a zero vector, an all-zero sample id and vector id -1.
 
-Every place is found from the file itself and checked before a byte is written: ids where
-FAISS (or polars) reads them, the vector column's pages exactly where the offset index puts
-them. A file laid out any other way raises `LayoutError` (forgetting then rewrites an embedding
+Every place is found from the file itself and checked before a byte is written: index ids
+where FAISS reads them; in a part, each row found holding the sample id the ledger expects
+and a unit vector, where the offset index puts its pages. A file laid out any other way raises `LayoutError` (forgetting then rewrites an embedding
 part written before erasure in place; index files are all vismem's).
 `Patch`es say what goes where; `sha256_patched` hashes a file as it will be once patched, so
 the ledger can record the digest before the bytes change (a crash mid-way leaves a file that,
@@ -35,7 +35,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import polars as pl
 
 from .index_types import index_ids
 
@@ -76,12 +75,18 @@ def index_holes(path: Path, vector_ids: np.ndarray, holes_too: bool = False) -> 
     again completes an erasure a crash interrupted."""
     path = Path(path)
     index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
-    targets = np.unique(np.asarray(vector_ids, np.int64))
+    targets = _sorted_unique(vector_ids)
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
         return _flat_holes(path, index, targets, holes_too)
     return _ivf_holes(path, faiss.downcast_index(ivf), targets, holes_too)
+
+
+def _sorted_unique(ids) -> np.ndarray:
+    """`ids` as int64, sorted and unique (as they come from a caller that sorted them once: no copy)."""
+    ids = np.asarray(ids, np.int64)
+    return ids if len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1])) else np.unique(ids)
 
 
 def _wanted(ids: np.ndarray, targets: np.ndarray, holes_too: bool) -> np.ndarray:
@@ -174,42 +179,60 @@ def _u64(path: Path, offset: int) -> int:
 
 # ---- embedding parts (parquet) ---------------------------------------------------------------
 
-def part_holes(path: Path, metadata: list[dict], vector_ids: np.ndarray, dim: int, holes_too: bool = False) -> Holes:
-    """The patches that erase the rows of these vector ids from an embedding part. `metadata`:
-    its rows of DuckDB's `parquet_metadata()` (one per row group and column). Sample ids, vector
-    ids and vectors are read where the offset index puts each page, and checked against polars'
-    reading (vectors: a unit vector, or a hole's zeros, where each row's should be)."""
+def part_holes(path: Path, metadata: list[dict], vector_ids: np.ndarray, sample_ids: list[str], dim: int,
+               holes_too: bool = False) -> Holes:
+    """The patches that erase from an embedding part the rows of these vector ids (sorted,
+    unique), whose samples the ledger says are `sample_ids` (in the same order). `metadata`: its rows of DuckDB's `parquet_metadata()`
+    (one per row group and column). Ids, sample ids and vectors are read where the offset index
+    puts each page, and checked: every row's sample id has its 64-byte length there, the ids are
+    unique, each row found holds the sample id the ledger expects (a hole: zeros), and each
+    vector is a unit vector (a hole: zeros) where its row's should be."""
     columns = {m["path_in_schema"].split(",")[0]: m for m in metadata if m["row_group_id"] == 0}
     if (any(m["row_group_id"] != 0 for m in metadata) or set(columns) != {"sample_id", "vector_id", "vector"}
             or any(m["compression"] != "UNCOMPRESSED" or m["stats_min_value"] is not None
                    or m["offset_index_offset"] is None for m in columns.values())
             or any(e in columns["vector"]["encodings"] for e in ("DICTIONARY", "SPLIT"))):
         raise LayoutError(f"{path}: not a plain, uncompressed embedding part of one row group without statistics")
-    frame = pl.read_parquet(path, columns=["sample_id", "vector_id"])
-    rows = np.flatnonzero(_wanted(frame["vector_id"].to_numpy(), np.unique(np.asarray(vector_ids, np.int64)), holes_too))
-    n = len(frame)
-    if not len(rows):
-        return Holes(rows, ())
-    stored = frame["sample_id"].to_list()
+    n = int(columns["vector_id"]["row_group_num_rows"])
+    if n == 0:
+        return Holes(np.empty(0, np.int64), ())
     with open(path, "rb") as f:
-        vectors = _rows(f, columns["vector"], 4 * dim, n)
-        names = _rows(f, columns["sample_id"], 68, n)
-        ids = _rows(f, columns["vector_id"], 8, n)
-        for row in rows.tolist() + [0, n - 1]:
-            f.seek(names[row])
-            if f.read(68) != struct.pack("<I", 64) + stored[row].encode():
-                raise LayoutError(f"{path}: the sample id of row {row} is not where its page puts it")
-        f.seek(ids[0])
-        if ids[-1] - ids[0] != 8 * (n - 1) or not np.array_equal(
-                np.frombuffer(f.read(8 * n), np.int64), frame["vector_id"].to_numpy()):
+        ids_at = _rows(f, columns["vector_id"], 8, n)
+        ids = _gather(f, ids_at, 8).view("<i8").ravel()
+        live = ids[ids != HOLE_ID]
+        if (live < 0).any() or len(np.unique(live)) != len(live):
             raise LayoutError(f"{path}: the vector ids are not where their page puts them")
-        for row in rows.tolist():  # an embedding is a unit vector (a hole: zeros)
-            f.seek(vectors[row])
+        targets = _sorted_unique(vector_ids)
+        if len(targets) != len(sample_ids):
+            raise ValueError("vector_ids must be sorted and unique, each with its sample id")
+        rows = np.flatnonzero(_wanted(ids, targets, holes_too))
+        if not len(rows):
+            return Holes(rows, ())
+        names_at = _rows(f, columns["sample_id"], 68, n)
+        names = _gather(f, names_at, 68)
+        if not (names[:, :4].copy().view("<u4") == 64).all():
+            raise LayoutError(f"{path}: the sample ids are not where their page puts them")
+        for row in rows.tolist():
+            want = sample_ids[int(np.searchsorted(targets, ids[row]))] if ids[row] != HOLE_ID else "0" * 64
+            if names[row, 4:].tobytes() != want.encode():
+                raise LayoutError(f"{path}: row {row} does not hold the sample the ledger puts there")
+        vectors_at = _rows(f, columns["vector"], 4 * dim, n)
+        for row in rows.tolist():
+            f.seek(vectors_at[row])
             norm = float(np.linalg.norm(np.frombuffer(f.read(4 * dim), np.float32)))
             if norm != 0 and abs(norm - 1) > 1e-3:
                 raise LayoutError(f"{path}: the vector of row {row} is not where its page puts it")
-    return Holes(frame["vector_id"].to_numpy()[rows], (
-        Patch(vectors[rows], bytes(4 * dim)), Patch(names[rows] + 4, b"0" * 64), Patch(ids[rows], _HOLE_ID_BYTES)))
+    return Holes(ids[rows].copy(), (
+        Patch(vectors_at[rows], bytes(4 * dim)), Patch(names_at[rows] + 4, b"0" * 64), Patch(ids_at[rows], _HOLE_ID_BYTES)))
+
+
+def _gather(f, offsets: np.ndarray, width: int) -> np.ndarray:
+    """The `width` bytes at each offset (sorted), as rows of a uint8 array: one read of the span."""
+    f.seek(int(offsets[0]))
+    span = np.frombuffer(f.read(int(offsets[-1]) + width - int(offsets[0])), np.uint8)
+    if len(span) != int(offsets[-1]) + width - int(offsets[0]):
+        raise LayoutError("the pages run past the end of the file")
+    return span[(offsets - offsets[0])[:, None] + np.arange(width)]
 
 
 def _rows(f, column: dict, width: int, n: int) -> np.ndarray:

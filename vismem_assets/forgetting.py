@@ -202,11 +202,10 @@ def apply_pending(memory, only: str | None = None) -> dict[str, Applied]:
             targets = to_frame(con.execute(
                 "SELECT t.sample_id, t.vector_id, s.image_path FROM forget_targets t JOIN samples s USING (sample_id)"
                 " WHERE t.request_id = ?", [request_id]))
-            vector_ids = targets["vector_id"].drop_nulls().to_numpy().astype(np.int64)
-            sample_ids = targets["sample_id"].to_list()
+            vector_ids = np.sort(targets["vector_id"].drop_nulls().to_numpy().astype(np.int64))
             new_versions = clock("indexes", _purge_indexes, memory, vector_ids, request_id)
             rewritten = _rewritten_versions(con, request_id)
-            removed = clock("embeddings", _purge_embeddings, memory, con, sample_ids, vector_ids)
+            removed = clock("embeddings", _purge_embeddings, memory, con, targets)
             removed += clock("image_files", _purge_files, memory, targets)
             clock("names", _erase_names, memory, con, request_id)
             clock("proof", _prove, memory, con, request_id, vector_ids)
@@ -291,10 +290,13 @@ def _purge_indexes(memory, vector_ids: np.ndarray, request_id: str) -> list[str]
     return new_versions
 
 
-def _purge_embeddings(memory, con, sample_ids: list[str], vector_ids: np.ndarray) -> int:
+def _purge_embeddings(memory, con, targets: pl.DataFrame) -> int:
     """Erase the rows in place from each embedding part that holds them (erasure.py), or, for a
     part not laid out for that (written before it), rewrite the part without them. Parts no
     ledger row names (a crash between a rewrite and its record, or after it) go first."""
+    sample_ids = targets["sample_id"].to_list()
+    vectors = targets.drop_nulls("vector_id").sort("vector_id")  # each vector id with its sample, to check the rows
+    vector_ids, their_samples = vectors["vector_id"].to_numpy().astype(np.int64), vectors["sample_id"].to_list()
     referenced = {p for (p,) in con.execute("SELECT DISTINCT path FROM embeddings").fetchall()}
     stray = [p for p in memory.layout.root.glob("embeddings/*/*/part-*.parquet")
              if memory.layout.relative(p) not in referenced]
@@ -314,7 +316,7 @@ def _purge_embeddings(memory, con, sample_ids: list[str], vector_ids: np.ndarray
     for rel in present:
         path = memory.layout.absolute(rel)
         try:
-            erased[path] = erasure.part_holes(path, metadata[rel], vector_ids, parts[rel])
+            erased[path] = erasure.part_holes(path, metadata[rel], vector_ids, their_samples, parts[rel])
         except erasure.LayoutError:
             keep = pl.read_parquet(path).filter(~pl.col("sample_id").is_in(forgotten.implode()))
             moved[rel] = None
