@@ -45,6 +45,11 @@ def verify(memory) -> AuditReport:
     report.problems += [f"forget request {r} is still pending (accepted, purge unfinished): run `vismem forget --resume`"
                         for r in memory.ledger.query("SELECT request_id FROM forget_requests WHERE state = 'pending'")["request_id"]]
     named = forgotten.filter(pl.col("named") | pl.col("image_path").is_not_null())
+    with memory.ledger.connect() as con:
+        names_end, names = memory.ledger.names.end(con), memory.ledger.names.path
+    if names.stat().st_size < names_end:
+        report.problems.append(f"{names.name} ends at byte {names.stat().st_size}, before the file names the ledger"
+                               f" refers to (up to byte {names_end}): it was truncated or replaced; restore it from a backup")
     report.problems += [f"forgotten sample {s[:16]}… still has its file name or path in the ledger" for s in named["sample_id"]]
     traces = find_traces(memory, forgotten["sample_id"].to_list(), forgotten["vector_id"].drop_nulls().to_numpy(), report)
     report.problems += traces
