@@ -24,24 +24,41 @@ def _save(fig, out: str | Path) -> Path:
     return out
 
 
-def plot_accuracy(accuracy: pl.DataFrame, out: str | Path, title: str = "accuracy against k") -> Path:
-    """Accuracy of each voting strategy against k (log scale), best point marked."""
-    plt = _pyplot()
+PRUNING_ORDER = ("none", "soft", "hard")
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for strategy, frame in accuracy.sort("k").group_by("strategy", maintain_order=True):
-        name = strategy[0]
-        k, acc = frame["k"].to_numpy(), frame["accuracy"].to_numpy()
-        (line,) = ax.plot(k, acc, label=name, linewidth=2 if name == "rank" else 1.2)
-        best = acc.argmax()
-        ax.scatter([k[best]], [acc[best]], color=line.get_color(), zorder=3, s=18)
-    ax.set_xscale("log")
-    ax.set_xlabel("k (neighbours voting)")
-    ax.set_ylabel("top-1 accuracy")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(title="strategy")
-    return _save(fig, out)
+
+def accuracy_figure(accuracy: pl.DataFrame, title: str = "accuracy against k"):
+    """One panel per pruning mode (none, soft, hard: whichever the table holds), each with one
+    line per voting strategy against k (log scale) and that line's best point marked. Modes are
+    never mixed in one line: each has its own curve, and its best k is its own."""
+    plt = _pyplot()
+    if "pruning" not in accuracy.columns:
+        accuracy = accuracy.with_columns(pruning=pl.lit("none"))
+    present = accuracy["pruning"].unique().to_list()
+    modes = [m for m in PRUNING_ORDER if m in present] + sorted(m for m in present if m not in PRUNING_ORDER)
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.6 * len(modes) + 1, 4.2), dpi=120, sharey=True,
+                             squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        rows = accuracy.filter(pl.col("pruning") == mode).sort("strategy", "k")
+        for (name,), frame in rows.group_by("strategy", maintain_order=True):
+            k, acc = frame["k"].to_numpy(), frame["accuracy"].to_numpy()
+            (line,) = ax.plot(k, acc, label=name, linewidth=2 if name == "rank" else 1.2)
+            best = acc.argmax()
+            ax.scatter([k[best]], [acc[best]], color=line.get_color(), zorder=3, s=18)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())  # 1, 10, 100 rather than 10^0
+        ax.set_xlabel("k (neighbours voting)")
+        ax.set_title(f"pruning: {mode}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("top-1 accuracy")
+    axes[0][-1].legend(title="strategy (dot: best k)", fontsize=8)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_accuracy(accuracy: pl.DataFrame, out: str | Path, title: str = "accuracy against k") -> Path:
+    """The chart of `accuracy_figure`, written as a PNG."""
+    return _save(accuracy_figure(accuracy, title), out)
 
 
 def contact_sheet(images: list[str | Path], captions: list[str], out: str | Path, columns: int = 6,
