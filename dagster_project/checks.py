@@ -7,7 +7,7 @@ from dagster import AssetCheckResult, MetadataValue, asset_check
 from vismem_assets.index_store import sha256_file
 
 from .assets import memory_index
-from .metadata import table
+from .metadata import table, text
 from .resources import VisualMemory
 
 
@@ -15,7 +15,11 @@ from .resources import VisualMemory
              description="The live index holds exactly the active embedded samples of its encoder.")
 def live_index_matches_ledger(visual_memory: VisualMemory) -> AssetCheckResult:
     report = visual_memory.memory().index_consistency()
-    return AssetCheckResult(passed=report["ok"], metadata=report)
+    return AssetCheckResult(passed=report["ok"], metadata={
+        "n_index": report["n_index"], "n_ledger": report["n_ledger"],
+        # vector ids are not measurements: listed as text (the first 20 of each)
+        "missing_from_index": text(", ".join(map(str, report["missing_from_index"])) or "none"),
+        "not_in_ledger": text(", ".join(map(str, report["not_in_ledger"])) or "none")})
 
 
 @asset_check(asset=memory_index, blocking=True,
@@ -32,9 +36,9 @@ def index_file_matches_sha256(visual_memory: VisualMemory) -> AssetCheckResult:
     passed = all(r["ok"] for r in rows)
     return AssetCheckResult(
         passed=passed,
-        metadata={"version": live.version, "path": str(memory.layout.absolute(live.path)),
-                  "recorded_sha256": live.sha256, "actual_sha256": rows[0]["actual_sha256"],
-                  "files": table(pl.DataFrame(rows)), "files_checked": len(rows),
+        metadata={"version": text(live.version), "path": MetadataValue.path(str(memory.layout.absolute(live.path))),
+                  "recorded_sha256": text(live.sha256), "actual_sha256": text(rows[0]["actual_sha256"]),
+                  "files": table(pl.DataFrame(rows)),
                   "next_step": "ok" if passed else "run `vismem rebuild` (or the compaction job)"})
 
 
@@ -46,6 +50,8 @@ def nothing_forgotten_remains(visual_memory: VisualMemory) -> AssetCheckResult:
 
     report = verify(visual_memory.memory())
     return AssetCheckResult(passed=report.ok, metadata={
-        "deletions_in_chain": report.chain_rows, "chain_head": report.chain_head,
-        **{f"checked_{k}": v for k, v in report.files_checked.items()},
+        "deletions_in_chain": report.chain_rows, "chain_head": text(report.chain_head),
+        # what was read to prove it, not a measurement of the memory: one table, not plotted series
+        "checked": table(pl.DataFrame({"what": list(report.files_checked),
+                                       "checked": list(report.files_checked.values())})),
         "problems": MetadataValue.md("\n".join(f"- {p}" for p in report.problems) or "none")})

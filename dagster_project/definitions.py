@@ -1,5 +1,16 @@
-"""The code location: `dagster dev -w workspace.yaml`."""
-from dagster import Definitions, in_process_executor
+"""The code location `vismem` (workspace.yaml): `dagster dev -w workspace.yaml`."""
+import os
+import warnings
+from pathlib import Path
+
+from dagster import (
+    AnchorBasedFilePathMapping,
+    BetaWarning,
+    Definitions,
+    in_process_executor,
+    link_code_references_to_git,
+    with_source_code_references,
+)
 
 from .assets import embeddings, evaluation, experiments, image_sets, memory_index, pruning_weights
 from .checks import index_file_matches_sha256, live_index_matches_ledger, nothing_forgotten_remains
@@ -7,8 +18,24 @@ from .resources import VisualMemory
 from .schedules import compaction_job, daily_evaluation, evaluation_job, experiments_job, nightly_compaction
 from .sensors import embeddings_sensor, forget_job, forget_request_sensor, image_set_sensor, ingest_job, refresh_job
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _with_code_references(assets: list) -> list:
+    """Each asset links to the file and line that defines it; with VISMEM_GIT_URL (and
+    VISMEM_GIT_BRANCH, default main) set, the links open the hosted repository instead."""
+    with warnings.catch_warnings():  # beta in 1.13 (dagster is pinned): no warning on every load
+        warnings.simplefilter("ignore", BetaWarning)
+        assets = with_source_code_references(assets)
+        if os.environ.get("VISMEM_GIT_URL"):
+            assets = link_code_references_to_git(
+                assets, git_url=os.environ["VISMEM_GIT_URL"], git_branch=os.environ.get("VISMEM_GIT_BRANCH", "main"),
+                file_path_mapping=AnchorBasedFilePathMapping(local_file_anchor=REPO, file_anchor_path_in_repository=""))
+    return list(assets)
+
+
 defs = Definitions(
-    assets=[image_sets, embeddings, memory_index, pruning_weights, evaluation, experiments],
+    assets=_with_code_references([image_sets, embeddings, memory_index, pruning_weights, evaluation, experiments]),
     asset_checks=[live_index_matches_ledger, index_file_matches_sha256, nothing_forgotten_remains],
     jobs=[ingest_job, refresh_job, forget_job, compaction_job, evaluation_job, experiments_job],
     sensors=[image_set_sensor, embeddings_sensor, forget_request_sensor],

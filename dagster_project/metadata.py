@@ -23,3 +23,13 @@ def image_markdown(path: Path, alt: str) -> MetadataValue:
     """A PNG inlined in markdown, so the UI shows it without file access."""
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return MetadataValue.md(f"![{alt}](data:image/png;base64,{data})")
+
+
+def number(value: float, digits: int = 4) -> MetadataValue:
+    """A measurement Dagster plots over materializations, rounded for display."""
+    return MetadataValue.float(round(float(value), digits))
+
+
+def text(value) -> MetadataValue:
+    """Ids, versions and settings: shown, never plotted (they are not measurements)."""
+    return MetadataValue.text("" if value is None else str(value))

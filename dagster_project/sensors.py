@@ -72,6 +72,9 @@ refresh_job = define_asset_job(
               minimum_interval_seconds=10,
               description="After new embeddings land, folds them into a new index version and re-evaluates.")
 def embeddings_sensor(context: SensorEvaluationContext, asset_event: EventLogEntry):
+    # Not AutomationCondition.eager() on memory_index: eager waits until no partition of
+    # embeddings is missing, so one image set whose run failed would keep every later set out
+    # of the index (tested in tests/test_dagster_catalog.py); this sensor folds in what landed.
     # Each embeddings materialization is seen once (the sensor's cursor is the event id). One
     # refresh run folds in everything pending, so events that arrived together need one run.
     return RunRequest(run_key=f"embeddings:{asset_event.run_id}:{asset_event.timestamp}",

@@ -291,6 +291,7 @@ def arrived(dagster, fm_sets):
 
 def test_inbox_to_evaluation_with_no_other_action_then_launch_over_graphql(dagster, arrived, encoder):
     assert {"ingest_image_set", "refresh_memory", "__ASSET_JOB"} <= dagster.jobs
+    assert dagster.location == "vismem"  # workspace.yaml's location_name
 
     # The set was taken by the inbox sensor, ingested and embedded in one run.
     image_set = values(arrived["image_sets"])
@@ -310,15 +311,15 @@ def test_inbox_to_evaluation_with_no_other_action_then_launch_over_graphql(dagst
     assert refresh_run["tags"]["dagster/sensor_name"] == "embeddings_sensor"
     assert arrived["memory_index"]["runId"] == refresh_run["runId"]
     index = values(arrived["memory_index"])
-    assert index["index_version"] == 1 and index["operation"] == "add"
+    assert index["index_version"] == "1" and index["operation"] == "add" and index["new_version"] is True
     assert index["n_vectors"] == LABELS * PER_LABEL
     assert re.fullmatch(r"[0-9a-f]{64}", index["sha256"])
     evaluation = values(arrived["evaluation"])
     assert evaluation["index_version"] == index["index_version"]
     assert evaluation["query_set"] == "leave-one-out"
     assert evaluation["n_queries"] == LABELS * PER_LABEL
-    assert 0.0 <= evaluation["top1"] <= 1.0 and 0.0 <= evaluation["best_top1"] <= 1.0
-    assert evaluation["top1"] > 1 / LABELS  # three very different Fashion-MNIST classes: far above chance
+    assert 0.0 <= evaluation["top1_rank_k20"] <= 1.0 and 0.0 <= evaluation["best_top1"] <= 1.0
+    assert evaluation["top1_rank_k20"] > 1 / LABELS  # three very different Fashion-MNIST classes: far above chance
     # The blocking checks on the index and the evaluation's check ran with that run, and passed
     # (as did any other check the code location defines on these assets).
     for key, expected in (("memory_index", {"live_index_matches_ledger", "index_file_matches_sha256"}),
@@ -342,16 +343,17 @@ def test_inbox_to_evaluation_with_no_other_action_then_launch_over_graphql(dagst
     assert index_again["runId"] == evaluation_again["runId"] == run_id
     # Nothing new arrived: the live version stays, and the evaluation is of that same version.
     assert values(index_again)["index_version"] == index["index_version"]
+    assert values(index_again)["new_version"] is False
     assert values(index_again)["n_vectors"] == LABELS * PER_LABEL
     again = values(evaluation_again)
     assert again["index_version"] == index["index_version"]
-    assert again["top1"] == pytest.approx(evaluation["top1"])
+    assert again["top1_rank_k20"] == pytest.approx(evaluation["top1_rank_k20"])
 
     # The ledger agrees with what the runs reported.
     memory = Memory(dagster.home, encoder=encoder)
     assert memory.index_consistency()["ok"]
     live = memory.indexes.live()
-    assert (live.version, live.n_vectors) == (index["index_version"], LABELS * PER_LABEL)
+    assert (str(live.version), live.n_vectors) == (index["index_version"], LABELS * PER_LABEL)
     assert len(memory.ledger.query("SELECT * FROM samples WHERE status = 'active'")) == LABELS * PER_LABEL
 
     assert not tracebacks(dagster), "tracebacks in test-artifacts/dagster-dev.log:\n" + "\n\n".join(tracebacks(dagster))

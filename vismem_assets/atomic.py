@@ -21,8 +21,9 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temp path to write; on success it is fsynced and renamed onto `final`."""
+def atomic_path(final: Path, mode: int = 0o644) -> Iterator[Path]:
+    """Yield a temp path to write; on success it is fsynced and renamed onto `final` with `mode`
+    (0o644 for the stores; 0o600 for files only the owner may read, such as quarantine copies)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -30,7 +31,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; stored files are as readable as any other
+        os.chmod(tmp, mode)  # mkstemp makes 0600; stored files are as readable as any other
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -39,6 +40,6 @@ def atomic_path(final: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_bytes_atomic(final: Path, data: bytes) -> None:
-    with atomic_path(final) as tmp:
+def write_bytes_atomic(final: Path, data: bytes, mode: int = 0o644) -> None:
+    with atomic_path(final, mode) as tmp:
         tmp.write_bytes(data)

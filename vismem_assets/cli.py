@@ -3,7 +3,10 @@ people and, with --json, JSON for machines."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -17,13 +20,35 @@ from .voting import DEFAULT_STRATEGY, STRATEGIES
 SHOWN_K = (1, 3, 5, 10, 20, 50, 100)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: k = 0 or -5 used to be taken as k = 1 without a word."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def key_value(text: str) -> tuple[str, str]:
+    """argparse type of --param: KEY=VALUE, KEY a plain name (it becomes a DuckDB variable)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with KEY a name such as requested_by, got {text!r}")
+    return key, value
+
+
 def _memory(args):
     from .index_types import IndexPolicy
     from .memory import Memory
 
     policy = IndexPolicy.from_env(kind=getattr(args, "index_type", None), recall_floor=getattr(args, "recall_floor", None),
                                   ivf_from=getattr(args, "ivf_from", None))
-    return Memory(args.home, encoder=getattr(args, "encoder", None), index_policy=policy)
+    memory = Memory(args.home, encoder=getattr(args, "encoder", None), index_policy=policy)
+    if getattr(args, "writes", False) and not getattr(args, "dry_run", False):
+        memory.ledger.check_writable()  # before any work: an add would otherwise embed, then fail to store
+    return memory
 
 
 def _print_json(obj) -> None:
@@ -41,7 +66,8 @@ def _progress(args) -> bool | None:
 
 
 def cmd_add(args) -> int:
-    report = _memory(args).add(args.set_path, name=args.name, progress=_progress(args))
+    report = _memory(args).add(args.set_path, name=args.name, progress=_progress(args),
+                               root=getattr(args, "root", None))  # `demo` calls this without --root
     if args.json:
         _print_json(report.to_dict())
         return 0
@@ -53,7 +79,10 @@ def cmd_add(args) -> int:
         "vectors": [report.n_vectors], "seconds": [round(report.seconds, 1)],
     }))
     if i.blocked:
-        print(f"\n{i.blocked} file(s) hold images this memory was asked to forget: they stay out (blocklist)")
+        print(f"\n{i.blocked} file(s) hold images this memory was asked to forget, or near-copies of them: "
+              "they stay out (blocklist)")
+        if i.blocked_files:
+            _table(pl.DataFrame(i.blocked_files))
     if i.quarantined:
         print(f"\n{len(i.quarantined)} file(s) quarantined (the rest of the set went in):")
         _table(pl.DataFrame(i.quarantined))
@@ -76,11 +105,37 @@ def _expand(paths: list[str]) -> list[Path]:
     return out
 
 
+def _usable(paths: list[Path]) -> tuple[list[Path], dict[Path, str]]:
+    """(images the encoder can take, {refused path: why}): each input decoded once as the
+    encoder will, within its bounds (size, pixels, aspect), so one bad file cannot fail the rest."""
+    from .encoders.base import load_image
+
+    good, bad = [], {}
+    for path in paths:
+        try:
+            load_image(path).close()
+        except ValueError as exc:  # what load_image raises for unreadable, special, huge or bomb files
+            bad[path] = str(exc)
+        else:
+            good.append(path)
+    return good, bad
+
+
 def cmd_classify(args) -> int:
     memory = _memory(args)
-    predictions = memory.classify(_expand(args.paths), k=args.k, strategy=args.strategy, progress=_progress(args),
-                                  unknown=args.unknown, pruning=args.pruning)
-    for p in predictions:
+    paths = _expand(args.paths)
+    memory.live_index()  # an empty memory is one error before any input is decoded
+    good, bad = _usable(paths)
+    predictions = dict(zip(good, memory.classify(good, k=args.k, strategy=args.strategy, progress=_progress(args),
+                                                 unknown=args.unknown, pruning=args.pruning))) if good else {}
+    for path in paths:
+        if path in bad:
+            if args.json:
+                _print_json({"path": str(path), "error": bad[path]})
+            else:
+                print(f"vismem classify: skipped: {bad[path]}", file=sys.stderr)
+            continue
+        p = predictions[path]
         if args.json:
             _print_json(p.to_dict())
             continue
@@ -93,6 +148,9 @@ def cmd_classify(args) -> int:
             "pruning": [round(n.pruning_factor, 3) for n in shown],
             "sample_id": [n.sample_id[:12] for n in shown], "image": [n.image_path for n in shown],
         }))
+    if bad and not good:
+        print(f"vismem classify: error: none of the {len(bad)} input(s) is an image vismem can read", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -160,7 +218,7 @@ def cmd_explain(args) -> int:
     memory = _memory(args)
     (prediction,) = memory.classify([Path(args.image)], k=args.k, strategy=args.strategy, progress=False)
     out = Path(args.out or Path(args.image).with_suffix("").name + "-explained.png")
-    render(prediction, Path(args.image), out)
+    render(prediction, Path(args.image), out, strategy=args.strategy)
     if args.json:
         _print_json(prediction.to_dict() | {"out": str(out)})
     else:
@@ -208,6 +266,9 @@ def cmd_status(args) -> int:
         return 0
     print(f"memory home: {status['home']}\nencoder:     {status['encoder']}")
     print(f"samples:     {status['samples'] or 'none yet'}   image sets: {status['image_sets']}")
+    print("pending:     {not_embedded} not embedded, {not_indexed} embedded but not indexed".format(**status["pending"])
+          + ("  (a crash mid-add left them: `vismem rebuild` or the next add finishes them)" if
+             status["pending"]["not_embedded"] or status["pending"]["not_indexed"] else ""))
     if status["live_indexes"]:
         print("\nlive index versions:")
         live = pl.DataFrame(status["live_indexes"])
@@ -315,6 +376,9 @@ def cmd_audit_verify(args) -> int:
     else:
         print(f"deletions chain: {report.chain_rows} rows, head {report.chain_head[:16]}…")
         print("checked: " + ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in report.files_checked.items()))
+        if report.blocklist:
+            print(f"kept by design (the blocklist): {report.blocklist['sample_ids']} forgotten sha256, "
+                  f"{report.blocklist['perceptual_hashes']} perceptual hashes")
         if report.ok:
             print("OK: the chain is intact and no forgotten sample exists in any index, embedding or image file")
         else:
@@ -325,7 +389,7 @@ def cmd_audit_verify(args) -> int:
 
 
 def cmd_audit_query(args) -> int:
-    params = dict(p.split("=", 1) for p in args.param or [])
+    params = dict(args.param or [])
     frame = _memory(args).ledger.run_named(args.name, params)
     frame = frame.with_columns(pl.selectors.temporal().cast(pl.String))
     if args.json:
@@ -353,6 +417,10 @@ def cmd_audit_proof(args) -> int:
         print(f"forgotten on request {r['request_id'][:16]}… by {r['requested_by']} ({r['category'] or 'no category'}): "
               f"{r['reason']}\n  requested {r['requested_at']}, applied {r['applied_at']}, "
               f"versions rewritten {r['versions_rewritten']}\n  chain row seq={r['seq']} hash {r['row_hash'][:16]}…")
+    if result["blocklist"]:
+        b = result["blocklist"]
+        print("kept on the blocklist (by design): its sha256" + (f" and perceptual hash {b['perceptual_hash']}"
+                                                                  if b["perceptual_hash"] else f" ({b['note']})"))
     if result["present_nowhere"]:
         print("present nowhere now: no index file, embedding file or image holds it")
     else:
@@ -381,6 +449,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .index_types import KINDS
+    from .ledger import audit_queries
 
     parser = argparse.ArgumentParser(prog="vismem", description=__doc__)
     parser.add_argument("--home", help="memory home (default: $VISMEM_HOME, else ./vismem_home)")
@@ -397,13 +466,21 @@ def build_parser() -> argparse.ArgumentParser:
                                          "default: the one this memory used last")
 
     p = command("add", cmd_add, "ingest an image set (folder <set>/<label>/* or CSV/parquet manifest), embed, index")
+    p.set_defaults(writes=True)
     p.add_argument("set_path")
-    p.add_argument("--name", help="image set name (default: the folder or manifest name)")
+    p.add_argument("--name", help="image set name (default: the folder or manifest name; a set of that name "
+                                  "from another source is refused unless --name gives it)")
+    p.add_argument("--root", metavar="DIR", help="manifests: the folder their paths must stay under "
+                                                 "(default: the manifest's folder)")
     encoder_option(p)
 
-    p = command("classify", cmd_classify, "predict labels for images (files or folders), with the deciding neighbours")
+    p = command("classify", cmd_classify, "predict labels for images (files or folders), with the deciding neighbours. "
+                "A file that is not an image vismem can read (corrupt, too large, a decompression bomb, not a regular "
+                "file) is reported on its own line (stderr; with --json, an object with an \"error\" field) and the "
+                "rest are classified; the exit code is 0 when at least one image was classified, 1 when none could "
+                "be, 2 for a usage error (such as a path that does not exist)")
     p.add_argument("paths", nargs="+")
-    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--k", type=positive_int, default=20)
     p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY)
     p.add_argument("--show", type=int, default=5, help="neighbours shown per image in the table")
     p.add_argument("--pruning", choices=("none", "soft", "hard"),
@@ -413,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     encoder_option(p)
 
     p = command("prune", cmd_prune, "weight samples by reliability (soft) or exclude unreliable ones (hard); never deletes")
+    p.set_defaults(writes=True)
     how = p.add_mutually_exclusive_group()
     how.add_argument("--soft", action="store_true", help="vote weight 1.75 / (1 + v), v at k=10 (default)")
     how.add_argument("--hard", type=int, metavar="THRESHOLD", nargs="?", const=0,
@@ -437,14 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("explain", cmd_explain, "render why an image gets its label: the query, its neighbours, the vote")
     p.add_argument("image")
     p.add_argument("--out", help="FILE.png or FILE.html (default: <image name>-explained.png)")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=positive_int, default=10)
     p.add_argument("--strategy", choices=STRATEGIES, default=DEFAULT_STRATEGY)
     encoder_option(p)
 
     p = command("eval", cmd_eval, "accuracy of every voting strategy for k = 1..k-max on a labelled query set")
     p.add_argument("set_path")
     p.add_argument("--no-pruning", action="store_true", help="skip the soft and hard pruning columns")
-    p.add_argument("--k-max", type=int, default=100)
+    p.add_argument("--k-max", type=positive_int, default=100)
     p.add_argument("--plot", help="write a PNG chart of accuracy against k here")
     encoder_option(p)
 
@@ -452,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     encoder_option(p)
 
     p = command("rebuild", cmd_rebuild, "write a fresh index version from the ledger and embedding files")
+    p.set_defaults(writes=True)
     encoder_option(p)
     p.add_argument("--index-type", choices=KINDS,
                    help="index type to build (default $VISMEM_INDEX_TYPE, else auto: exact below --ivf-from vectors)")
@@ -460,6 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recall@10 an approximate index must reach on held-out memory vectors, else exact (default 0.95)")
 
     p = command("forget", cmd_forget, "forget samples for good: the index, retained versions, embeddings, images")
+    p.set_defaults(writes=True)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--sample", nargs="+", metavar="ID", help="sample ids (sha256 of the image bytes)")
     target.add_argument("--image", nargs="+", metavar="FILE", help="image files, matched by content")
@@ -481,15 +561,17 @@ def build_parser() -> argparse.ArgumentParser:
         return a
 
     audit_command("verify", cmd_audit_verify, "check the deletions chain and that nothing forgotten remains anywhere")
-    a = audit_command("query", cmd_audit_query, "run a named audit query from sql/audit/")
-    a.add_argument("name", help="e.g. deletions_by_requester, deletions_by_category, proof_of_forgetting, "
-                                "index_lineage, memory_size_over_time, forget_requests, quarantined_files")
-    a.add_argument("--param", action="append", metavar="KEY=VALUE", help="set a query parameter (repeatable)")
+    a = audit_command("query", cmd_audit_query, "run a named audit query from sql/audit/ (read-only: it cannot "
+                                                "change the memory)")
+    a.add_argument("name", help="one of: " + ", ".join(audit_queries()) + " (exactly these names, not paths)")
+    a.add_argument("--param", action="append", type=key_value, metavar="KEY=VALUE",
+                   help="set a query parameter (repeatable)")
     a.add_argument("--csv", action="store_true", help="print CSV")
     a = audit_command("proof", cmd_audit_proof, "proof of forgetting for one sample id or image file")
     a.add_argument("target", metavar="SAMPLE_ID_OR_FILE")
 
     p = command("demo", cmd_demo, "the main job on built-in data: Fashion-MNIST memory, evaluation table and plot")
+    p.set_defaults(writes=True)
     p.add_argument("--n-memory", type=int, default=2000)
     p.add_argument("--n-queries", type=int, default=500)
     p.add_argument("--plot", help="PNG chart path (default: <home>/reports/demo-accuracy.png)")
@@ -497,15 +579,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit codes: 0 done, 1 the memory or the machine stopped it (see the line on stderr), 2 a
+# usage error (argparse's own, a path that does not exist, a value the core refuses).
+USAGE, FAILED = 2, 1
+_DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+              errno.EFBIG: "file size limit reached"}
+# DuckDB, polars and FAISS report a full disk only in their own exceptions' text.
+_DISK_FULL_TEXT = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                   "File too large": errno.EFBIG}
+
+
+def _known_error(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, one line) for a failure a user can act on; None for a bug (its traceback is
+    what a report needs)."""
+    code = exc.errno if isinstance(exc, OSError) else next(
+        (c for text, c in _DISK_FULL_TEXT.items() if text in str(exc)), None)
+    if code in _DISK_FULL:
+        quoted = re.search(r'"(/[^"]+)"', str(exc))
+        where = getattr(exc, "filename", None) or (quoted.group(1) if quoted else "the memory home")
+        # Every write is atomic or in a transaction: the memory stays consistent, and running the
+        # command again finishes it (pending work is picked up by the next writer).
+        return FAILED, f"{_DISK_FULL[code]} while writing {where}: free space or move VISMEM_HOME, then run it again"
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return USAGE, _oneline(exc)
+    if isinstance(exc, OSError) and exc.errno == errno.EROFS:
+        return FAILED, (f"{exc.filename or 'the memory home'} is on a read-only file system: this command changes "
+                        "the memory; run it where the home is writable")
+    if isinstance(exc, PermissionError):
+        return FAILED, _oneline(exc) + ("" if exc.errno is None else
+                                         ": run as a user who may write there, or point --home elsewhere")
+    if isinstance(exc, ValueError):  # the core's validation: ImageSetError, ForgetError, unknown names...
+        return USAGE, _oneline(exc)
+    if isinstance(exc, (TimeoutError, RuntimeError, duckdb.Error, OSError)):  # LedgerLockTimeout, integrity...
+        return FAILED, _oneline(exc)
+    return None
+
+
+def _oneline(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror.lower()}: {exc.filename}" if exc.filename else exc.strerror.lower()
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # usage errors: argparse prints one and exits 2
+    command = args.command + (f" {args.audit}" if args.command == "audit" else "")
     try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError, TimeoutError, duckdb.Error) as exc:
-        # Expected failures get one clear line, not a traceback.
-        command = args.command + (f" {args.audit}" if args.command == "audit" else "")
-        print(f"vismem {command}: error: {exc}", file=sys.stderr)
-        return 2
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe must reach the handler below
+        return code
+    except BrokenPipeError:
+        # The reader went away (`vismem status | head -1`): stop quietly. Python flushes stdout
+        # again at exit, so point it at /dev/null first (as the Python docs on SIGPIPE advise).
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a file (a test's capture)
+            pass
+        return FAILED
+    except Exception as exc:
+        known = _known_error(exc)
+        if known is None:
+            raise
+        print(f"vismem {command}: error: {known[1]}", file=sys.stderr)
+        return known[0]
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ which sample, so nothing is embedded twice and a rebuild knows where to read.
 """
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +27,32 @@ class EmbeddingStore:
         self.layout = layout
         self.root = layout.embeddings(encoder_slug)
         self.dim = dim
+        self._held = threading.local()
+
+    @contextmanager
+    def lock(self):
+        """This encoder's embedding lock (flock on embeddings/<encoder>/.embed.lock), held while a
+        process finds what is pending and embeds it: a concurrent add waits, then finds nothing
+        left, instead of embedding the same images again. Re-entrant within a thread; a killed
+        holder releases it with its process."""
+        if getattr(self._held, "depth", 0):
+            self._held.depth += 1
+            try:
+                yield
+            finally:
+                self._held.depth -= 1
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".embed.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits for the other process's embedding to finish
+            self._held.depth = 1
+            try:
+                yield
+            finally:
+                self._held.depth = 0
+        finally:
+            os.close(fd)
 
     def write(self, image_set: str, sample_ids: list[str], vector_ids: np.ndarray, vectors: np.ndarray) -> str:
         """Write one part file atomically; returns its path relative to the memory home."""

@@ -29,6 +29,9 @@ class Evaluation:
     n_in_memory: int = 0          # queries whose exact bytes are also stored in the memory
     misclassified: list[int] = field(default_factory=list)  # query positions wrong at the defaults
     query_paths: list[str] = field(default_factory=list)
+    query_labels: list[str] = field(default_factory=list)   # each query's true label
+    predicted: list[str | None] = field(default_factory=list)  # each query's answer at the defaults
+    confidence: list[float] = field(default_factory=list)   # ... and the winner's share of that vote
     evaluation_id: int | None = None
 
     def top1(self, strategy: str = DEFAULT_STRATEGY, k: int | None = None, pruning: str = "none") -> float:
@@ -60,7 +63,7 @@ def score(query_set: str, version: int, sims: np.ndarray, ids: np.ndarray, truth
     labels = np.where(rows >= 0, catalog.label_codes[rows], -1)
     truth = catalog.codes(truth_labels)
     k_default = min(DEFAULT_K, ids.shape[1])
-    frames, per_label, calibration, misclassified = [], None, None, []
+    frames, per_label, calibration, misclassified, predicted, confidence = [], None, None, [], [], []
     for name, sample_weight in (pruning or {"none": None}).items():
         factor = np.where(rows >= 0, sample_weight[rows], 0.0) if sample_weight is not None else 1.0
         for strategy in strategies:
@@ -76,6 +79,9 @@ def score(query_set: str, version: int, sims: np.ndarray, ids: np.ndarray, truth
                                                          pruning=pl.lit(name)))
                 calibration = reliability_diagram(conf[:, k_default - 1], correct)
                 misclassified = np.flatnonzero(~correct).tolist()
+                chosen = pred[:, k_default - 1]
+                predicted = [catalog.label_names[c] if c >= 0 else None for c in chosen.tolist()]
+                confidence = conf[:, k_default - 1].tolist()
     novelty_stats = None
     if novelty is not None:
         flagged = (1.0 - sims[:, 0]) > novelty[0]
@@ -84,7 +90,29 @@ def score(query_set: str, version: int, sims: np.ndarray, ids: np.ndarray, truth
                          "n_known": int(known.sum()), "flagged_known": int((flagged & known).sum()),
                          "n_unseen": int((~known).sum()), "flagged_unseen": int((flagged & ~known).sum())}
     return Evaluation(query_set, version, len(truth_labels), pl.concat(frames), per_label, calibration, novelty_stats,
-                      misclassified=misclassified)
+                      misclassified=misclassified, query_labels=list(truth_labels), predicted=predicted,
+                      confidence=confidence)
+
+
+CONFIDENTLY_WRONG, BORDERLINE = "confidently wrong", "borderline"
+
+
+def gallery_picks(result: Evaluation, n: int = 4) -> list[tuple[int, str]]:
+    """Misclassified queries worth looking at, as (query position, why): the most confidently
+    wrong first (half of n, rounded up), then the borderline ones (the wrong winner barely ahead).
+    Within each, one query per true label not shown yet comes first, so that a few examples cover
+    several labels; ties go to the earlier query."""
+    wrong = [i for i in result.misclassified if i < len(result.confidence)]
+    picks: list[tuple[int, str]] = []
+    for why, sign, count in ((CONFIDENTLY_WRONG, -1, (n + 1) // 2), (BORDERLINE, 1, n)):
+        chosen = {i for i, _ in picks}
+        labels = {result.query_labels[i] for i in chosen}
+        first, later = [], []
+        for i in sorted((i for i in wrong if i not in chosen), key=lambda i: (sign * result.confidence[i], i)):
+            (later if result.query_labels[i] in labels else first).append(i)
+            labels.add(result.query_labels[i])
+        picks += [(i, why) for i in (first + later)[:min(count, n - len(picks))]]
+    return picks
 
 
 def reliability_diagram(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS) -> pl.DataFrame:

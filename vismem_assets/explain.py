@@ -23,7 +23,32 @@ CAPTION = 46        # pixels of text under each neighbour tile
 COLUMNS = 5
 MARGIN = 12
 BAR_ROW = 18
+LEGEND_ROW = 16
+SWATCH = 10
 TEXT_KEY = "vismem:explanation"
+SAME, OTHER = "green", "firebrick"   # border of a neighbour with the predicted label / with another
+
+# What each vote strategy gives a neighbour before pruning (voting.py).
+STRATEGY_WEIGHT = {"rank": "1/(2 + rank)", "softmax": "exp(sim/0.07)", "distance": "exp(-(1 - sim))",
+                   "plurality": "1"}
+
+
+def legend(strategy: str = "rank") -> list[tuple[str | None, str]]:
+    """How to read a page, line by line: (border colour it explains, or None; text)."""
+    weight = STRATEGY_WEIGHT.get(strategy, f"the {strategy} weight")
+    return [
+        (SAME, "border: the neighbour's label is the prediction"),
+        (OTHER, "border: the neighbour has another label"),
+        (None, "#0 Coat: the neighbour's rank (#0 = nearest) and its stored label"),
+        (None, "sim 0.912: cosine similarity to the query (1 = the same image)"),
+        (None, f"w 0.500: the neighbour's vote = its {strategy} weight {weight} x its pruning factor"),
+        (None, "x1.00: pruning factor (1 = trusted, below 1 = down-weighted as unreliable, 0 = excluded)"),
+        (None, "bars: each label's summed vote, the longest wins; confidence = its share of all votes"),
+    ]
+
+
+# The same, as text (the gallery's markdown, the HTML page): the colours named.
+LEGEND = [f"{ {SAME: 'green', OTHER: 'red'}[colour]} {text}" if colour else text for colour, text in legend()]
 
 
 def tile_box(i: int) -> tuple[int, int, int, int]:
@@ -41,13 +66,31 @@ def _thumb(image) -> Image.Image:
     return load_image(image).convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST)
 
 
-def render_png(prediction, query_image, out: str | Path) -> Path:
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
+    """Words into lines no wider than `width` pixels."""
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and draw.textlength(candidate, font=font) > width:
+            lines.append(line)
+            candidate = word
+        line = candidate
+    return lines + ([line] if line else [])
+
+
+def render_png(prediction, query_image, out: str | Path, strategy: str = "rank") -> Path:
+    """`strategy`: the vote that made the prediction, named in the legend."""
     font = ImageFont.load_default()
     n = len(prediction.neighbors)
     rows = max(1, -(-n // COLUMNS))
     votes = sorted(prediction.scores.items(), key=lambda kv: -kv[1])
     width = MARGIN + COLUMNS * (TILE + MARGIN)
-    height = tile_box(0)[1] + rows * (TILE + CAPTION + MARGIN) + len(votes) * BAR_ROW + 2 * MARGIN
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_x = MARGIN + SWATCH + 6
+    key = [(colour, line) for colour, text in legend(strategy)
+           for line in _wrap(measure, text, font, width - text_x - MARGIN)]
+    legend_top = tile_box(0)[1] + rows * (TILE + CAPTION + MARGIN) + len(votes) * BAR_ROW + MARGIN
+    height = legend_top + (len(key) + 1) * LEGEND_ROW + 2 * MARGIN
     page = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(page)
     page.paste(_thumb(query_image), QUERY_BOX[:2])
@@ -60,7 +103,7 @@ def render_png(prediction, query_image, out: str | Path) -> Path:
     for i, nb in enumerate(prediction.neighbors):
         left, top, right, bottom = tile_box(i)
         page.paste(_thumb(nb.image_path), (left, top))
-        color = "green" if nb.label == prediction.label else "firebrick"
+        color = SAME if nb.label == prediction.label else OTHER
         draw.rectangle((left - 2, top - 2, right + 1, bottom + 1), outline=color, width=2)
         draw.text((left, bottom + 3), f"#{nb.rank} {nb.label}", fill=color, font=font)
         draw.text((left, bottom + 17), f"sim {nb.similarity:.3f}", fill="black", font=font)
@@ -74,6 +117,15 @@ def render_png(prediction, query_image, out: str | Path) -> Path:
         draw.rectangle((130, y + 2, 130 + bar, y + BAR_ROW - 4),
                        fill="green" if label == prediction.label else "lightgray")
         draw.text((136 + bar, y), f"{score:.3f}", fill="black", font=font)
+    draw.line((MARGIN, legend_top - MARGIN // 2, width - MARGIN, legend_top - MARGIN // 2), fill="lightgray")
+    draw.text((MARGIN, legend_top), "How to read this page", fill="black", font=font)
+    shown = set()
+    for j, (colour, line) in enumerate(key, start=1):
+        y = legend_top + j * LEGEND_ROW
+        if colour and colour not in shown:  # a bordered swatch in the colour it explains
+            shown.add(colour)
+            draw.rectangle((MARGIN, y + 1, MARGIN + SWATCH, y + 1 + SWATCH), outline=colour, width=2)
+        draw.text((text_x, y), line, fill="black", font=font)
     info = PngInfo()
     info.add_text(TEXT_KEY, json.dumps(prediction.to_dict(), default=str))
     out = Path(out)
@@ -101,6 +153,7 @@ def render_html(prediction, query_image, out: str | Path) -> Path:
 tr.same td{{background:#e8f5e9}} tr.other td{{background:#fdecea}}</style></head><body>
 <h1>{html.escape(str(prediction.label))} <small>(confidence {prediction.confidence:.2f})</small></h1>
 <p><img src="{_data_uri(query_image)}" width="{TILE}"><br>query: {html.escape(str(prediction.path))}</p>
+<p><small>{"<br>".join(html.escape(line.replace(" border:", " row:")) for line in LEGEND)}</small></p>
 <h2>Vote per label</h2><table><tr><th>label</th><th>vote</th></tr>{votes}</table>
 <h2>Neighbours</h2><table><tr><th>rank</th><th>image</th><th>label</th><th>similarity</th><th>vote weight</th>
 <th>pruning factor</th><th>sample</th></tr>{rows}</table>
@@ -112,11 +165,11 @@ tr.same td{{background:#e8f5e9}} tr.other td{{background:#fdecea}}</style></head
     return out
 
 
-def render(prediction, query_image, out: str | Path) -> Path:
-    """PNG or HTML, by the file's suffix."""
+def render(prediction, query_image, out: str | Path, strategy: str = "rank") -> Path:
+    """PNG or HTML, by the file's suffix. `strategy`: the vote that made the prediction (PNG legend)."""
     suffix = Path(out).suffix.lower()
     if suffix == ".png":
-        return render_png(prediction, query_image, out)
+        return render_png(prediction, query_image, out, strategy=strategy)
     if suffix in (".html", ".htm"):
         return render_html(prediction, query_image, out)
     raise ValueError(f"explanations are written as .png or .html, not {suffix or 'no suffix'}")

@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from . import erasure
+from . import erasure, near_copies, store
 from .atomic import atomic_path
 from .embeddings import write_part
 from .index_store import GENESIS, IndexStore
 from .ledger import insert_rows, to_frame
 
 CATEGORIES = ("gdpr", "license", "quality", "bias", "other")
+NO_LABEL = "(no label)"   # per_label's key for quarantined files that arrived without a label
 
 
 class ForgetError(ValueError):
@@ -97,9 +98,11 @@ class ForgetReport:
         return len(self.samples)
 
     def per_label(self) -> dict[str, int]:
+        """Samples per label; a quarantined file that came without one counts as NO_LABEL."""
         out: dict[str, int] = {}
         for s in self.samples:
-            out[s["label"]] = out.get(s["label"], 0) + 1
+            label = NO_LABEL if s["label"] is None else s["label"]
+            out[label] = out.get(label, 0) + 1
         return dict(sorted(out.items()))
 
     def to_dict(self) -> dict:
@@ -107,9 +110,13 @@ class ForgetReport:
 
 
 def image_hash(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read as ingest reads them: a regular file of at most
+    MAX_BYTES (a FIFO would block, /dev/zero never ends; neither could be a stored image)."""
+    from .imagesets import read_bounded
+
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError as exc:
+        return hashlib.sha256(read_bounded(path)).hexdigest()
+    except OSError as exc:  # RefusedFile (not a regular file, too large) says why in its text
         raise ForgetError(f"cannot read {path} to find its content hash: {exc.strerror or exc}") from exc
 
 
@@ -160,6 +167,8 @@ def forget(memory, request: ForgetRequest, dry_run: bool = False) -> ForgetRepor
         return report
     if todo.is_empty() and not len(state):
         raise ForgetError("every sample this request names is already forgotten; nothing to do")
+    # Hashed before the transaction (reading images needs no lock) and before any byte is erased.
+    phashes = None if len(state) else _perceptual_hashes(memory, todo["sample_id"].to_list())
     with memory.ledger.transaction() as con:
         if not len(state):
             con.execute(
@@ -171,12 +180,44 @@ def forget(memory, request: ForgetRequest, dry_run: bool = False) -> ForgetRepor
             # From here on the hashes are blocked: ingest refuses them, search never returns them.
             con.execute("UPDATE samples SET status = 'forgotten' WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))",
                         [todo["sample_id"].to_list()])
+            insert_rows(con, "blocklist_phashes", {
+                "sample_id": ("VARCHAR", todo["sample_id"].to_list()),
+                "request_id": ("VARCHAR", [request.request_id] * len(todo)),
+                "algorithm": ("VARCHAR", [near_copies.ALGORITHM] * len(todo)),
+                "phash": ("VARCHAR", phashes[0]),
+                "note": ("VARCHAR", phashes[1]),
+            }, on_conflict="ON CONFLICT DO NOTHING", created_at="now()")
     accepted = round(time.perf_counter() - t0, 4)
     finished = apply_pending(memory, only=request.request_id)[request.request_id]
     report.index_versions, report.versions_rewritten = finished.index_versions, finished.versions_rewritten
     report.files_removed, report.phases = finished.files_removed, {"accept": accepted, **finished.phases}
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _perceptual_hashes(memory, sample_ids: list[str]) -> tuple[list[str | None], list[str]]:
+    """(hashes, notes) in the order of `sample_ids`: each one's perceptual hash (near_copies.py),
+    from its stored image or its quarantine copy, so that near-copies stay out once the bytes
+    are gone; None, with the reason in its note, where there is no picture to hash."""
+    from .imagesets import read_bounded
+
+    rows = memory.ledger.query(
+        "SELECT s.sample_id, coalesce(s.image_path, (SELECT min(q.stored_path) FROM quarantine q"
+        " WHERE q.sample_id = s.sample_id)) AS path FROM samples s WHERE s.sample_id IN (SELECT unnest(?::VARCHAR[]))",
+        [sample_ids])
+    where = dict(rows.iter_rows())
+    hashes, notes = [], []
+    for sample_id in sample_ids:
+        data = None
+        if where.get(sample_id):
+            try:
+                data = read_bounded(memory.layout.absolute(where[sample_id]))
+            except OSError:
+                data = None  # (a crash's leftovers may lack it: the note says nothing was hashed)
+        phash, note = near_copies.try_hash_bytes(data)
+        hashes.append(phash)
+        notes.append(note)
+    return hashes, notes
 
 
 @dataclass
@@ -191,7 +232,9 @@ def apply_pending(memory, only: str | None = None) -> dict[str, Applied]:
     """Finish accepted requests (all pending ones, or one): purge every trace, then chain the
     proof. Each one's `phases`: seconds erasing in the index files, in the embedding files,
     deleting image files, erasing file names, writing the proof (and the pruning statistics,
-    the manifests, the ledger's commit), and marking the request applied."""
+    the manifests, the ledger's commit), and marking the request applied. Without `only`, the
+    file names a set's forget left behind (before forgetting a set took its quarantined files'
+    names too) are erased as well."""
     pending = memory.ledger.query(
         "SELECT request_id FROM forget_requests WHERE state = 'pending'" + (" AND request_id = ?" if only else "")
         + " ORDER BY requested_at", [only] if only else [])
@@ -212,7 +255,25 @@ def apply_pending(memory, only: str | None = None) -> dict[str, Applied]:
         # Applied only now: a crash before this leaves the request pending, and a retry finishes it.
         clock("finish", _mark_applied, memory, request_id)
         done[request_id] = Applied(new_versions, rewritten, removed, clock.seconds)
+    if only is None:
+        _erase_left_set_names(memory)
     return done
+
+
+def _erase_left_set_names(memory) -> list[str]:
+    """Applied image_set requests whose quarantine rows still name a file (applied by a vismem
+    that forgot only the set's samples): their names and copies go now. Returns those requests."""
+    with memory.ledger.connect() as con:
+        left = [r for (r,) in con.execute("SELECT request_id FROM forget_requests WHERE state = 'applied'"
+                                          " AND target_kind = 'image_set' ORDER BY requested_at").fetchall()
+                if con.execute("SELECT count(*) FROM quarantine WHERE (name_pos IS NOT NULL OR stored_path IS NOT NULL)"
+                               f" AND {SET_QUARANTINE}", [r]).fetchone()[0]]
+        for request_id in left:
+            _erase_names(memory, con, request_id)  # (its samples' names are erased already: only the set's rows)
+            with memory.ledger.transaction():
+                con.execute("UPDATE quarantine SET name_pos = NULL, name_len = NULL, stored_path = NULL"
+                            f" WHERE {SET_QUARANTINE}", [request_id])
+    return left
 
 
 def _mark_applied(memory, request_id: str) -> None:
@@ -344,26 +405,23 @@ def _purge_embeddings(memory, con, targets: pl.DataFrame) -> int:
 
 
 def _purge_files(memory, targets: pl.DataFrame) -> int:
-    """Stored images and quarantine copies of the forgotten hashes. Each folder is listed once
-    (a glob per sample compiled a pattern each time: seconds for thousands of samples)."""
-    listed: dict[Path, dict[str, list[Path]]] = {}
-
-    def named(folder: Path, sample_id: str) -> list[Path]:
-        if folder not in listed:
-            listed[folder] = {}
-            for path in (folder.iterdir() if folder.is_dir() else ()):
-                listed[folder].setdefault(path.name.split(".")[0], []).append(path)
-        return listed[folder].get(sample_id, [])
-
+    """Every file holding a forgotten sample's bytes: its stored image and quarantine copies, and
+    what crashed writes left (the `.<name>.tmp` of a killed store write beside it, a dead ingest's
+    staged copy, a temp embedding part). A file counts if the sample id is anywhere in its name
+    or, for a file not named the store's way, if its bytes hash to it (store.holds_sample). Each
+    folder is listed once (a glob per sample compiled a pattern each time: seconds for thousands)."""
+    layout = memory.layout
+    wanted = set(targets["sample_id"].to_list())
+    found = {layout.absolute(p) for p in targets["image_path"].drop_nulls()}
+    for folder in {layout.images / sid[:2] for sid in wanted} | {layout.quarantine}:
+        found |= {p for p in (folder.iterdir() if folder.is_dir() else ()) if p.is_file() and store.holds_sample(p, wanted)}
+    found |= {p for p in store.walk(store.staging_root(layout)) if store.holds_sample(p, wanted)}
+    found |= {p for p in store.embedding_leftovers(layout) if store.mentions(p, wanted)}
     removed = 0
-    for sample_id, image_path in targets.select("sample_id", "image_path").iter_rows():
-        candidates = ([memory.layout.absolute(image_path)] if image_path
-                      else named(memory.layout.images / sample_id[:2], sample_id))
-        candidates += named(memory.layout.quarantine, sample_id)
-        for path in set(candidates):
-            if path.exists():
-                path.unlink()
-                removed += 1
+    for path in found:
+        if path.exists():
+            path.unlink()
+            removed += 1
     return removed
 
 
@@ -409,12 +467,27 @@ def _chain(con, request_id: str) -> None:
 
 
 _TARGETS = "SELECT sample_id FROM forget_targets WHERE request_id = ?"
+# The quarantine rows of the image set an image_set request forgets, as the set was when the
+# request was accepted (none for other requests; a later add of the set brings new files), those
+# without a sample id too: a file whose bytes could not be read still left its name.
+SET_QUARANTINE = ("EXISTS (SELECT 1 FROM forget_requests r WHERE r.request_id = ? AND r.target_kind = 'image_set'"
+                  " AND quarantine.image_set = json_extract_string(r.target, '$[0]')"
+                  " AND quarantine.quarantined_at <= r.requested_at)")
 
 
 def _erase_names(memory, con, request_id: str) -> int:
     """A file name can itself be personal data: its bytes are zeroed in the name file (the
-    ledger's references to them go with the proof, so a crash between finds them again)."""
-    return memory.ledger.names.erase(*memory.ledger.names.spans_of(con, _TARGETS, [request_id]))
+    ledger's references to them go with the proof, so a crash between finds them again).
+    Forgetting a set also takes the names (and any stored copy) of every file it quarantined."""
+    positions, lengths = memory.ledger.names.spans_of(con, _TARGETS, [request_id])
+    for pos, n, stored in con.execute(f"SELECT name_pos, name_len, stored_path FROM quarantine WHERE {SET_QUARANTINE}",
+                                      [request_id]).fetchall():
+        if pos is not None:
+            positions.append(pos)
+            lengths.append(n)
+        if stored:
+            memory.layout.absolute(stored).unlink(missing_ok=True)
+    return memory.ledger.names.erase(positions, lengths)
 
 
 def _redact(con, request_id: str) -> None:
@@ -423,6 +496,8 @@ def _redact(con, request_id: str) -> None:
                 [request_id])
     con.execute(f"UPDATE sample_sources SET name_pos = NULL, name_len = NULL WHERE sample_id IN ({_TARGETS})", [request_id])
     con.execute(f"UPDATE quarantine SET name_pos = NULL, name_len = NULL, stored_path = NULL WHERE sample_id IN ({_TARGETS})",
+                [request_id])
+    con.execute(f"UPDATE quarantine SET name_pos = NULL, name_len = NULL, stored_path = NULL WHERE {SET_QUARANTINE}",
                 [request_id])
 
 

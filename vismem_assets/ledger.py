@@ -31,6 +31,10 @@ class LedgerLockTimeout(TimeoutError):
     pass
 
 
+class ReadOnlyLedger(PermissionError):
+    """A change was asked of a ledger opened read-only (its memory home is not writable)."""
+
+
 def migrations() -> list[tuple[int, str, str]]:
     """(version, name, sql) of every file `NNN_name.sql`, in order."""
     found = []
@@ -44,14 +48,17 @@ def migrations() -> list[tuple[int, str, str]]:
 
 
 def audit_queries() -> list[str]:
-    return sorted(p.stem for p in AUDIT_DIR.glob("*.sql"))
+    return sorted(p.stem for p in AUDIT_DIR.glob("*.sql") if p.is_file())
 
 
 def named_query(name: str) -> str:
-    path = AUDIT_DIR / f"{name}.sql"
-    if not path.exists():
-        raise ValueError(f"no audit query {name!r}; known: {', '.join(audit_queries())}")
-    return path.read_text()
+    """The SQL of an audit query, by its exact name in sql/audit/. The name is matched against
+    the listing, never joined onto a path: `../migrations/001_init` or an absolute path would
+    otherwise run any SQL file on the ledger."""
+    known = audit_queries()
+    if name not in known:
+        raise ValueError(f"no audit query {name!r}; known: {', '.join(known)}")
+    return (AUDIT_DIR / f"{name}.sql").read_text()
 
 
 def to_frame(cursor: duckdb.DuckDBPyConnection) -> pl.DataFrame:
@@ -72,8 +79,12 @@ def insert_rows(con, table: str, columns: dict[str, tuple[str, list]], on_confli
 
 
 class Ledger:
-    def __init__(self, path: Path, lock_timeout: float | None = None):
+    def __init__(self, path: Path, lock_timeout: float | None = None, read_only: bool = False):
+        """`read_only`: for a memory home this user may not write (a read-only mount, another
+        user's memory): connections open read-only under a shared lock (readers wait for a
+        writer, not for each other), nothing is created, and a transaction is refused."""
         self.path = Path(path)
+        self.read_only = read_only
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.lock_timeout = float(lock_timeout or os.environ.get("VISMEM_LOCK_TIMEOUT", 600))
         self._local = threading.local()
@@ -83,14 +94,27 @@ class Ledger:
         self._stale_bytes = self.path.with_name(self.path.name + ".copy-pending")
 
     @contextmanager
-    def _lock(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    def _lock(self, shared: bool = False) -> Iterator[None]:
+        """Exclusive (a writer), or shared (read-only connections: several may read at once,
+        none while a writer holds the ledger, which DuckDB would refuse anyway)."""
+        if shared:
+            try:
+                fd = os.open(self.lock_path, os.O_RDONLY)
+            except (FileNotFoundError, PermissionError):
+                # No writer ever ran here (or its lock file is private) and a reader may not
+                # create it: go unlocked; DuckDB itself refuses to read under an active writer.
+                fd = None
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fd is None:
+            yield
+            return
         try:
             deadline = time.monotonic() + self.lock_timeout
             while True:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
@@ -110,12 +134,15 @@ class Ledger:
         if outer is not None:
             yield outer
             return
-        with self._lock():
-            con = self._open()
+        with self._lock(shared=self.read_only):
+            con = self._open(read_only=self.read_only)
             try:
-                if not self._migrated:
+                if self.read_only:
+                    if not self._migrated:
+                        self._check_schema(con)
+                elif not self._migrated:
                     self._migrate(con)
-                if self._stale_bytes.exists():  # names moved out of DuckDB: their old bytes go with a fresh copy
+                if not self.read_only and self._stale_bytes.exists():  # names moved out of DuckDB: their old bytes go with a fresh copy
                     con.close()
                     self._copy_to_fresh_file()
                     self._stale_bytes.unlink()
@@ -129,6 +156,7 @@ class Ledger:
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """All or nothing: a crash or exception inside leaves the ledger as it was."""
+        self.check_writable()
         outer = getattr(self._local, "con", None)
         with self.connect() as con:
             if outer is not None and getattr(self._local, "in_tx", False):
@@ -140,35 +168,76 @@ class Ledger:
                 yield con
                 con.commit()
             except BaseException:
-                con.rollback()
+                try:
+                    con.rollback()
+                except duckdb.Error:
+                    # A commit that failed (a full disk) already ended the transaction: the error
+                    # to report is that one, not "no transaction is active".
+                    pass
                 raise
             finally:
                 self._local.in_tx = False
+
+    def check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyLedger(
+                f"the memory home {self.path.parent} is not writable by this user: this command changes the memory "
+                "and needs write access there (classify, status, audit verify/query/proof work read-only)")
 
     def query(self, sql: str, params: list | tuple | None = None) -> pl.DataFrame:
         with self.connect() as con:
             return to_frame(con.execute(sql, params or []))
 
     def run_named(self, name: str, variables: dict[str, str] | None = None) -> pl.DataFrame:
-        """An audit query from sql/audit/, its parameters set as DuckDB variables (as in the CLI)."""
+        """An audit query from sql/audit/, its parameters set as DuckDB variables (as in the CLI),
+        run on a read-only connection of its own: an audit reads, and whatever a file in
+        sql/audit says, it cannot change the ledger."""
         sql = named_query(name)
-        with self.connect() as con:
-            for key, value in (variables or {}).items():
-                if not key.isidentifier():
-                    raise ValueError(f"parameter name {key!r} is not an identifier")
-                con.execute(f'SET VARIABLE "{key}" = ?', [value])  # quoted: 'from' and 'to' are keywords
+        for key in variables or {}:
+            if not key.isidentifier():
+                raise ValueError(f"parameter name {key!r} is not an identifier")
+        if getattr(self._local, "con", None) is not None:
+            # DuckDB refuses a read-only connection beside this thread's open read-write one.
+            raise RuntimeError("Ledger.run_named opens its own read-only connection: call it outside Ledger.connect()")
+        if not self._migrated:
+            with self.connect():  # a new or older ledger is created or migrated first (checked, when read-only)
+                pass
+        with self._lock(shared=True):
+            con = self._open(read_only=True)
             try:
+                # Read-only stops writes to the ledger, not COPY ... TO a file: one SELECT only.
+                kinds = [st.type for st in con.extract_statements(sql)]
+                if kinds != [duckdb.StatementType.SELECT]:
+                    raise ValueError(f"audit query {name!r} must be one SELECT statement, not "
+                                     f"{', '.join(k.name for k in kinds) or 'nothing'}")
+                for key, value in (variables or {}).items():
+                    con.execute(f'SET VARIABLE "{key}" = ?', [value])  # quoted: 'from' and 'to' are keywords
                 return to_frame(con.execute(sql))  # one statement per file
             finally:
-                for key in variables or {}:
-                    con.execute(f'RESET VARIABLE "{key}"')
+                con.close()
 
-    def _open(self) -> duckdb.DuckDBPyConnection:
-        con = duckdb.connect(str(self.path))
+    def _open(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        if read_only and not self.path.exists():
+            raise FileNotFoundError(f"no ledger at {self.path}: there is no memory in {self.path.parent} yet "
+                                    "(and this user cannot create one there); check --home / VISMEM_HOME")
+        con = duckdb.connect(str(self.path), read_only=read_only)
         home = str(self.path.parent.resolve()).replace("'", "''")
         con.execute(f"SET file_search_path = '{home}'")  # where the macro original_name() finds names.bin
-        self.names.ensure()
+        if not read_only:
+            self.names.ensure()
         return con
+
+    def _check_schema(self, con: duckdb.DuckDBPyConnection) -> None:
+        """A read-only ledger cannot be migrated: it must already be at this code's schema."""
+        try:
+            have = con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+        except duckdb.CatalogException:
+            have = None
+        want = migrations()[-1][0]
+        if have is None or have < want:
+            raise ReadOnlyLedger(f"the ledger {self.path} is at schema version {have or 0}, this vismem needs {want}, "
+                                 "and it is read-only here: run any vismem command once with write access to migrate it")
+        self._migrated = True
 
     def _migrate(self, con: duckdb.DuckDBPyConnection) -> None:
         con.execute(

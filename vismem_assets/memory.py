@@ -4,7 +4,9 @@ The CLI and the Dagster code location are both thin layers over this class.
 """
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .atomic import atomic_path, write_bytes_atomic
+from .atomic import atomic_path
 from .blas import blas_report
 from .catalog import Catalog
 from .embeddings import EmbeddingStore, write_part
@@ -20,15 +22,19 @@ from .encoders import DEFAULT_ENCODER, Encoder, EncoderMismatchError, load_encod
 from .evaluation import DEFAULT_K, Evaluation, score
 from .evaluation import record as record_rows
 from .home import Layout, resolve_home
-from .imagesets import CheckedImage, ImageSetError, check_image, check_set_name, read_image_set
+from .names import shown_name
+from .store import Staging, clean_dead, sweep
+from .imagesets import CheckedImage, ImageSetError, check_set_name, check_source, read_image_set
 from .erasure import HOLE_ID
 from .index_store import IndexStore, IndexVersion, held_ids, index_ids, index_vectors
 from .index_types import IndexPolicy, kind_of
+from .near_copies import NearCopyBlocklist
 from .ledger import Ledger, insert_rows, to_frame
 from .ivf_search import ivf_searcher, settings as ivf_search_settings
 from .search import flat_searcher
 from .voting import DEFAULT_STRATEGY, STRATEGIES, vote_all_k, vote_weights
 
+BLOCKED_EXACT = "the image of a forgotten sample (its sha256 is on the blocklist)"
 UNKNOWN = "unknown"           # the answer for an image unlike anything in the memory
 NOVELTY_PERCENTILE = 99.0
 NOVELTY_SAMPLE = 5000         # vectors whose nearest-neighbour distance estimates the threshold
@@ -43,6 +49,7 @@ class IngestReport:
     added: int = 0
     duplicates: int = 0
     blocked: int = 0
+    blocked_files: list[dict] = field(default_factory=list)     # {name, reason}: forgotten images, near-copies
     quarantined: list[dict] = field(default_factory=list)       # {name, reason}
     label_conflicts: list[dict] = field(default_factory=list)   # {name, label, stored_label}
 
@@ -99,8 +106,12 @@ class Memory:
                  index_policy: IndexPolicy | None = None):
         """`index_policy`: which index type builds write (default: from the environment, see
         index_types.py: exact below 200,000 vectors, IVF-Flat above if its recall passes)."""
-        self.layout = Layout(resolve_home(home)).create()
-        self.ledger = Ledger(self.layout.ledger)
+        layout = Layout(resolve_home(home))
+        # A memory this user may only read (classify, status, audit) is opened read-only and
+        # nothing is created in it; a change is then refused by the ledger with a clear reason.
+        self.read_only = layout.read_only()
+        self.layout = layout if self.read_only else layout.create()
+        self.ledger = Ledger(self.layout.ledger, read_only=self.read_only)
         self._encoder_choice = encoder
         self.index_policy = index_policy or IndexPolicy.from_env()
         self._index_cache: tuple[tuple, IndexVersion, object] | None = None
@@ -119,6 +130,8 @@ class Memory:
     def encoder(self) -> Encoder:
         encoder = self._encoder_choice if isinstance(self._encoder_choice, Encoder) else load_encoder(self.encoder_spec())
         spec = getattr(encoder, "spec", None)
+        if self.read_only:  # the encoder's row is bookkeeping (last used): reading needs no write
+            return encoder
         with self.ledger.transaction() as con:
             con.execute(
                 "INSERT INTO encoders (encoder_id, slug, name, dim, weights_sha256, preprocessing, spec,"
@@ -141,34 +154,56 @@ class Memory:
 
     # ---- ingest ------------------------------------------------------------------------------
 
-    def ingest(self, source: str | Path, name: str | None = None) -> IngestReport:
-        """Register a set's images in the ledger and the image store; bad files go to quarantine."""
+    def ingest(self, source: str | Path, name: str | None = None, root: str | Path | None = None) -> IngestReport:
+        """Register a set's images in the ledger and the image store; bad files go to quarantine.
+        `root`: for a manifest, the folder its paths must stay under (default: the manifest's own).
+        A name taken from the folder or manifest must not already belong to another source."""
+        self._clean_dead_staging()
+        with Staging(self.layout) as staging:  # this ingest's bytes, until the rows naming them commit
+            return self._ingest(staging, source, name, root)
+
+    def _ingest(self, staging: Staging, source: str | Path, name: str | None, root: str | Path | None) -> IngestReport:
         source = Path(source)
-        name = check_set_name(name or (source.name if source.is_dir() else source.stem))
-        files = read_image_set(source)
-        blocklist = set(self.ledger.query("SELECT sample_id FROM samples WHERE status = 'forgotten'")["sample_id"])
+        if not name:
+            name = check_set_name(source.name if source.is_dir() else source.stem)
+            self._refuse_other_source(name, source)
+        name = check_set_name(name)
+        files = read_image_set(source, None if root is None else Path(root))
+        with self.ledger.connect() as con:
+            # The view unites `samples`, the chained `deletions` and `forget_targets`: no hand edit of one reopens it.
+            blocklist = {sid for (sid,) in con.execute("SELECT sample_id FROM blocklist").fetchall()}
+            near = NearCopyBlocklist.load(con)  # perceptual hashes of forgotten images (near_copies.py)
+        near_reasons: dict[str, str | None] = {}
         good: dict[str, CheckedImage] = {}
         report = IngestReport(image_set=name, ingest_id=0, n_files=len(files))
         arrivals: list[CheckedImage] = []
         bad: list[CheckedImage] = []
         for src in files:
-            checked = check_image(src)
+            checked = check_source(src)
             if checked.sample_id in blocklist:
                 report.blocked += 1
+                report.blocked_files.append({"name": shown_name(src.name), "reason": BLOCKED_EXACT})
                 continue
             if not checked.ok:
-                bad.append(self._quarantine_copy(checked))
+                bad.append(self._quarantine_copy(checked, staging))
                 continue
+            if len(near) and checked.sample_id not in good:
+                if checked.sample_id not in near_reasons:
+                    near_reasons[checked.sample_id] = self._near_copy_reason(near, checked)
+                if near_reasons[checked.sample_id]:
+                    report.blocked += 1
+                    report.blocked_files.append({"name": shown_name(src.name), "reason": near_reasons[checked.sample_id]})
+                    continue
             arrivals.append(checked)
             if checked.sample_id not in good:
-                self._store_image(checked)
+                self._store_image(checked, staging)
                 good[checked.sample_id] = _without_bytes(checked)
-        with self.ledger.transaction() as con:
+        with self._recording(staging) as con:
             report.ingest_id = con.execute("SELECT nextval('ingest_id_seq')").fetchone()[0]
             con.execute(
                 "INSERT INTO image_sets VALUES (?, ?, now(), now())"
-                " ON CONFLICT (name) DO UPDATE SET last_added_at = now(), source = excluded.source",
-                [name, str(source)],
+                " ON CONFLICT (name) DO UPDATE SET last_added_at = now()",  # the set keeps its first source
+                [name, os.path.abspath(source)],
             )
             known = dict(con.execute(
                 "SELECT sample_id, status FROM samples WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))",
@@ -181,8 +216,20 @@ class Memory:
             # Forgotten while we were reading the set: blocked, and its stored copy goes again.
             for sid in [sid for sid in good if known.get(sid) == "forgotten"]:
                 report.blocked += sum(1 for c in arrivals if c.sample_id == sid)
+                report.blocked_files += [{"name": shown_name(c.source.name), "reason": BLOCKED_EXACT}
+                                         for c in arrivals if c.sample_id == sid]
                 self._image_path(good[sid]).unlink(missing_ok=True)
             arrivals = [c for c in arrivals if known.get(c.sample_id) != "forgotten"]
+            report.blocked += sum(1 for c in bad if known.get(c.sample_id) == "forgotten")
+            report.blocked_files += [{"name": shown_name(c.source.name), "reason": BLOCKED_EXACT}
+                                     for c in bad if known.get(c.sample_id) == "forgotten"]
+            bad = [c for c in bad if known.get(c.sample_id) != "forgotten"]
+            # The bytes enter the store with the rows that name them: moved in last, before the commit.
+            for c in new:
+                self._plan_move(staging, c, self._image_path(c), self._image_path(c).name)
+            for c in bad:
+                if c.data is not None:
+                    self._plan_move(staging, c, self._quarantine_path(c), "q-" + self._quarantine_path(c).name)
             # Names go to the name file (durably, before the rows that point at them commit).
             named = arrivals + bad
             spans = list(zip(*self.ledger.names.append(con, [c.source.name for c in named]))) if named else []
@@ -203,7 +250,8 @@ class Memory:
                     report.duplicates += 1
                     if first_label[c.sample_id] != c.source.label:
                         report.label_conflicts.append(
-                            {"name": c.source.name, "label": c.source.label, "stored_label": first_label[c.sample_id]})
+                            {"name": shown_name(c.source.name), "label": c.source.label,
+                             "stored_label": first_label[c.sample_id]})
                 seen.add(c.sample_id)
             insert_rows(con, "sample_sources", {
                 "sample_id": ("VARCHAR", [c.sample_id for c in arrivals]),
@@ -226,12 +274,22 @@ class Memory:
                 "stored_path": ("VARCHAR", [None if c.data is None else
                                             self.layout.relative(self._quarantine_path(c)) for c in bad]),
             }, quarantined_at="now()")
-            report.quarantined = [{"name": c.source.name, "reason": c.reason} for c in bad]
+            report.quarantined = [{"name": shown_name(c.source.name), "reason": c.reason} for c in bad]
             con.execute(
                 "INSERT INTO ingests VALUES (?, ?, ?, now(), now(), ?, ?, ?, ?)",
-                [report.ingest_id, name, str(source), report.n_files, report.added, report.duplicates, len(bad)],
+                [report.ingest_id, name, os.path.abspath(source), report.n_files, report.added, report.duplicates,
+                 len(bad)],
             )
         return report
+
+    def _near_copy_reason(self, near: NearCopyBlocklist, c: CheckedImage) -> str | None:
+        """Why these bytes are refused as a near-copy of a forgotten image, or None. An image the
+        memory already holds is no arrival: it stays a duplicate (the forget did not name it)."""
+        reason = near.check(c.data)
+        if reason and len(self.ledger.query("SELECT 1 FROM samples WHERE sample_id = ? AND status = 'active'",
+                                            [c.sample_id])):
+            return None
+        return reason
 
     def _image_path(self, c: CheckedImage) -> Path:
         return self.layout.images / c.sample_id[:2] / f"{c.sample_id}.{c.format}"
@@ -239,17 +297,59 @@ class Memory:
     def _quarantine_path(self, c: CheckedImage) -> Path:
         return self.layout.quarantine / f"{c.sample_id}{c.source.path.suffix.lower() or '.bin'}"
 
-    def _store_image(self, c: CheckedImage) -> None:
-        path = self._image_path(c)
-        if not path.exists():  # content-addressed: same name, same bytes
-            write_bytes_atomic(path, c.data)
+    def _store_image(self, c: CheckedImage, staging: Staging) -> None:
+        if not self._image_path(c).exists():  # content-addressed: same name, same bytes
+            staging.stage(self._image_path(c).name, c.data)
 
-    def _quarantine_copy(self, c: CheckedImage) -> CheckedImage:
+    def _plan_move(self, staging: Staging, c: CheckedImage, final: Path, staged_name: str) -> None:
+        """Plan the move of a staged file into the store. Not staged because the store held it
+        when the file was read, and gone since (a dead ingest's uncommitted file, removed by
+        `_clean_dead_staging`): its source is read again."""
+        staged = staging.staged(staged_name)
+        if staged is None and not final.exists():
+            again = check_source(c.source)
+            if again.sample_id != c.sample_id or again.data is None:
+                raise ImageSetError(f"{shown_name(c.source.name)} changed while the set was being added: add the set again")
+            staged = staging.stage(staged_name, again.data, mode=0o600 if final.parent == self.layout.quarantine else 0o644)
+        if staged is not None:
+            staging.plan(staged, final)
+
+    @contextmanager
+    def _recording(self, staging: Staging):
+        """The ingest's ledger transaction, with the staged files moved into the store at its
+        end: a failure before the commit takes them out again (store.py explains the crash case)."""
+        try:
+            with self.ledger.transaction() as con:
+                yield con
+                staging.move_in()
+        except BaseException:
+            staging.undo()
+            raise
+        staging.moved = []  # committed: they stay
+
+    def _clean_dead_staging(self) -> None:
+        """What a dead ingest staged or moved without recording goes (the next writer's job)."""
+        with self.ledger.connect() as con:
+            clean_dead(self.layout, con)
+
+    def _refuse_other_source(self, name: str, source: Path) -> None:
+        """Two folders both called 'photos' are two sets: merging the second into the first by its
+        base name alone would mix them silently. Re-adding a source the set came from is fine."""
+        known = self.ledger.query("SELECT source FROM image_sets WHERE name = ?"
+                                  " UNION SELECT source FROM ingests WHERE image_set = ?", [name, name])["source"]
+        if len(known) and os.path.abspath(source) not in {os.path.abspath(s) for s in known if s}:
+            raise ImageSetError(
+                f"image set {name!r} already exists, read from {sorted(s for s in known if s)[0]}, not from {source}: "
+                f"pass --name OTHER to add this as another set, or --name {name} to add it to {name!r} on purpose")
+
+    def _quarantine_copy(self, c: CheckedImage, staging: Staging) -> CheckedImage:
         if c.data is not None:
             path = self._quarantine_path(c)
             if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(c.data)
+                # Quarantined bytes are anything someone dropped in a set: readable by the owner only.
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(path.parent, 0o700)  # a home made before this rule has a 0755 folder
+                staging.stage("q-" + path.name, c.data, mode=0o600)
         return _without_bytes(c, keep_marker=c.data is not None)
 
     def _insert_samples(self, con, image_set: str, items: list[CheckedImage], status: str,
@@ -291,6 +391,14 @@ class Memory:
                       on_chunk=None) -> int:
         """Embed only what this encoder has not embedded; parts are recorded chunk by chunk.
         `on_chunk(done, total)` is called after each recorded chunk (for logs without a bar)."""
+        # One embedding run per encoder at a time (store-wide lock, not the ledger's: embedding is
+        # slow): three concurrent adds of the same images embedded them three times and left two
+        # parts no row named. In a cluster encoding runs anywhere and only recording is serialised
+        # (issue 18): there the drop of already-embedded samples below is what keeps parts whole.
+        with self.embeddings.lock():
+            return self._embed_pending(image_set, progress, on_chunk)
+
+    def _embed_pending(self, image_set: str | None, progress: bool | None, on_chunk) -> int:
         pending = self.pending_embeddings(image_set)
         done = 0
         for start in range(0, len(pending), EMBED_CHUNK):
@@ -300,22 +408,28 @@ class Memory:
                                          desc=f"embedding {start + len(chunk)}/{len(pending)}")
             folder = image_set or chunk["image_set"][0]
             with self.ledger.transaction() as con:
-                # A sample forgotten while we embedded must not come back through its vector.
+                # A sample forgotten while we embedded must not come back through its vector, and
+                # one another run embedded meanwhile is not written again: every row of a part is
+                # recorded, so no part holds vectors the ledger does not know of.
                 gone = {sid for (sid,) in con.execute(
-                    "SELECT sample_id FROM samples WHERE status <> 'active' AND sample_id IN (SELECT unnest(?::VARCHAR[]))",
-                    [chunk["sample_id"].to_list()]).fetchall()}
+                    "SELECT sample_id FROM samples WHERE status <> 'active' AND sample_id IN (SELECT unnest(?::VARCHAR[]))"
+                    " UNION SELECT sample_id FROM embeddings WHERE encoder_id = ? AND sample_id IN (SELECT unnest(?::VARCHAR[]))",
+                    [chunk["sample_id"].to_list(), self.encoder.id, chunk["sample_id"].to_list()]).fetchall()}
                 if gone:
                     keep = ~chunk["sample_id"].is_in(list(gone)).to_numpy()
                     chunk, vectors = chunk.filter(keep), vectors[keep]
                 if chunk.is_empty():
                     continue
                 part = self.embeddings.write(folder, chunk["sample_id"].to_list(), chunk["vector_id"].to_numpy(), vectors)
-                # Another run may have embedded some of these meanwhile: the first record stands.
-                insert_rows(con, "embeddings", {
-                    "encoder_id": ("VARCHAR", [self.encoder.id] * len(chunk)),
-                    "sample_id": ("VARCHAR", chunk["sample_id"].to_list()),
-                    "path": ("VARCHAR", [part] * len(chunk)),
-                }, on_conflict="ON CONFLICT DO NOTHING", embedded_at="now()")
+                try:
+                    insert_rows(con, "embeddings", {
+                        "encoder_id": ("VARCHAR", [self.encoder.id] * len(chunk)),
+                        "sample_id": ("VARCHAR", chunk["sample_id"].to_list()),
+                        "path": ("VARCHAR", [part] * len(chunk)),
+                    }, embedded_at="now()")
+                except BaseException:
+                    self.layout.absolute(part).unlink(missing_ok=True)  # no part without its rows
+                    raise
             done += len(chunk)
             if on_chunk:
                 on_chunk(start + len(chunk), len(pending))
@@ -327,8 +441,12 @@ class Memory:
         return to_frame(con.execute(_EMBEDDED_ACTIVE.format("s.vector_id, e.path") + " ORDER BY s.vector_id",
                                     [self.encoder.id]))
 
-    def index_pending(self) -> IndexVersion | None:
-        """Fold embedded-but-unindexed active samples into a new version; None if nothing to do."""
+    def index_pending(self, embed: bool = True) -> IndexVersion | None:
+        """Fold embedded-but-unindexed active samples into a new version; None if nothing to do.
+        What no one embedded yet (a crash mid-add left it) is embedded first, unless `embed` is
+        False (the caller just did)."""
+        if embed:
+            self.embed_pending()  # (outside the ledger connection: the embedding lock comes first)
         with self.ledger.connect() as con:
             # Ids only, as numpy: an add must cost O(new), not a read of the whole index or ledger.
             present = self.indexes.ids()
@@ -344,21 +462,26 @@ class Memory:
             return self.indexes.add(ids, vectors)
 
     def rebuild(self, operation: str = "rebuild") -> IndexVersion:
-        """A fresh version from the ledger and the embedding files alone."""
+        """A fresh version from the ledger and the embedding files alone, after embedding what a
+        crash left pending; what dead processes left in the image store goes too (store.sweep)."""
+        self.embed_pending()
         with self.ledger.connect() as con:
+            sweep(self.layout, con)
             embedded = self._embedded_active(con)
             ids, vectors = self.embeddings.read(embedded["path"].unique(maintain_order=True).to_list(),
                                                 embedded["vector_id"].to_numpy())
             return self.indexes.rebuild(ids, vectors, operation)
 
-    def add(self, source: str | Path, name: str | None = None, progress: bool | None = None) -> AddReport:
-        """Ingest + embed + index: the whole path for one image set."""
+    def add(self, source: str | Path, name: str | None = None, progress: bool | None = None,
+            root: str | Path | None = None) -> AddReport:
+        """Ingest + embed + index: the whole path for one image set (`root`: see ingest)."""
         t0 = time.perf_counter()
-        report = self.ingest(source, name)
+        report = self.ingest(source, name, root=root)
         t1 = time.perf_counter()
-        embedded = self.embed_pending(report.image_set, progress=progress)
+        # Every set's pending samples, not only this one's: a crash mid-add is finished here.
+        embedded = self.embed_pending(progress=progress)
         t2 = time.perf_counter()
-        version = self.index_pending()
+        version = self.index_pending(embed=False)
         live = version or self.indexes.live()
         return AddReport(report, embedded, t2 - t1, live.version if live else None,
                          live.n_vectors if live else 0, time.perf_counter() - t0)
@@ -492,7 +615,7 @@ class Memory:
                  progress: bool | None = None, record: bool = True, pruning: bool = False) -> Evaluation:
         """Accuracy of each strategy for every k in 1..k_max on a labelled query set (not stored)."""
         files = read_image_set(Path(source))
-        checked = [check_image(f) for f in files]
+        checked = [check_source(f) for f in files]
         usable = [c for c in checked if c.ok]
         if not usable:
             raise ImageSetError(f"{source} holds no usable labelled image to evaluate with")
@@ -570,6 +693,8 @@ class Memory:
         sims, nn = self.search(vectors[pick], 2)
         nearest_other = np.where(nn[:, 0] == ids[pick], sims[:, 1], sims[:, 0])
         distance = float(np.percentile(1.0 - nearest_other, percentile))
+        if self.read_only:  # a cache: computed again next time rather than written
+            return distance
         with self.ledger.transaction() as con:
             con.execute("INSERT INTO novelty_thresholds VALUES (?, ?, ?, ?, ?, now())",
                         [self.encoder.id, version.version, percentile, distance, len(pick)])
@@ -577,8 +702,9 @@ class Memory:
 
     def compare_with_previous(self, result: Evaluation) -> dict | None:
         """Top-1 (default strategy and k) against the previous index version's evaluation on the
-        same query set, over the labels the memory still holds: forgetting a class on purpose
-        is not a regression, losing accuracy on the classes that stay is."""
+        same query set, over the labels the memory still holds and that version held too:
+        forgetting a class on purpose is not a regression, losing accuracy on the classes that
+        stay is; a class new since then (scored 0 before) would only hide such a loss."""
         prev = self.ledger.query(
             "SELECT evaluation_id, index_version FROM evaluations WHERE encoder_id = ? AND query_set = ?"
             " AND index_version < ? ORDER BY evaluation_id DESC LIMIT 1",
@@ -588,8 +714,11 @@ class Memory:
         before = self.ledger.query("SELECT label, n_queries, accuracy FROM evaluation_labels"
                                    " WHERE evaluation_id = ? AND pruning = 'none'",
                                    [prev["evaluation_id"][0]])
+        from .glance import labels_held
+
         held = set(self.ledger.query("SELECT DISTINCT label FROM samples WHERE status = 'active'")["label"])
-        labels = held & set(before["label"]) & set(result.per_label["label"])
+        held_then = labels_held(self.indexes, self.catalog(), int(prev["index_version"][0]))
+        labels = held & (held if held_then is None else held_then) & set(before["label"]) & set(result.per_label["label"])
 
         def top1(frame: pl.DataFrame) -> float:
             frame = frame.filter(pl.col("label").is_in(list(labels)))
@@ -599,6 +728,39 @@ class Memory:
         old, new = top1(before), top1(result.per_label)
         return {"previous_index_version": int(prev["index_version"][0]), "previous_top1": old, "top1": new,
                 "drop": old - new, "labels_compared": sorted(labels)}
+
+    def pending(self, exact: bool = False) -> dict:
+        """Active samples this memory's encoder has not embedded, and embedded ones its live index
+        lacks: what a crash or kill -9 between ingest and index leaves behind, until the next add,
+        rebuild or memory_index run finishes them. From the ledger alone, without loading the
+        encoder; `exact` reads the live index's ids instead of comparing counts."""
+        encoder_id = self._known_encoder_id()
+        with self.ledger.connect() as con:
+            not_embedded = con.execute(
+                "SELECT count(*) FROM samples s WHERE s.status = 'active' AND NOT EXISTS (SELECT 1 FROM embeddings e"
+                " WHERE e.encoder_id = ? AND e.sample_id = s.sample_id)", [encoder_id]).fetchone()[0]
+            live = con.execute("SELECT n_vectors FROM index_versions WHERE encoder_id = ? AND status = 'live'",
+                               [encoder_id]).fetchall()
+            if exact:
+                embedded = con.execute(_EMBEDDED_ACTIVE.format("s.vector_id"), [encoder_id]).fetchnumpy()["vector_id"]
+                row = con.execute("SELECT slug, dim FROM encoders WHERE encoder_id = ?", [encoder_id]).fetchone()
+                held = (IndexStore(self.layout, self.ledger, encoder_id, row[0], row[1]).ids()
+                        if live and row else np.empty(0, np.int64))
+                not_indexed = len(np.setdiff1d(np.asarray(embedded, np.int64), held))
+            else:
+                n_embedded = con.execute(_EMBEDDED_ACTIVE.format("count(*)"), [encoder_id]).fetchone()[0]
+                not_indexed = max(0, n_embedded - (live[0][0] if live else 0))
+        return {"encoder_id": encoder_id, "not_embedded": int(not_embedded), "not_indexed": int(not_indexed)}
+
+    def _known_encoder_id(self) -> str | None:
+        """The id of this memory's encoder without loading it (None: no encoder ran here yet)."""
+        if "encoder" in self.__dict__:
+            return self.encoder.id
+        if isinstance(self._encoder_choice, Encoder):
+            return self._encoder_choice.id
+        rows = self.ledger.query("SELECT encoder_id FROM encoders WHERE spec = ? ORDER BY last_used_at DESC LIMIT 1",
+                                 [self.encoder_spec()])
+        return rows["encoder_id"][0] if len(rows) else None
 
     def index_consistency(self) -> dict:
         """Does the live index hold exactly the active embedded samples of this encoder?"""
@@ -654,6 +816,7 @@ class Memory:
             "samples": dict(q("SELECT status, count(*) FROM samples GROUP BY status ORDER BY status").iter_rows()),
             "labels": dict(q("SELECT label, count(*) FROM samples WHERE status = 'active' GROUP BY label ORDER BY label").iter_rows()),
             "image_sets": q("SELECT count(*) AS n FROM image_sets")["n"][0],
+            "pending": self.pending(),  # left by a crash mid-add; the next add or rebuild finishes them
             "live_indexes": live.with_columns(pl.col("created_at").cast(pl.String)).to_dicts(),
             "disk_bytes": {d: _du(self.layout.root / d) for d in ("images", "embeddings", "indexes", "quarantine")}
                           | {"ledger": _du(self.layout.ledger)},

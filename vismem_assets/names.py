@@ -7,6 +7,8 @@ million samples. Here names are appended to `names.bin` beside the ledger and ea
 holds where its name lies (`name_pos`, `name_len`, in bytes). Forgetting overwrites those
 bytes with zeros, costing only what is forgotten, and the row's reference goes.
 
+A name is kept as its original bytes, UTF-8 or not (`name_bytes`); it is shown with the bytes
+that are not UTF-8 escaped (`shown_name`, `NameFile.read`, and the SQL macro, migration 009).
 The ledger reads names with the SQL macro `original_name(name_pos, name_len)` (migration 007),
 which finds `names.bin` on DuckDB's `file_search_path`: the memory home, set by every ledger
 connection (or the working directory, for the duckdb CLI started in the home).
@@ -46,7 +48,7 @@ class NameFile:
         """Write names after the last one the ledger references, durably, before the ledger
         row that refers to them commits; (positions, lengths). Bytes past that end (a write whose
         transaction never committed) are dropped first."""
-        encoded = [name.encode() for name in names]
+        encoded = [name_bytes(name) for name in names]
         lengths = [len(b) for b in encoded]
         start = self.end(con)
         positions = (start + np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)])).tolist() if names else []
@@ -84,9 +86,22 @@ class NameFile:
         return [r[0] for r in rows], [r[1] for r in rows]
 
     def read(self, pos: int, n: int) -> str:
+        """The name for display: bytes that are not UTF-8 shown as \\xNN escapes."""
         with open(self.path, "rb") as f:
             f.seek(pos)
-            return f.read(n).decode()
+            return f.read(n).decode("utf-8", "backslashreplace")
+
+
+def name_bytes(name: str) -> bytes:
+    """A name's original bytes. A file name need not be UTF-8 (Python reads such bytes as
+    surrogates): it is kept as it was, byte for byte, not refused."""
+    return os.fsencode(name)
+
+
+def shown_name(name: str) -> str:
+    """A name printable anywhere (terminal, JSON, DuckDB, polars): bytes that are not UTF-8
+    become \\xNN escapes (the SQL macro original_name() escapes such a name too, migration 008)."""
+    return name_bytes(name).decode("utf-8", "backslashreplace")
 
 
 def move_names_out(con, names: NameFile) -> int:

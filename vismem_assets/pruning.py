@@ -83,6 +83,9 @@ def reliability(memory, k: int) -> tuple[rel_mod.Reliability, ReliabilityRun]:
             n_requeried += stats.get("n_touched", 0) + stats.get("n_new", 0)
         mode, base_version = "incremental", int(stored["index_version"][0])
     seconds = time.perf_counter() - t0
+    run = ReliabilityRun(version.version, k, mode, base_version, len(result.vector_ids), n_requeried, seconds)
+    if memory.read_only:  # a cache: a reader without write access computes it and keeps nothing
+        return result, run
     path = memory.layout.root / "reliability" / memory.encoder.slug / f"v{version.version:06d}-k{k}.parquet"
     rel_mod.save(result, path)
     with memory.ledger.transaction() as con:
@@ -98,7 +101,7 @@ def reliability(memory, k: int) -> tuple[rel_mod.Reliability, ReliabilityRun]:
         con.execute("INSERT OR REPLACE INTO reliability_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
                     [enc, version.version, k, mode, base_version, len(result.vector_ids), n_requeried, seconds,
                      memory.layout.relative(path)])
-    return result, ReliabilityRun(version.version, k, mode, base_version, len(result.vector_ids), n_requeried, seconds)
+    return result, run
 
 
 def default_hard_threshold(v: np.ndarray) -> int:

@@ -19,6 +19,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..imagesets import (MAX_ASPECT_RATIO, MAX_BYTES, ImageRefused, check_dimensions, decode_image,
+                         normalise_decoded, read_bounded)
+
 ImageLike = "Image.Image | np.ndarray | str | Path"
 
 
@@ -54,7 +57,16 @@ class Preprocessing:
         return np.ascontiguousarray((levels[None, :] - mean) / std)
 
     def __call__(self, image: Image.Image, out: np.ndarray | None = None) -> np.ndarray:
-        """One image -> float32 CHW array (written into `out` when given)."""
+        """One image -> float32 CHW array (written into `out` when given).
+
+        Refuses (ValueError) an aspect ratio beyond MAX_ASPECT_RATIO: the resize below would be
+        unbounded (a 60000x1 image becomes 15 360 000x256). `load_image` already refuses such an
+        image by name; this guards callers that pass a PIL image here directly."""
+        w, h = image.size
+        if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+            raise ValueError(f"image of {w}x{h} pixels exceeds the aspect-ratio bound of {MAX_ASPECT_RATIO}:1 "
+                             f"(resizing its short side to {round(self.size / self.crop_fraction)} would make a huge "
+                             f"image); crop it to at most {MAX_ASPECT_RATIO}:1")
         # A grey image is resized as one band: converting to RGB only copies it three times and
         # PIL resamples each band alike, so the result is the same as resizing the RGB copy.
         if image.mode != "L":
@@ -76,17 +88,27 @@ class Preprocessing:
 
 
 def load_image(item) -> Image.Image:
-    """Accept a PIL image, an HxW(x3) uint8 array or a path."""
-    if isinstance(item, Image.Image):
-        return item
-    if isinstance(item, np.ndarray):
-        return Image.fromarray(item)
+    """Accept a PIL image, an HxW(x3) uint8 (or HxW uint16) array or a path; ValueError naming it
+    when it cannot be used.
+
+    The decoding of ingest and classify alike (`imagesets.decode_image`): a path is read as a
+    regular file of at most MAX_BYTES, its size checked before decoding, EXIF orientation
+    applied and 16-bit grey scaled to 8 bits. Images and arrays get the same orientation,
+    16-bit scaling and size bounds.
+    """
+    if isinstance(item, (Image.Image, np.ndarray)):
+        image = item if isinstance(item, Image.Image) else Image.fromarray(item)
+        try:
+            check_dimensions(*image.size)
+        except ImageRefused as exc:
+            raise ValueError(f"image[{image.size[0]}x{image.size[1]}] cannot be embedded: {exc}") from None
+        return normalise_decoded(image)
     try:
-        with Image.open(item) as im:
-            im.load()
-            return im.copy()
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"{item} is not a readable image: {exc}") from exc
+        image, _ = decode_image(read_bounded(item, MAX_BYTES))
+    except (OSError, ValueError) as exc:  # RefusedFile is an OSError, ImageRefused a ValueError
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ValueError(f"{item} is not a readable image: {reason}") from exc
+    return image
 
 
 def sha256_files(paths: Iterable[Path]) -> str:
