@@ -18,7 +18,7 @@ from PIL import Image
 
 from vismem_assets import ledger as ledger_mod
 from vismem_assets.cli import main
-from vismem_assets.ledger import AUDIT_DIR, Ledger, ReadOnlyLedger
+from vismem_assets.ledger import AUDIT_DIR, Ledger
 from vismem_assets.memory import Memory
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def test_run_named_cannot_write_even_from_a_file_in_sql_audit(home, tmp_path, mo
     real_open, refused = Ledger._open, []
 
     def open_and_try_a_write(self, read_only=False):
-        con = real_open(self, read_only=read_only)
+        con = real_open(self, read_only=True) if read_only else real_open(self)
         if read_only:
             with pytest.raises(duckdb.Error, match="read-only"):
                 con.execute("DELETE FROM samples")
@@ -300,6 +300,8 @@ def test_read_only_memory_answers_and_refuses_changes_in_one_line(home, sets, fm
 
 
 def test_read_only_ledger_refuses_a_transaction(home):
+    from vismem_assets.ledger import ReadOnlyLedger
+
     ledger = Ledger(home / "ledger.duckdb", read_only=True)
     assert ledger.query("SELECT count(*) AS n FROM samples")["n"][0] == 16
     with pytest.raises(ReadOnlyLedger, match="not writable"):

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import resource
 import struct
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +134,21 @@ def corrupt_set(seed: int = SEED, n: int = N_FILES) -> list[tuple[str, bytes]]:
     return files
 
 
+@contextmanager
+def address_space_limit(extra: int):
+    """This process may map at most `extra` more bytes meanwhile: a file that escapes the decoding
+    bounds (the old code resized a 60000x1 GIF to ~22 GB) fails this test with MemoryError
+    instead of drawing the machine's OOM killer onto whoever runs the suite."""
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm + extra if hard == resource.RLIM_INFINITY else min(vm + extra, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 def test_the_corrupt_files_are_the_same_for_the_same_seed():
     assert corrupt_set(n=40) == corrupt_set(n=40)
     assert corrupt_set(n=40) != corrupt_set(seed=SEED + 1, n=40)
@@ -144,7 +161,8 @@ def test_every_mutated_file_is_added_or_quarantined_with_a_reason_and_the_audit_
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
 
-    report = memory.add(root)  # must not raise
+    with address_space_limit(4 * 1024 ** 3):
+        report = memory.add(root)  # must not raise
 
     q = memory.ledger.query
     ingest = report.ingest

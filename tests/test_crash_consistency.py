@@ -281,8 +281,8 @@ def test_kill_during_embedding_is_reported_and_the_next_writer_finishes_it(tmp_p
     memory = Memory(home, encoder=encoder)
     assert memory.pending(exact=True) == {"encoder_id": encoder.id, "not_embedded": 0, "not_indexed": 0}
     assert memory.index_consistency()["ok"]
-    assert json.loads(vismem(home, "status", "--json").stdout)["pending"]["not_embedded"] == 0
-    assert vismem(home, "audit", "verify").returncode == 0
+    assert memory.status()["pending"] == {"encoder_id": encoder.id, "not_embedded": 0, "not_indexed": 0}
+    assert audit.verify(memory).ok
 
 
 # ---- finding 14: concurrent adds of the same images ------------------------------------------

@@ -51,3 +51,25 @@ def test_html_lists_the_same_neighbours_and_votes(filled, fm_sets, tmp_path):
         assert f"<td>{label}</td>" in text
     with pytest.raises(ValueError, match=".png or .html"):
         render(prediction, query, tmp_path / "why.pdf")
+
+
+def test_png_and_html_carry_a_legend_of_colours_and_numbers(filled, fm_sets, tmp_path):
+    from PIL import ImageColor
+
+    from vismem_assets.explain import BAR_ROW, CAPTION, COLUMNS, LEGEND, MARGIN, OTHER, SAME, SWATCH, TILE, legend
+
+    query = sorted((fm_sets["test"] / "Shirt").glob("*.png"))[0]
+    (prediction,) = filled.classify([query], k=10, progress=False)
+    rgb = np.asarray(Image.open(render(prediction, query, tmp_path / "why.png")).convert("RGB"))
+    rows = -(-len(prediction.neighbors) // COLUMNS)
+    legend_top = tile_box(0)[1] + rows * (TILE + CAPTION + MARGIN) + len(prediction.scores) * BAR_ROW + MARGIN
+    swatches = rgb[legend_top:, MARGIN:MARGIN + SWATCH + 1].reshape(-1, 3)
+    # Under the vote bars, a swatch in each border colour explains it.
+    for colour in (SAME, OTHER):
+        assert (swatches == ImageColor.getrgb(colour)).all(axis=1).any(), colour
+    assert rgb.shape[0] > legend_top + len(legend()) * 12  # room for every line of it
+    assert any("1/(2 + rank)" in text for _, text in legend("rank"))
+    assert any("exp(sim/0.07)" in text for _, text in legend("softmax"))
+    assert [text.split(":")[0] for text in LEGEND][:2] == ["green border", "red border"]
+    page = render(prediction, query, tmp_path / "why.html").read_text()
+    assert "w 0.500: the neighbour&#x27;s vote" in page and "green row:" in page

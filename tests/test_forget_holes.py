@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vismem_assets import audit, near_copies
+from vismem_assets import audit, fashion_mnist, near_copies
 from vismem_assets.cli import main as cli_main
 from vismem_assets.fashion_mnist import write_image_folders
 from vismem_assets.forgetting import NO_LABEL, ForgetRequest
@@ -245,9 +245,11 @@ def near_copy_variants(original: Path, out: Path) -> dict[str, Path]:
     (out / f"{stem}-appended.png").write_bytes(data + b"\0")
     Image.fromarray(pixels).save(out / f"{stem}-reencoded.png", compress_level=1)
     Image.fromarray(pixels).save(out / f"{stem}-q90.jpg", quality=90)
-    changed = pixels.copy()
-    changed[14, 14] = 255 - changed[14, 14]   # one pixel, in the middle, inverted
-    Image.fromarray(changed).save(out / f"{stem}-pixel.png")
+    changed = pixels.astype(int)
+    # One pixel, in the middle, 64 levels brighter (darker where that would clip); a pixel
+    # inverted at full contrast is caught less often on 28x28 images: measured in the next test.
+    changed[14, 14] += 64 if changed[14, 14] + 64 <= 255 else -64
+    Image.fromarray(changed.astype(np.uint8)).save(out / f"{stem}-pixel.png")
     variants = {v: out / f"{stem}-{v}.{'jpg' if v == 'q90' else 'png'}" for v in ("appended", "reencoded", "q90", "pixel")}
     assert len({sid(p) for p in variants.values()} | {sid(original)}) == 5
     return variants
@@ -291,6 +293,44 @@ def test_near_copies_of_forgotten_images_stay_out_and_a_thousand_other_images_go
         assert d == 0 if kind in ("appended", "reencoded") else d <= near_copies.MAX_DISTANCE
     # No false positive: every one of the 1,000 others went in, the 9 kept images of A are duplicates.
     assert (ingest.added, ingest.duplicates, ingest.quarantined) == (1000, 9, [])
+
+
+def test_the_distance_separates_near_copies_from_other_fashion_mnist_images():
+    """The measurement behind MAX_DISTANCE (near_copies.py), smaller: 200 'forgotten' training
+    images against 2,000 others (400,000 pairs: no false match), and their near-copies."""
+    images, _ = fashion_mnist.load("train")
+    idx = np.random.default_rng(7).permutation(len(images))
+    forgotten, others = idx[:200], idx[200:2200]
+
+    def png(pixels, **options) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "PNG", **options)
+        return buf.getvalue()
+
+    def jpeg(pixels) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+        return buf.getvalue()
+
+    def inverted(pixels, rng) -> bytes:
+        changed = pixels.copy()
+        y, x = rng.integers(0, 28, 2)
+        changed[y, x] = 255 - changed[y, x]
+        return png(changed)
+
+    blocklist = near_copies.NearCopyBlocklist([str(i) for i in forgotten],
+                                              [near_copies.hash_bytes(png(images[i])) for i in forgotten])
+    assert [i for i in others if blocklist.match(near_copies.hash_bytes(png(images[i])))] == []
+    rng = np.random.default_rng(8)
+    caught = {kind: [] for kind in ("appended", "reencoded", "jpeg90", "inverted")}
+    for i in forgotten:
+        for kind, data in (("appended", png(images[i]) + b"\0"), ("reencoded", png(images[i], compress_level=1)),
+                           ("jpeg90", jpeg(images[i])), ("inverted", inverted(images[i], rng))):
+            found = blocklist.match(near_copies.hash_bytes(data))
+            caught[kind].append(found is not None and found[0] == str(i))
+    rates = {kind: float(np.mean(v)) for kind, v in caught.items()}
+    assert rates["appended"] == rates["reencoded"] == 1.0
+    assert rates["jpeg90"] >= 0.97 and rates["inverted"] >= 0.95, rates
 
 
 def test_a_memory_forgotten_before_perceptual_hashes_migrates_and_passes_the_audit(mem, set_a, encoder):

@@ -603,11 +603,11 @@ def _known_error(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return USAGE, _oneline(exc)
     if isinstance(exc, OSError) and exc.errno == errno.EROFS:
-        return FAILED, (f"{exc.filename or 'the memory home'} is on a read-only file system: this command changes "
-                        "the memory; run it where the home is writable")
-    if isinstance(exc, PermissionError):
+        return FAILED, (f"cannot write {exc.filename or 'the memory home'}: read-only file system; run this where "
+                        "it can write (the memory home: --home or VISMEM_HOME)")
+    if isinstance(exc, PermissionError):  # ReadOnlyLedger and Layout.create say what to do; the OS does not
         return FAILED, _oneline(exc) + ("" if exc.errno is None else
-                                         ": run as a user who may write there, or point --home elsewhere")
+                                         ": check its permissions, or run as a user who may use it")
     if isinstance(exc, ValueError):  # the core's validation: ImageSetError, ForgetError, unknown names...
         return USAGE, _oneline(exc)
     if isinstance(exc, (TimeoutError, RuntimeError, duckdb.Error, OSError)):  # LedgerLockTimeout, integrity...

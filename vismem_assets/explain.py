@@ -23,7 +23,8 @@ CAPTION = 46        # pixels of text under each neighbour tile
 COLUMNS = 5
 MARGIN = 12
 BAR_ROW = 18
-LEGEND_ROW = 16
+LEGEND_ROW = 18
+LEGEND_FONT = 12    # a little larger than the captions: it is read, not scanned
 SWATCH = 10
 TEXT_KEY = "vismem:explanation"
 SAME, OTHER = "green", "firebrick"   # border of a neighbour with the predicted label / with another
@@ -37,8 +38,8 @@ def legend(strategy: str = "rank") -> list[tuple[str | None, str]]:
     """How to read a page, line by line: (border colour it explains, or None; text)."""
     weight = STRATEGY_WEIGHT.get(strategy, f"the {strategy} weight")
     return [
-        (SAME, "border: the neighbour's label is the prediction"),
-        (OTHER, "border: the neighbour has another label"),
+        (SAME, "green border: the neighbour's label is the prediction"),
+        (OTHER, "red border: the neighbour has another label"),
         (None, "#0 Coat: the neighbour's rank (#0 = nearest) and its stored label"),
         (None, "sim 0.912: cosine similarity to the query (1 = the same image)"),
         (None, f"w 0.500: the neighbour's vote = its {strategy} weight {weight} x its pruning factor"),
@@ -47,8 +48,8 @@ def legend(strategy: str = "rank") -> list[tuple[str | None, str]]:
     ]
 
 
-# The same, as text (the gallery's markdown, the HTML page): the colours named.
-LEGEND = [f"{ {SAME: 'green', OTHER: 'red'}[colour]} {text}" if colour else text for colour, text in legend()]
+# The same as text (the gallery's markdown, the HTML page).
+LEGEND = [text for _, text in legend()]
 
 
 def tile_box(i: int) -> tuple[int, int, int, int]:
@@ -86,9 +87,10 @@ def render_png(prediction, query_image, out: str | Path, strategy: str = "rank")
     votes = sorted(prediction.scores.items(), key=lambda kv: -kv[1])
     width = MARGIN + COLUMNS * (TILE + MARGIN)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    key_font = ImageFont.load_default(size=LEGEND_FONT)
     text_x = MARGIN + SWATCH + 6
     key = [(colour, line) for colour, text in legend(strategy)
-           for line in _wrap(measure, text, font, width - text_x - MARGIN)]
+           for line in _wrap(measure, text, key_font, width - text_x - MARGIN)]
     legend_top = tile_box(0)[1] + rows * (TILE + CAPTION + MARGIN) + len(votes) * BAR_ROW + MARGIN
     height = legend_top + (len(key) + 1) * LEGEND_ROW + 2 * MARGIN
     page = Image.new("RGB", (width, height), "white")
@@ -118,14 +120,14 @@ def render_png(prediction, query_image, out: str | Path, strategy: str = "rank")
                        fill="green" if label == prediction.label else "lightgray")
         draw.text((136 + bar, y), f"{score:.3f}", fill="black", font=font)
     draw.line((MARGIN, legend_top - MARGIN // 2, width - MARGIN, legend_top - MARGIN // 2), fill="lightgray")
-    draw.text((MARGIN, legend_top), "How to read this page", fill="black", font=font)
+    draw.text((MARGIN, legend_top), "How to read this page", fill="black", font=key_font)
     shown = set()
     for j, (colour, line) in enumerate(key, start=1):
         y = legend_top + j * LEGEND_ROW
         if colour and colour not in shown:  # a bordered swatch in the colour it explains
             shown.add(colour)
-            draw.rectangle((MARGIN, y + 1, MARGIN + SWATCH, y + 1 + SWATCH), outline=colour, width=2)
-        draw.text((text_x, y), line, fill="black", font=font)
+            draw.rectangle((MARGIN, y + 2, MARGIN + SWATCH, y + 2 + SWATCH), outline=colour, width=2)
+        draw.text((text_x, y), line, fill="black", font=key_font)
     info = PngInfo()
     info.add_text(TEXT_KEY, json.dumps(prediction.to_dict(), default=str))
     out = Path(out)

@@ -354,6 +354,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_aspect: int = MA
     """
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # PIL's notes on corrupt EXIF entries it skips
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 if im.format not in ACCEPTED_FORMATS:
