@@ -337,7 +337,7 @@ def test_a_killed_write_leftover_is_a_trace_until_removed(memory, fm_sets, tmp_p
                  leave_killed_write(memory, sid, victim, name=".x.tmp")]
 
     report = audit.verify(memory)
-    traces = [p for p in report.problems if f"forgotten sample {sid[:16]}" in p]
+    traces = [p for p in report.problems if f"image of a forgotten sample ({sid[:16]}" in p]
     assert len(traces) == 2 and all("`vismem rebuild` removes it" in p for p in traces), report.problems
     proof = audit.proof(memory, sid)
     assert not proof["present_nowhere"] and len(proof["traces"]) == 2

@@ -7,14 +7,12 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pytest
 import yaml
 from dagster import (
     AssetKey,
     AutomationCondition,
-    BoolMetadataValue,
     Definitions,
     DynamicPartitionsDefinition,
     FloatMetadataValue,
@@ -95,7 +93,7 @@ def test_every_asset_is_catalogued_with_kinds_owners_tags_code_version_and_sourc
     assert entry["python_module"]["location_name"] == "vismem"
 
 
-def test_eager_automation_would_strand_sets_behind_a_failed_one_so_the_sensor_stays(tmp_path, resources, fm_sets):
+def test_eager_automation_would_strand_sets_behind_a_failed_one_so_the_sensor_stays(resources, fm_sets):
     """Why embeddings_sensor is not replaced by AutomationCondition.eager(): with one image set's
     run failed, eager never folds in the sets that did land; the sensor does."""
     sets = DynamicPartitionsDefinition(name="sets")
@@ -257,7 +255,7 @@ def test_evaluation_publishes_quality_per_old_and_new_classes_as_plain_numbers(r
             " AND pruning = 'none' ORDER BY evaluation_id DESC LIMIT 1")["accuracy"][0]
         assert meta["top1_rank_k20"].value == round(top1, 4)
         assert meta["index_version"].value == "2"
-        for key in ("evaluation", "memory_index", "pruning_weights"):
+        for key in ("image_sets", "embeddings", "memory_index", "pruning_weights", "evaluation"):
             assert_only_measurements_plotted(instance, key)
         assert latest(instance, "memory_index")["labels"].value == 4
         assert latest(instance, "memory_index")["samples"].value == 24

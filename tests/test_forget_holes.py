@@ -275,6 +275,9 @@ def test_near_copies_of_forgotten_images_stay_out_and_a_thousand_other_images_go
     variants = {}
     for f in gone:
         variants.update({(f.name, v): p for v, p in near_copy_variants(f, arriving / f.parent.name).items()})
+    # ... one under a name that would have it quarantined (and copied into quarantine/) ...
+    disguised = arriving / gone[0].parent.name / "not-a-photo.txt"
+    disguised.write_bytes(gone[0].read_bytes() + b"\0\0")
     held = [int(p.stem.split("-")[1]) for p in fm_sets["train"].rglob("*.png")]
     write_image_folders(tmp_path / "others", "train", 1000, seed=15, exclude=np.array(held))
     for folder in (tmp_path / "others").iterdir():
@@ -283,7 +286,8 @@ def test_near_copies_of_forgotten_images_stay_out_and_a_thousand_other_images_go
     ingest = mem.ingest(arriving, name="again")
 
     blocked = {b["name"]: b["reason"] for b in ingest.blocked_files}
-    assert ingest.blocked == 3 + 12 == len(blocked)
+    assert ingest.blocked == 3 + 12 + 1 == len(blocked)
+    assert blocked.pop(f"{disguised.parent.name}/{disguised.name}").startswith("near-copy of a forgotten image")
     for f in gone:
         assert blocked.pop(f"{f.parent.name}/{f.name}") == BLOCKED_EXACT
     for (_, kind), path in variants.items():
@@ -293,6 +297,7 @@ def test_near_copies_of_forgotten_images_stay_out_and_a_thousand_other_images_go
         assert d == 0 if kind in ("appended", "reencoded") else d <= near_copies.MAX_DISTANCE
     # No false positive: every one of the 1,000 others went in, the 9 kept images of A are duplicates.
     assert (ingest.added, ingest.duplicates, ingest.quarantined) == (1000, 9, [])
+    assert not [p for p in mem.layout.quarantine.rglob("*") if p.is_file()]
 
 
 def test_the_distance_separates_near_copies_from_other_fashion_mnist_images():

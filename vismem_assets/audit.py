@@ -195,8 +195,8 @@ def find_traces(memory, sample_ids: list[str], vector_ids: np.ndarray, report: A
                 counts["image_files"] += 1
                 sid = store.holds_sample(path, wanted)
                 if sid:
-                    problems.append(f"{memory.layout.relative(path)} holds the image of forgotten sample {sid[:16]}…"
-                                    f"{_LEFTOVER_FIX if store.is_leftover_name(path.name) else ''}")
+                    problems.append(f"{memory.layout.relative(path)} is the image of a forgotten sample" + (
+                        f" ({sid[:16]}…){_LEFTOVER_FIX}" if store.is_leftover_name(path.name) else ""))
         # A killed embedding write's temp part holds sample ids and vectors.
         for path in store.embedding_leftovers(memory.layout):
             counts["embedding_files"] += 1
@@ -209,7 +209,7 @@ def find_traces(memory, sample_ids: list[str], vector_ids: np.ndarray, report: A
     return problems
 
 
-_LEFTOVER_FIX = " (left by a crashed write): `vismem rebuild` removes it"
+_LEFTOVER_FIX = ", left by a crashed write: `vismem rebuild` removes it"
 
 
 def check_crash_leftovers(memory) -> list[str]:
@@ -229,8 +229,9 @@ def check_crash_leftovers(memory) -> list[str]:
                 " was killed or crashed): run `vismem rebuild` (or the next `vismem add`) to embed and index them")
     with memory.ledger.connect() as con:  # under the ledger lock: no ingest is between its moves and its commit
         unnamed = store.unnamed_files(memory.layout, con)
+        forgotten = {s for (s,) in con.execute("SELECT sample_id FROM samples WHERE status = 'forgotten'").fetchall()}
     problems += [f"{memory.layout.relative(p)} is in the image store but no ledger row names it{_LEFTOVER_FIX}"
-                 for p in unnamed]
+                 for p in unnamed if not store.holds_sample(p, forgotten)]  # (those are reported as traces)
     problems += [f"{memory.layout.relative(f)} is the staging folder of an add that died: the next `vismem add` "
                  "(or `vismem rebuild`) removes it" for f in store.dead_folders(memory.layout)]
     return problems

@@ -184,16 +184,17 @@ class Memory:
                 report.blocked += 1
                 report.blocked_files.append({"name": shown_name(src.name), "reason": BLOCKED_EXACT})
                 continue
-            if not checked.ok:
-                bad.append(self._quarantine_copy(checked, staging))
-                continue
-            if len(near) and checked.sample_id not in good:
+            # Before quarantining too: a near-copy without a label would otherwise be kept in quarantine/.
+            if len(near) and checked.data and checked.sample_id not in good:
                 if checked.sample_id not in near_reasons:
                     near_reasons[checked.sample_id] = self._near_copy_reason(near, checked)
                 if near_reasons[checked.sample_id]:
                     report.blocked += 1
                     report.blocked_files.append({"name": shown_name(src.name), "reason": near_reasons[checked.sample_id]})
                     continue
+            if not checked.ok:
+                bad.append(self._quarantine_copy(checked, staging))
+                continue
             arrivals.append(checked)
             if checked.sample_id not in good:
                 self._store_image(checked, staging)
