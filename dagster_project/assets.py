@@ -265,7 +265,9 @@ def archive_request_file(path: str | None, outcome: str) -> None:
         Path(path).replace(target)
 
 
-@asset(deps=[memory_index], pool=LEDGER_POOL, group_name="visual_memory",
+# "sample_labels" and "user_weights" (editing.py, by key: that module imports this one): a relabel
+# changes reliability and so the pruning weights, a user weight changes the votes evaluated.
+@asset(deps=[memory_index, "sample_labels"], pool=LEDGER_POOL, group_name="visual_memory",
        **catalog_entry("prune", {"faiss", "duckdb", "numpy"}, "1"),
        description="Reliability of every sample (k=10 and k=100, updated incrementally from the previous version) "
                    "and the soft and hard pruning weight sets of the live index version.")
@@ -304,7 +306,7 @@ TOP1_NOT_DROPPED = (
     "are compared.")
 
 
-@asset(deps=[memory_index, pruning_weights], pool=LEDGER_POOL, group_name="visual_memory",
+@asset(deps=[memory_index, pruning_weights, "user_weights"], pool=LEDGER_POOL, group_name="visual_memory",
        check_specs=[AssetCheckSpec("top1_not_dropped", asset="evaluation", description=TOP1_NOT_DROPPED)],
        **catalog_entry("evaluate", {"faiss", "duckdb", "polars"}, "1"),
        # Re-evaluated after every change and by the 05:00 schedule: a day without one is a warning

@@ -13,6 +13,8 @@ from dagster import (
 )
 
 from .assets import embeddings, evaluation, experiments, image_sets, memory_index, pruning_weights
+from .editing import (relabel_job, relabel_request_sensor, sample_labels, set_weights_job, user_weights,
+                      weight_request_sensor)
 from .checks import index_file_matches_sha256, live_index_matches_ledger, nothing_forgotten_remains
 from .resources import VisualMemory
 from .schedules import compaction_job, daily_evaluation, evaluation_job, experiments_job, nightly_compaction
@@ -35,10 +37,12 @@ def _with_code_references(assets: list) -> list:
 
 
 defs = Definitions(
-    assets=_with_code_references([image_sets, embeddings, memory_index, pruning_weights, evaluation, experiments]),
+    assets=_with_code_references([image_sets, embeddings, memory_index, pruning_weights, evaluation, experiments,
+                                  sample_labels, user_weights]),
     asset_checks=[live_index_matches_ledger, index_file_matches_sha256, nothing_forgotten_remains],
-    jobs=[ingest_job, refresh_job, forget_job, compaction_job, evaluation_job, experiments_job],
-    sensors=[image_set_sensor, embeddings_sensor, forget_request_sensor],
+    jobs=[ingest_job, refresh_job, forget_job, compaction_job, evaluation_job, experiments_job, relabel_job,
+          set_weights_job],
+    sensors=[image_set_sensor, embeddings_sensor, forget_request_sensor, relabel_request_sensor, weight_request_sensor],
     schedules=[nightly_compaction, daily_evaluation],
     resources={"visual_memory": VisualMemory()},
     # One process per run: the torch model is loaded at most once per run.

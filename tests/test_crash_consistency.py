@@ -81,11 +81,10 @@ def test_a_file_name_that_is_not_utf8_is_kept_byte_for_byte(tmp_path, fm_sets, e
     src = tmp_path / "odd-names"
     (src / "Bag").mkdir(parents=True)
     image = pngs(fm_sets["train"] / "Bag")[0].read_bytes()
-    good, bad = b"\xff\xfe.png", b"notes\xff.txt"          # Latin-1 bytes, as an old camera or zip writes them
-    with open(os.path.join(os.fsencode(src / "Bag"), good), "wb") as f:
-        f.write(image)
-    with open(os.path.join(os.fsencode(src / "Bag"), bad), "wb") as f:
-        f.write(b"not an image")
+    good, bad, odd = b"\xff\xfe.png", b"notes\xff.txt", b"scan.\xe9"   # Latin-1 bytes, as an old camera or zip writes them
+    for name, data in ((good, image), (bad, b"not an image"), (odd, b"nor is this")):
+        with open(os.path.join(os.fsencode(src / "Bag"), name), "wb") as f:
+            f.write(data)
     home = tmp_path / "home"
 
     added = vismem(home, "add", src)                         # the table for people prints the names too
@@ -101,7 +100,9 @@ def test_a_file_name_that_is_not_utf8_is_kept_byte_for_byte(tmp_path, fm_sets, e
     assert memory.ledger.names.read(row["name_pos"], row["name_len"]) == "Bag/\\xff\\xfe.png"
     query = vismem(home, "audit", "query", "quarantined_files", "--json")
     assert query.returncode == 0, query.stderr
-    assert [r["original_name"] for r in json.loads(query.stdout)] == ["Bag/notes\\xFF.txt"]
+    rows = sorted(json.loads(query.stdout), key=lambda r: r["original_name"])
+    assert [r["original_name"] for r in rows] == ["Bag/notes\\xFF.txt", "Bag/scan.\\xE9"]
+    assert rows[1]["stored_path"] == f"quarantine/{sha(b'nor is this')}.bin"        # a plain suffix, or .bin
     table = vismem(home, "audit", "query", "quarantined_files")
     assert table.returncode == 0 and "notes\\xFF.txt" in table.stdout, table.stderr
     assert_no_orphans(memory)
@@ -110,7 +111,7 @@ def test_a_file_name_that_is_not_utf8_is_kept_byte_for_byte(tmp_path, fm_sets, e
     # Forgetting the set takes the names' bytes away, exactly (their lengths are in bytes).
     memory.forget(ForgetRequest(**WHO, image_set="odd-names"))
     names_bin = memory.ledger.names.path.read_bytes()
-    assert good not in names_bin and bad not in names_bin and not names_bin.strip(b"\0")
+    assert good not in names_bin and bad not in names_bin and odd not in names_bin and not names_bin.strip(b"\0")
     assert audit.verify(memory).ok
 
 

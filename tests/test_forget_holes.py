@@ -129,6 +129,33 @@ def test_a_forgotten_status_flipped_back_to_active_by_hand_is_caught(mem, set_a)
     assert again.blocked == 2 and again.added == 0
 
 
+def test_forgotten_images_brought_back_past_every_blocklist_are_found_in_the_index_store_and_embeddings(mem, set_a):
+    """The worst case: the rows deleted, the blocklist view emptied and the perceptual hashes
+    dropped by hand, so the set's re-add embeds and indexes the forgotten images again (as a
+    vismem without these checks did). The audit finds them by the chained deletions."""
+    gone = forget_two(mem, set_a)
+    ids = [sid(f) for f in gone]
+    hand_edit(mem, f"DELETE FROM samples WHERE sample_id IN ({', '.join(repr(i) for i in ids)})",
+              "DELETE FROM blocklist_phashes", "CREATE OR REPLACE VIEW blocklist AS SELECT * FROM"
+              " (SELECT NULL::VARCHAR AS sample_id, NULL AS label, NULL AS request_id, NULL AS applied_at, NULL AS phash)"
+              " WHERE false")
+    again = mem.add(set_a)
+    assert (again.ingest.added, again.embedded) == (2, 2)                     # back, as before the fix
+
+    problems = audit.verify(mem).problems
+
+    new_vids = mem.ledger.query("SELECT vector_id FROM samples WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))",
+                                [ids])["vector_id"].to_list()
+    for i in ids:
+        assert any(re.search(rf"forgot sample {i[:16]}….*status is 'active'", p) for p in problems), problems
+        assert any(re.search(rf"images/.*{i}.* is the image of a forgotten sample", p) for p in problems), problems
+        assert any(re.search(rf"forgotten sample {i[:16]}… has no blocklist_phashes row", p) for p in problems)
+    live = mem.ledger.query("SELECT path FROM index_versions WHERE status = 'live'")["path"][0]
+    assert any(p.startswith(live) and "forgotten vector(s)" in p and any(f"id {v}" in p for v in new_vids)
+               for p in problems), problems
+    assert any(p.startswith("embeddings/") and "forgotten embedding" in p for p in problems), problems
+
+
 def test_the_audit_cross_checks_requests_deletions_and_perceptual_hashes(mem, set_a):
     gone = forget_two(mem, set_a)
     ids = sorted(sid(f) for f in gone)

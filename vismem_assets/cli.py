@@ -185,6 +185,74 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _edit_request(args, cls, **extra):
+    """The request from the command line: one target (ids or files), who, why."""
+    images = [str(p) for p in args.image or []]
+    return cls(sample_ids=args.sample or [], images=images, requested_by=args.requested_by or "",
+               reason=args.reason or "", **extra)
+
+
+def _after_edit(args, memory, report) -> dict | None:
+    """The evaluation after an edit: with $VISMEM_QUERY_SET, run again and compared; else a hint."""
+    from .relabel import configured_query_set, reevaluate
+
+    query_set = configured_query_set(memory)
+    if report.dry_run or args.no_eval or query_set is None:
+        if not args.json and not report.dry_run:
+            print("evaluate the memory again with `vismem eval QUERY_SET` (with VISMEM_QUERY_SET set, relabel and "
+                  "weight do it themselves)")
+        return None
+    result = reevaluate(memory, query_set)
+    if not args.json:
+        before = "none before" if result["top1_before"] is None else f"{result['top1_before']:.4f} before"
+        print(f"evaluation on {result['query_set']} ({result['vote']}): top-1 {result['top1']:.4f} now, {before}")
+    return result
+
+
+def _print_edit(args, report, what: str) -> None:
+    verb = "would change" if report.dry_run else "changed"
+    print(f"{what}: {verb} {report.n_changed} sample(s)" + (f", {report.unchanged} already so" if report.unchanged else "")
+          + ("" if report.dry_run else f" (change {report.change_id})"))
+    _table(pl.DataFrame({"sample_id": [c["sample_id"][:12] for c in report.changes],
+                         "old": [str(c["old"]) for c in report.changes], "new": [str(c["new"]) for c in report.changes]}
+                        ).head(args.show))
+    if report.n_changed > args.show:
+        print(f"... and {report.n_changed - args.show} more (--json lists them all; `vismem audit query "
+              f"{'label_changes' if report.kind == 'relabel' else 'weight_changes'}` once applied)")
+
+
+def cmd_relabel(args) -> int:
+    from .relabel import RelabelRequest, relabel
+
+    memory = _memory(args)
+    report = relabel(memory, _edit_request(args, RelabelRequest, to=args.to, label=args.label), dry_run=args.dry_run)
+    if not args.json:
+        _print_edit(args, report, f"relabel to {args.to!r}")
+        if report.new_label:
+            print(f"note: {args.to!r} is a label the memory did not hold before")
+        for r in report.reliability:
+            print(f"reliability k={r['k']} of index version {r['index_version']}: {r['rows_recounted']} sample(s) "
+                  f"counted again (incrementally), v changed for {r['v_changed']}")
+    evaluation = _after_edit(args, memory, report)
+    if args.json:
+        _print_json(report.to_dict() | {"evaluation": evaluation})
+    return 0
+
+
+def cmd_weight(args) -> int:
+    from .relabel import WeightRequest, set_weights
+
+    memory = _memory(args)
+    report = set_weights(memory, _edit_request(args, WeightRequest, weight=args.weight), dry_run=args.dry_run)
+    if not args.json:
+        _print_edit(args, report, f"user weight {args.weight:g}")
+        print("a neighbour's vote = strategy weight x pruning factor x user weight (0 excludes the sample)")
+    evaluation = _after_edit(args, memory, report)
+    if args.json:
+        _print_json(report.to_dict() | {"evaluation": evaluation})
+    return 0
+
+
 def cmd_experiment(args) -> int:
     from .encoders import load_encoder
     from .experiments import run
@@ -499,6 +567,32 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--rollback", action="store_true", help="go back to the previously active weight set")
     p.add_argument("--dry-run", action="store_true", help="report what would change; activate nothing")
     encoder_option(p)
+
+    def edit_options(p):
+        p.set_defaults(writes=True)
+        p.add_argument("--requested-by", metavar="WHO", required=True)
+        p.add_argument("--reason", metavar="WHY", required=True)
+        p.add_argument("--dry-run", action="store_true", help="list what would change; change nothing")
+        p.add_argument("--no-eval", action="store_true",
+                       help="do not evaluate again afterwards (done when VISMEM_QUERY_SET names a query set)")
+        p.add_argument("--show", type=int, default=20, help="changed samples listed in the table")
+
+    p = command("relabel", cmd_relabel, "give samples another label, with history (label_history: old, new, who, "
+                "why, when); pruning statistics follow incrementally and the next vote uses the new label")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sample", nargs="+", metavar="ID", help="sample ids (sha256 of the image bytes)")
+    target.add_argument("--image", nargs="+", metavar="FILE", help="image files, matched by content")
+    target.add_argument("--label", metavar="OLD", help="every active sample of this label")
+    p.add_argument("--to", metavar="NEW", required=True, help="the new label (the label rule of image sets applies)")
+    edit_options(p)
+
+    p = command("weight", cmd_weight, "set a user vote weight on samples, with history (weight_history): a neighbour's "
+                "vote = strategy weight x pruning factor x user weight; 0 excludes, 1 is the default")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sample", nargs="+", metavar="ID", help="sample ids (sha256 of the image bytes)")
+    target.add_argument("--image", nargs="+", metavar="FILE", help="image files, matched by content")
+    p.add_argument("--weight", type=float, metavar="W", required=True, help="W >= 0")
+    edit_options(p)
 
     p = command("experiment", cmd_experiment,
                 "the paper's lifelong experiments on Fashion-MNIST (never on the live memory): table + PNG")

@@ -64,8 +64,10 @@ def score(query_set: str, version: int, sims: np.ndarray, ids: np.ndarray, truth
     truth = catalog.codes(truth_labels)
     k_default = min(DEFAULT_K, ids.shape[1])
     frames, per_label, calibration, misclassified, predicted, confidence = [], None, None, [], [], []
+    # User weights (vismem weight) count in every pruning mode, as they do in classify.
+    users = np.where(rows >= 0, catalog.user_weights[rows], 0.0) if catalog.has_user_weights else 1.0
     for name, sample_weight in (pruning or {"none": None}).items():
-        factor = np.where(rows >= 0, sample_weight[rows], 0.0) if sample_weight is not None else 1.0
+        factor = (np.where(rows >= 0, sample_weight[rows], 0.0) if sample_weight is not None else 1.0) * users
         for strategy in strategies:
             pred, conf = vote_all_k(labels, vote_weights(sims, strategy) * factor, len(catalog.label_names))
             acc = accuracy_by_k(pred, truth)

@@ -42,7 +42,8 @@ def legend(strategy: str = "rank") -> list[tuple[str | None, str]]:
         (OTHER, "red border: the neighbour has another label"),
         (None, "#0 Coat: the neighbour's rank (#0 = nearest) and its stored label"),
         (None, "sim 0.912: cosine similarity to the query (1 = the same image)"),
-        (None, f"w 0.500: the neighbour's vote = its {strategy} weight {weight} x its pruning factor"),
+        (None, f"w 0.500: the neighbour's vote = its {strategy} weight {weight} x its pruning factor"
+               " x its user weight (vismem weight; 1 unless set)"),
         (None, "x1.00: pruning factor (1 = trusted, below 1 = down-weighted as unreliable, 0 = excluded)"),
         (None, "bars: each label's summed vote, the longest wins; confidence = its share of all votes"),
     ]

@@ -38,6 +38,14 @@ class Layout:
     def inbox_forget(self) -> Path:
         return self.root / "inbox" / "forget"
 
+    @property
+    def inbox_relabel(self) -> Path:
+        return self.root / "inbox" / "relabel"
+
+    @property
+    def inbox_weights(self) -> Path:
+        return self.root / "inbox" / "weights"
+
     def embeddings(self, encoder_slug: str) -> Path:
         return self.root / "embeddings" / encoder_slug
 
@@ -54,7 +62,8 @@ class Layout:
         # A home that is a file or cannot be written to is one clear error naming the setting
         # to change, not a traceback from mkdir.
         try:
-            for d in (self.root, self.images, self.quarantine, self.inbox_sets, self.inbox_forget):
+            for d in (self.root, self.images, self.quarantine, self.inbox_sets, self.inbox_forget, self.inbox_relabel,
+                      self.inbox_weights):
                 # quarantine/ holds whatever bad files arrived: private to the owner (0700).
                 d.mkdir(mode=0o700 if d == self.quarantine else 0o777, parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):

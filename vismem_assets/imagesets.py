@@ -2,6 +2,7 @@
 and checking each file so that a bad one is quarantined with a reason instead of failing the set."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -269,19 +270,27 @@ class RefusedFile(OSError):
     the quarantine reason."""
 
 
-def read_bounded(path: str | os.PathLike, max_bytes: int = MAX_BYTES) -> bytes:
+def read_bounded(path: str | os.PathLike, max_bytes: int = MAX_BYTES, follow_links: bool = True) -> bytes:
     """The bytes of a regular file of at most `max_bytes`, or RefusedFile saying why not.
 
     Every file vismem reads from a user goes through here. stat's size is not trusted (a link to
     /dev/zero says 0 bytes, a file can grow): the read itself stops at max_bytes + 1. The path is
     opened with O_NONBLOCK, so a FIFO swapped in after the stat cannot block, and the open
-    descriptor is checked again with fstat: only a regular file is read.
+    descriptor is checked again with fstat: only a regular file is read. Without `follow_links`
+    (a set's files, already resolved inside the set) the open refuses a link swapped in since.
     """
     mode = os.stat(path).st_mode  # follows links: the kind of thing that would be opened
     if not stat.S_ISREG(mode):
         raise RefusedFile(_not_regular(mode))
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags)
+    if not follow_links:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow_links:
+            raise RefusedFile("a symlink appeared while the set was read: refused, not read") from None
+        raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -306,12 +315,13 @@ class ImageRefused(ValueError):
     """Bytes that do not decode to an image vismem accepts. Its text is the quarantine reason."""
 
 
-def check_dimensions(width: int, height: int, max_pixels: int = MAX_PIXELS,
+def check_dimensions(width: int, height: int, max_pixels: int | None = MAX_PIXELS,
                      max_aspect: int = MAX_ASPECT_RATIO) -> None:
-    """Refuse sizes whose decoding or resizing would cost unbounded memory (see MAX_ASPECT_RATIO)."""
+    """Refuse sizes whose decoding (max_pixels; None: already decoded) or resizing (max_aspect)
+    would cost unbounded memory."""
     if width < 1 or height < 1:
         raise ImageRefused(f"empty image: {width}x{height} pixels")
-    if width * height > max_pixels:
+    if max_pixels is not None and width * height > max_pixels:
         raise ImageRefused(f"decompression bomb: {width}x{height} pixels exceeds {max_pixels}")
     if max(width, height) > max_aspect * min(width, height):
         raise ImageRefused(
@@ -331,7 +341,7 @@ def normalise_decoded(image: Image.Image) -> Image.Image:
     scaled to 8 bits. Anything else is returned as it is, so ordinary images embed unchanged."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL warns of each corrupt EXIF entry it skips
+            warnings.simplefilter("ignore", UserWarning)  # PIL warns of each corrupt EXIF entry it skips
             orientation = image.getexif().get(0x0112, 1)
     except Exception:  # a corrupt EXIF block: its pixels are still fine, only the tag is lost
         orientation = 1
@@ -380,7 +390,7 @@ def check_image(source: SourceFile, max_bytes: int = MAX_BYTES, max_pixels: int 
     """Read (bounded, regular files only), hash and fully decode one file as the encoder will;
     any problem becomes a quarantine reason."""
     try:
-        data = read_bounded(source.path, max_bytes)
+        data = read_bounded(source.path, max_bytes, follow_links=False)
     except RefusedFile as exc:
         return CheckedImage(source, reason=str(exc))
     except OSError as exc:

@@ -5,6 +5,7 @@ The CLI and the Dagster code location are both thin layers over this class.
 from __future__ import annotations
 
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,7 @@ from .search import flat_searcher
 from .voting import DEFAULT_STRATEGY, STRATEGIES, vote_all_k, vote_weights
 
 BLOCKED_EXACT = "the image of a forgotten sample (its sha256 is on the blocklist)"
+_PLAIN_SUFFIX = re.compile(r"\.[a-z0-9]{1,10}")
 UNKNOWN = "unknown"           # the answer for an image unlike anything in the memory
 NOVELTY_PERCENTILE = 99.0
 NOVELTY_SAMPLE = 5000         # vectors whose nearest-neighbour distance estimates the threshold
@@ -81,9 +83,10 @@ class Neighbor:
     vector_id: int
     label: str
     similarity: float
-    weight: float             # its vote: strategy weight x pruning factor
+    weight: float             # its vote: strategy weight x pruning factor x user weight
     image_path: str
     pruning_factor: float = 1.0
+    user_weight: float = 1.0  # set by `vismem weight` (relabel.py); 0 excludes the sample
 
 
 @dataclass
@@ -271,11 +274,11 @@ class Memory:
                 "name_pos": ("BIGINT", [pos for pos, _ in spans[len(arrivals):]]),
                 "name_len": ("INTEGER", [n for _, n in spans[len(arrivals):]]),
                 "sample_id": ("VARCHAR", [c.sample_id for c in bad]),
-                "reason": ("VARCHAR", [c.reason for c in bad]),
+                "reason": ("VARCHAR", [shown_name(c.reason) for c in bad]),  # it may quote the file's name
                 "stored_path": ("VARCHAR", [None if c.data is None else
                                             self.layout.relative(self._quarantine_path(c)) for c in bad]),
             }, quarantined_at="now()")
-            report.quarantined = [{"name": shown_name(c.source.name), "reason": c.reason} for c in bad]
+            report.quarantined = [{"name": shown_name(c.source.name), "reason": shown_name(c.reason)} for c in bad]
             con.execute(
                 "INSERT INTO ingests VALUES (?, ?, ?, now(), now(), ?, ?, ?, ?)",
                 [report.ingest_id, name, os.path.abspath(source), report.n_files, report.added, report.duplicates,
@@ -296,7 +299,8 @@ class Memory:
         return self.layout.images / c.sample_id[:2] / f"{c.sample_id}.{c.format}"
 
     def _quarantine_path(self, c: CheckedImage) -> Path:
-        return self.layout.quarantine / f"{c.sample_id}{c.source.path.suffix.lower() or '.bin'}"
+        suffix = c.source.path.suffix.lower()  # the file's own, when plain: a name's bytes need not be UTF-8
+        return self.layout.quarantine / f"{c.sample_id}{suffix if _PLAIN_SUFFIX.fullmatch(suffix) else '.bin'}"
 
     def _store_image(self, c: CheckedImage, staging: Staging) -> None:
         if not self._image_path(c).exists():  # content-addressed: same name, same bytes
@@ -319,13 +323,14 @@ class Memory:
     def _recording(self, staging: Staging):
         """The ingest's ledger transaction, with the staged files moved into the store at its
         end: a failure before the commit takes them out again (store.py explains the crash case)."""
-        try:
-            with self.ledger.transaction() as con:
-                yield con
-                staging.move_in()
-        except BaseException:
-            staging.undo()
-            raise
+        with self.ledger.connect():  # the lock is held through an undo too: no other ingest sees the files meanwhile
+            try:
+                with self.ledger.transaction() as con:
+                    yield con
+                    staging.move_in()
+            except BaseException:
+                staging.undo()
+                raise
         staging.moved = []  # committed: they stay
 
     def _clean_dead_staging(self) -> None:
@@ -573,13 +578,14 @@ class Memory:
             pruning, threshold_hard = pruning_mod.active_mode(self) or ("none", None)
         row_weight = pruning_mod.weights_by_row(self, catalog, pruning, threshold_hard)
         factors = np.where(rows >= 0, row_weight[rows], 0.0) if row_weight is not None else np.ones(ids.shape)
-        weights = vote_weights(sims, strategy) * factors
+        users = np.where(rows >= 0, catalog.user_weights[rows], 0.0)
+        weights = vote_weights(sims, strategy) * factors * users  # the documented rule (README, relabel.py)
         pred, conf = vote_all_k(labels, weights, len(catalog.label_names))
         # Python lists, and each stored image's path joined once: this loop runs k times per query.
         root, names, sample_ids, image_paths = str(self.layout.root), catalog.label_names, catalog.sample_ids, catalog.image_paths
         path_of: dict[int, str] = {}
-        rows_l, labels_l, ids_l, sims_l, weights_l, factors_l = (
-            a.tolist() for a in (rows, labels, ids, sims, weights, factors))
+        rows_l, labels_l, ids_l, sims_l, weights_l, factors_l, users_l = (
+            a.tolist() for a in (rows, labels, ids, sims, weights, factors, users))
         out = []
         for i, image in enumerate(images):
             scores: dict[str, float] = {}
@@ -593,7 +599,7 @@ class Memory:
                 if path is None:
                     path = path_of[j] = f"{root}/{image_paths[j]}"
                 neighbors.append(Neighbor(r, sample_ids[j], ids_l[i][r], name, sims_l[i][r], weight, path,
-                                          factors_l[i][r]))
+                                          factors_l[i][r], users_l[i][r]))
             voted = names[pred[i, -1]] if pred[i, -1] >= 0 else None
             distance = float(1.0 - sims[i, 0])
             novel = threshold is not None and distance > threshold

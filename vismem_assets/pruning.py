@@ -12,8 +12,9 @@ import numpy as np
 import polars as pl
 
 from . import reliability as rel_mod
+from .catalog import Catalog
 from .index_store import held_ids
-from .ledger import insert_rows
+from .ledger import insert_rows, to_frame
 
 SOFT_K, HARD_K = rel_mod.SOFT_K, rel_mod.HARD_K
 HARD_PERCENTILE = 90         # default hard threshold: drop the least reliable tenth of the memory
@@ -61,10 +62,12 @@ def reliability(memory, k: int) -> tuple[rel_mod.Reliability, ReliabilityRun]:
     catalog = memory.catalog()
     codes = {name: label_code(name) for name in catalog.label_names}
     label_of = dict(zip(catalog.vector_ids.tolist(), (codes[catalog.label_names[c]] for c in catalog.label_codes)))
+    current = catalog_codes(catalog)
     t0 = time.perf_counter()
     base = None
     if len(stored):
-        base = rel_mod.load(memory.layout.absolute(stored["path"][0]))
+        # A relabel updates only the live version's statistics: an older base may hold old labels.
+        base = with_labels(rel_mod.load(memory.layout.absolute(stored["path"][0])), *current)
         added = np.setdiff1d(ids, base.vector_ids)
         removed = np.setdiff1d(base.vector_ids, ids)
         if len(added) + len(removed) > INCREMENTAL_UP_TO * max(len(ids), 1):
@@ -87,8 +90,11 @@ def reliability(memory, k: int) -> tuple[rel_mod.Reliability, ReliabilityRun]:
     if memory.read_only:  # a cache: a reader without write access computes it and keeps nothing
         return result, run
     path = memory.layout.root / "reliability" / memory.encoder.slug / f"v{version.version:06d}-k{k}.parquet"
-    rel_mod.save(result, path)
     with memory.ledger.transaction() as con:
+        # Saved under the ledger's lock, with the labels as they are now: a relabel that committed
+        # while this pass ran would otherwise be stored as if it had not happened.
+        result = with_labels(result, *catalog_codes(Catalog.query(con)))
+        rel_mod.save(result, path)
         con.execute("DELETE FROM reliability WHERE encoder_id = ? AND index_version = ? AND k = ?",
                     [enc, version.version, k])
         insert_rows(con, "reliability", {
@@ -102,6 +108,22 @@ def reliability(memory, k: int) -> tuple[rel_mod.Reliability, ReliabilityRun]:
                     [enc, version.version, k, mode, base_version, len(result.vector_ids), n_requeried, seconds,
                      memory.layout.relative(path)])
     return result, run
+
+
+def catalog_codes(catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
+    """(vector ids, label_code of each) of the catalog's samples."""
+    per_name = np.array([label_code(name) for name in catalog.label_names], np.int64)
+    return catalog.vector_ids, per_name[catalog.label_codes] if len(per_name) else np.empty(0, np.int64)
+
+
+def with_labels(rel: rel_mod.Reliability, vector_ids: np.ndarray, codes: np.ndarray) -> rel_mod.Reliability:
+    """`rel` with the label codes given for these vector ids (the ledger's labels now), v updated
+    to match (rel_mod.relabel); samples not given keep theirs."""
+    at = rel_mod._positions(rel.vector_ids, vector_ids)
+    given = at >= 0
+    if np.array_equal(rel.labels[at[given]], codes[given]):
+        return rel
+    return rel_mod.relabel(rel, vector_ids[given], codes[given])[0]
 
 
 def default_hard_threshold(v: np.ndarray) -> int:
@@ -198,3 +220,69 @@ def active_mode(memory) -> tuple[str, int | None] | None:
     if row.is_empty():
         return None
     return row["name"][0], json.loads(row["params"][0] or "{}").get("threshold")
+
+
+@dataclass
+class StoredRelabel:
+    runs: list[dict]            # encoder_id, index_version, k, rows_recounted, v_changed
+    written: list              # new reliability files (to remove if the transaction fails)
+    replaced: list             # the files they replace (to remove once it committed)
+
+
+def relabel_stored(layout, con, vector_ids: list[int], label: str, tag: str) -> StoredRelabel:
+    """In the caller's transaction: bring the stored reliability of every live index version
+    (each k it was computed for) to these samples' new label, incrementally (rel_mod.relabel),
+    and the weight sets stored for that version with it. Each update goes to a new file named
+    in the ledger as the transaction commits; older versions are brought up to date when they
+    next serve as the base of an incremental pass (`reliability`)."""
+    stored = to_frame(con.execute(
+        "SELECT r.encoder_id, r.index_version, r.k, r.path FROM reliability_runs r JOIN index_versions v"
+        " ON v.encoder_id = r.encoder_id AND v.version = r.index_version AND v.status = 'live'"
+        " ORDER BY r.encoder_id, r.k"))
+    ids = np.asarray(vector_ids, np.int64)
+    codes = np.full(len(ids), label_code(label), np.int64)
+    out = StoredRelabel([], [], [])
+    for row in stored.iter_rows(named=True):
+        enc, version, k = row["encoder_id"], row["index_version"], row["k"]
+        old_path = layout.absolute(row["path"])
+        before = rel_mod.load(old_path)
+        after, stats = rel_mod.relabel(before, ids, codes)
+        moved = after.v != before.v
+        path = old_path.with_name(f"v{version:06d}-k{k}-relabel-{tag}.parquet")
+        rel_mod.save(after, path)
+        out.written.append(path)
+        if path != old_path:
+            out.replaced.append(old_path)
+        con.execute("UPDATE reliability_runs SET path = ? WHERE encoder_id = ? AND index_version = ? AND k = ?",
+                    [layout.relative(path), enc, version, k])
+        changed_ids = after.vector_ids[moved]
+        con.execute("DELETE FROM reliability WHERE encoder_id = ? AND index_version = ? AND k = ?"
+                    " AND vector_id IN (SELECT unnest(?::BIGINT[]))", [enc, version, k, changed_ids.tolist()])
+        insert_rows(con, "reliability", {
+            "encoder_id": ("VARCHAR", [enc] * len(changed_ids)),
+            "index_version": ("INTEGER", [version] * len(changed_ids)),
+            "k": ("INTEGER", [k] * len(changed_ids)),
+            "vector_id": ("BIGINT", changed_ids.tolist()),
+            "v": ("INTEGER", after.v[moved].tolist()),
+        })
+        _reweigh(con, enc, version, k, changed_ids, after.v[moved])
+        out.runs.append({"encoder_id": enc, "index_version": version, "k": k,
+                         "rows_recounted": stats["n_rows"], "v_changed": int(moved.sum())})
+    return out
+
+
+def _reweigh(con, enc: str, version: int, k: int, ids: np.ndarray, v: np.ndarray) -> None:
+    """Stored weight sets of this version computed at k: the samples whose v moved get their new weight."""
+    sets = con.execute("SELECT name, params FROM weight_sets WHERE encoder_id = ? AND index_version = ?",
+                       [enc, version]).fetchall()
+    for name, params in sets:
+        params = json.loads(params or "{}")
+        if params.get("k") != k or not len(ids):
+            continue
+        w = rel_mod.soft_weights(v) if name == "soft" else rel_mod.hard_weights(v, params["threshold"])
+        con.execute("DELETE FROM sample_weights WHERE encoder_id = ? AND index_version = ? AND name = ?"
+                    " AND vector_id IN (SELECT unnest(?::BIGINT[]))", [enc, version, name, ids.tolist()])
+        insert_rows(con, "sample_weights", {
+            "encoder_id": ("VARCHAR", [enc] * len(ids)), "index_version": ("INTEGER", [version] * len(ids)),
+            "name": ("VARCHAR", [name] * len(ids)), "vector_id": ("BIGINT", ids.tolist()),
+            "weight": ("DOUBLE", w.tolist())})

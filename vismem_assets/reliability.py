@@ -341,6 +341,32 @@ def remove(rel: Reliability, removed_ids, vectors_of: VectorsOf, batch: int = 40
     return out, {"n_removed": int(gone.sum()), "n_requeried": int(len(rows)), "seconds": time.perf_counter() - t0}
 
 
+def relabel(rel: Reliability, ids, new_labels) -> tuple[Reliability, dict]:
+    """Update after a label change (vectors unchanged, so no neighbour list moves): only the
+    rows whose own label changed or whose top-k holds a relabelled sample count differently,
+    so v moves by their contributions under the new labels minus those under the old. Needs
+    no vectors and no search. Ids not in the memory are ignored."""
+    t0 = time.perf_counter()
+    pos = _positions(rel.vector_ids, np.asarray(ids, np.int64))
+    new_labels = np.asarray(new_labels, np.int64)[pos >= 0]
+    pos = pos[pos >= 0]
+    changed = pos[rel.labels[pos] != new_labels]
+    new_labels = new_labels[rel.labels[pos] != new_labels]
+    out = _copy(rel)
+    if not len(changed):
+        return out, {"n_relabelled": 0, "n_rows": 0, "seconds": time.perf_counter() - t0}
+    n = len(rel)
+    is_changed = np.zeros(n, bool)
+    is_changed[changed] = True
+    neighbor_pos = _positions(rel.vector_ids, rel.neighbors)
+    holds = ((neighbor_pos >= 0) & is_changed[np.maximum(neighbor_pos, 0)]).any(axis=1)
+    rows = np.flatnonzero(holds | is_changed)  # the relabelled rows and the rows whose neighbourhood holds one
+    out.v -= _contributions(rel.labels, rows, neighbor_pos[rows], n)
+    out.labels[changed] = new_labels
+    out.v += _contributions(out.labels, rows, neighbor_pos[rows], n)
+    return out, {"n_relabelled": int(len(changed)), "n_rows": int(len(rows)), "seconds": time.perf_counter() - t0}
+
+
 def _copy(rel: Reliability) -> Reliability:
     return Reliability(rel.k, rel.vector_ids.copy(), rel.labels.copy(), rel.neighbors.copy(),
                        rel.similarities.copy(), rel.v.copy())

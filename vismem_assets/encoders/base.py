@@ -94,12 +94,12 @@ def load_image(item) -> Image.Image:
     The decoding of ingest and classify alike (`imagesets.decode_image`): a path is read as a
     regular file of at most MAX_BYTES, its size checked before decoding, EXIF orientation
     applied and 16-bit grey scaled to 8 bits. Images and arrays get the same orientation,
-    16-bit scaling and size bounds.
+    16-bit scaling and aspect-ratio bound.
     """
     if isinstance(item, (Image.Image, np.ndarray)):
         image = item if isinstance(item, Image.Image) else Image.fromarray(item)
         try:
-            check_dimensions(*image.size)
+            check_dimensions(*image.size, max_pixels=None)  # decoded already: only the resize is bounded
         except ImageRefused as exc:
             raise ValueError(f"image[{image.size[0]}x{image.size[1]}] cannot be embedded: {exc}") from None
         return normalise_decoded(image)
