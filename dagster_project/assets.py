@@ -2,6 +2,7 @@
 -> evaluation. Each asset is one call on the core plus the metadata a person wants to see."""
 
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetObservation,
     Config,
     DynamicPartitionsDefinition,
     FreshnessPolicy,
@@ -23,7 +25,7 @@ from dagster import (
 from pydantic import Field
 
 from vismem_assets.evaluation import DEFAULT_K, gallery_picks
-from vismem_assets.forgetting import ForgetRequest
+from vismem_assets.forgetting import ForgetError, ForgetRequest, check_request
 from vismem_assets.glance import accuracy_on, build_reason, labels_old_and_new, memory_figures
 from vismem_assets.plots import contact_sheet, plot_accuracy, plot_reliability_diagram
 from vismem_assets.voting import DEFAULT_STRATEGY
@@ -110,19 +112,23 @@ def embeddings(context: AssetExecutionContext, visual_memory: VisualMemory):
 
 
 class ForgetConfig(Config):
-    """A forget request, as typed run config (the Launchpad form, or a file in inbox/forget/)."""
-    requested_by: str = Field(description="who asked")
-    reason: str = Field(description="why, in free text")
+    """A forget request, as typed run config: the `forget` job's Launchpad form (the whole run
+    config), or a file in inbox/forget/. requested_by and reason are required; name what to
+    forget with exactly one of label, image_set, sample_ids, images."""
+    requested_by: str = Field(description="required: who asked (a person or an address)")
+    reason: str = Field(description="required: why, in free text")
+    label: str | None = Field(default=None, description="target (exactly one): every sample of this label")
+    image_set: str | None = Field(default=None, description="target (exactly one): every sample of this image set")
+    sample_ids: list[str] = Field(default=[], description="target (exactly one): sample ids (sha256 of the image bytes)")
+    images: list[str] = Field(default=[], description="target (exactly one): image files, matched by their content")
     category: str | None = Field(default=None, description="gdpr, license, quality, bias or other")
     external_ref: str | None = Field(default=None, description="e.g. a ticket number")
-    sample_ids: list[str] = Field(default=[], description="sample ids (sha256 of the image bytes)")
-    images: list[str] = Field(default=[], description="image files, matched by content")
-    label: str | None = Field(default=None, description="forget every sample of this label")
-    image_set: str | None = Field(default=None, description="forget every sample of this image set")
-    request_file: str | None = Field(default=None, description="inbox file it came from; archived once applied")
+    dry_run: bool = Field(default=False, description="only report what would be forgotten (metadata); change nothing")
+    request_file: str | None = Field(default=None, description="set by forget_request_sensor: the inbox file, "
+                                                               "archived to applied/ or rejected/; leave empty")
 
     def request(self) -> ForgetRequest:
-        return ForgetRequest(**self.model_dump(exclude={"request_file"}))
+        return ForgetRequest(**self.model_dump(exclude={"request_file", "dry_run"}))
 
 
 class MemoryIndexConfig(Config):
@@ -130,14 +136,32 @@ class MemoryIndexConfig(Config):
     forget: ForgetConfig | None = Field(default=None, description="forget these samples everywhere (new version)")
 
 
-@asset(deps=[embeddings], pool=LEDGER_POOL, group_name="visual_memory",
+# output_required=False: a forget request that cannot be applied, or a dry run, materializes
+# nothing, so that this asset and the ones after it (skipped) stay as they were, not failed.
+@asset(deps=[embeddings], pool=LEDGER_POOL, group_name="visual_memory", output_required=False,
        **catalog_entry("index", {"faiss", "duckdb"}, "1"),
        description="The live FAISS index: newly embedded sets folded in as a new immutable version.")
 def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
-                 visual_memory: VisualMemory) -> MaterializeResult:
+                 visual_memory: VisualMemory) -> Iterator[MaterializeResult]:
     memory = visual_memory.memory()
     t0 = time.perf_counter()
     purged, forgotten = [], {}
+    if config.forget is not None:
+        # Checked before anything changes (the sensor and the job's config mapping checked it
+        # already; the memory may have changed since, e.g. another request forgot the same label).
+        try:
+            planned = check_request(memory, config.forget.request())
+        except ForgetError as exc:
+            archive_request_file(config.forget.request_file, "rejected", error=str(exc))
+            context.log.error(f"forget request rejected, nothing changed: {exc}")
+            context.log_event(AssetObservation(asset_key=context.asset_key,
+                                               metadata={"forget_rejected": text(str(exc))}))
+            return
+        if config.forget.dry_run:
+            context.log.info(f"dry run: would forget {planned.n_samples} sample(s) "
+                             f"({', '.join(f'{k}: {v}' for k, v in planned.per_label().items())}); nothing changed")
+            context.log_event(AssetObservation(asset_key=context.asset_key, metadata=forget_plan(planned)))
+            return
     # Read before anything changes: a forget (or a resumed one) makes a new version itself.
     before = memory.indexes.live()
     last_build = memory.indexes.last_build  # the cached Memory keeps an earlier run's build report
@@ -147,8 +171,8 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
     if config.forget is not None:
         try:
             report = memory.forget(config.forget.request())
-        except ValueError:  # a request naming what the memory never held: nothing changed
-            archive_request_file(config.forget.request_file, "rejected")
+        except ValueError as exc:  # checked above: only a change in between gets here; nothing changed
+            archive_request_file(config.forget.request_file, "rejected", error=str(exc))
             raise
         context.log.info(f"forgot {report.n_samples} samples (request {report.request_id[:12]}); "
                          f"retained versions erased in place too: {report.versions_rewritten}")
@@ -183,7 +207,7 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
     if build is not None:
         context.log.info(f"index type: {build.reason}")
     figures = memory_figures(memory.ledger, version)
-    return MaterializeResult(metadata={
+    yield MaterializeResult(metadata={
         "index_version": text(version.version), "new_version": new_version,
         "parent_version": text(version.parent_version), "operation": text(version.operation),
         "index_type": text(version.index_type), "build_reason": text(build_reason(memory.ledger, version)),
@@ -257,12 +281,28 @@ def misclassified_gallery(memory, result, folder: Path, k: int, n: int = 4) -> s
     return "\n\n".join(parts)
 
 
-def archive_request_file(path: str | None, outcome: str) -> None:
-    """Move an inbox forget request to inbox/forget/<outcome>/ so it is never taken again."""
+def archive_request_file(path: str | None, outcome: str, error: str | None = None) -> None:
+    """Move an inbox forget request to inbox/forget/<outcome>/ so it is never taken again
+    (a rejected one with <name>.error.txt beside it, saying what to fix)."""
     if path and Path(path).exists():
         target = Path(path).parent / outcome / Path(path).name
         target.parent.mkdir(exist_ok=True)
+        if error is not None:
+            target.with_name(f"{target.name}.error.txt").write_text(f"{error}\n")
         Path(path).replace(target)
+
+
+def forget_plan(report) -> dict:
+    """A dry run's metadata: what the request would forget (vismem_assets.forgetting.ForgetReport)."""
+    per_label = report.per_label()
+    samples = pl.DataFrame(report.samples, schema={"sample_id": pl.String, "label": pl.String,
+                                                   "image_set": pl.String, "status": pl.String})
+    return {"dry_run": text("yes: nothing was changed"), "would_forget": report.n_samples,
+            "forget_request_id": text(report.request_id),
+            "already_applied": text("yes" if report.already_applied else "no"),
+            "would_forget_per_label": table(pl.DataFrame({"label": list(per_label), "samples": list(per_label.values())},
+                                                         schema={"label": pl.String, "samples": pl.Int64})),
+            "samples": table(samples.head(200))}
 
 
 # "sample_labels" and "user_weights" (editing.py, by key: that module imports this one): a relabel

@@ -16,7 +16,7 @@ from .assets import embeddings, evaluation, experiments, image_sets, memory_inde
 from .editing import (relabel_job, relabel_request_sensor, sample_labels, set_weights_job, user_weights,
                       weight_request_sensor)
 from .checks import index_file_matches_sha256, live_index_matches_ledger, nothing_forgotten_remains
-from .resources import VisualMemory
+from .resources import VISUAL_MEMORY
 from .schedules import compaction_job, daily_evaluation, evaluation_job, experiments_job, nightly_compaction
 from .sensors import embeddings_sensor, forget_job, forget_request_sensor, image_set_sensor, ingest_job, refresh_job
 
@@ -44,7 +44,7 @@ defs = Definitions(
           set_weights_job],
     sensors=[image_set_sensor, embeddings_sensor, forget_request_sensor, relabel_request_sensor, weight_request_sensor],
     schedules=[nightly_compaction, daily_evaluation],
-    resources={"visual_memory": VisualMemory()},
+    resources={"visual_memory": VISUAL_MEMORY},
     # One process per run: the torch model is loaded at most once per run.
     executor=in_process_executor,
 )

@@ -46,3 +46,7 @@ class VisualMemory(ConfigurableResource):
         """The configured query folder, or None for leave-one-out."""
         chosen = self.query_set or os.environ.get("VISMEM_QUERY_SET")
         return self.memory().layout.root / chosen if chosen else None
+
+
+# The resource definitions.py binds; a config mapping (which gets no resources) reads the same memory.
+VISUAL_MEMORY = VisualMemory()

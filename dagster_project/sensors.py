@@ -14,15 +14,25 @@ from dagster import (
     define_asset_job,
     in_process_executor,
     asset_sensor,
+    config_mapping,
     sensor,
 )
 
-from vismem_assets.forgetting import ForgetRequest
+from vismem_assets.forgetting import REQUEST_EXAMPLE, ForgetError, ForgetReport, ForgetRequest, check_request, resolve
 from vismem_assets.home import Layout, resolve_home
 from vismem_assets.imagesets import SET_NAME
 
-from .assets import embeddings, evaluation, image_set_partitions, image_sets, memory_index, pruning_weights
-from .resources import VisualMemory
+from .assets import (
+    ForgetConfig,
+    archive_request_file,
+    embeddings,
+    evaluation,
+    image_set_partitions,
+    image_sets,
+    memory_index,
+    pruning_weights,
+)
+from .resources import VISUAL_MEMORY, VisualMemory
 
 READY_MARKER = "_READY"
 
@@ -81,34 +91,73 @@ def embeddings_sensor(context: SensorEvaluationContext, asset_event: EventLogEnt
                       tags={"vismem/trigger": f"embeddings {asset_event.dagster_event.partition}"})
 
 
+@config_mapping
+def forget_request_config(request: ForgetConfig) -> dict:
+    """The forget job's run config is one request (its required fields are what the Launchpad
+    scaffolds), checked against the memory when the run is created: a request naming what the
+    memory never held is refused at launch, with what to fix, and no run touches an asset.
+    Only facts that stay true are checked here (this also runs when the run starts); "already
+    forgotten" is checked by the sensor, and again by memory_index before it changes anything."""
+    # No resources in a config mapping: the memory of the resource definitions.py binds.
+    memory = VISUAL_MEMORY.memory()
+    try:
+        resolve(memory, request.request())
+    except ForgetError as exc:
+        raise ForgetError(f"forget request refused, nothing changed: {exc}") from None
+    forget = {k: v for k, v in request.model_dump().items() if v is not None}
+    return {"ops": {"memory_index": {"config": {"forget": forget}}}}
+
+
 forget_job = define_asset_job(
-    "forget", selection=[memory_index, pruning_weights, evaluation],
-    description="Forget samples everywhere (typed run config: ops > memory_index > config > forget), then re-evaluate.",
+    "forget", selection=[memory_index, pruning_weights, evaluation], config=forget_request_config,
+    description="Forget samples everywhere, then re-evaluate. Run config: one request (requested_by, reason, "
+                "exactly one of label / image_set / sample_ids / images; dry_run to see what it would forget).",
 )
+
+MAX_REQUEST_BYTES = 8 << 20  # a request file is a few ids at most; never read a huge file into a tick
+
+
+def read_request(path) -> tuple[dict, ForgetReport, bytes]:
+    """An inbox file as a request the memory can apply, or a ForgetError saying what to fix."""
+    if path.is_symlink() or not path.is_file():
+        raise ForgetError("not a regular file: put the request itself in the inbox, not a link or a pipe")
+    if path.stat().st_size > MAX_REQUEST_BYTES:
+        raise ForgetError(f"{path.stat().st_size} bytes: a request file holds at most {MAX_REQUEST_BYTES} bytes; "
+                          "split a long list of sample ids over several requests")
+    body = path.read_bytes()
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ForgetError(f"not valid JSON ({exc}); write it as {REQUEST_EXAMPLE}") from None
+    return data, ForgetRequest.from_dict(data), body
 
 
 @sensor(job=forget_job, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=10,
-        description="Applies each JSON forget request dropped in $VISMEM_HOME/inbox/forget/ exactly once.")
+        description="Applies each JSON forget request dropped in $VISMEM_HOME/inbox/forget/ exactly once, "
+                    "after checking it against the memory; a bad one goes to rejected/ with its .error.txt.")
 def forget_request_sensor(context: SensorEvaluationContext, visual_memory: VisualMemory):
     inbox = Layout(resolve_home(visual_memory.home)).inbox_forget
+    memory = visual_memory.memory()
     requests, rejected = [], []
     for path in sorted(inbox.glob("*.json")) if inbox.exists() else []:
-        body = path.read_bytes()
         try:
-            data = json.loads(body)
-            ForgetRequest.from_dict(data).validate()
-        except (ValueError, TypeError) as exc:  # JSONDecodeError and ForgetError are ValueErrors
+            # Checked before a run exists: a bad request never starts (nor fails) a run of the assets.
+            data, request, body = read_request(path)
+            plan = check_request(memory, request)
+        except ForgetError as exc:
             rejected.append(path.name)
-            (inbox / "rejected").mkdir(exist_ok=True)
-            (inbox / "rejected" / f"{path.name}.error.txt").write_text(f"{exc}\n")
-            path.replace(inbox / "rejected" / path.name)
-            context.log.warning(f"forget request {path.name} rejected: {exc}")
+            archive_request_file(str(path), "rejected", error=str(exc))
+            context.log.warning(f"forget request {path.name} rejected: {exc} "
+                                f"(moved to inbox/forget/rejected/, with {path.name}.error.txt)")
             continue
-        digest = hashlib.sha256(body).hexdigest()
+        context.log.info(f"forget request {path.name}: {plan.n_samples} sample(s) "
+                         f"({', '.join(f'{k}: {v}' for k, v in plan.per_label().items())}); launching the forget job")
+        config = {k: v for k, v in data.items() if v is not None}
         requests.append(RunRequest(
-            run_key=f"forget:{digest}",  # the same file content is applied once, whatever its name
-            run_config={"ops": {"memory_index": {"config": {"forget": {**data, "request_file": str(path)}}}}},
+            run_key=f"forget:{hashlib.sha256(body).hexdigest()}",  # the same content is applied once, whatever its name
+            run_config={**config, "request_file": str(path)},
             tags={"vismem/forget_request": path.name}))
     if not requests:
-        return SkipReason(f"no forget request in {inbox}" + (f" ({len(rejected)} rejected)" if rejected else ""))
+        return SkipReason(f"no forget request in {inbox}" + (f" ({len(rejected)} rejected: {', '.join(rejected)})"
+                                                              if rejected else ""))
     return requests

@@ -26,6 +26,7 @@ import pytest
 
 from vismem_assets import audit, store
 from vismem_assets.forgetting import ForgetRequest
+from vismem_assets.ledger import Ledger
 from vismem_assets.memory import Memory
 
 REPO = Path(__file__).resolve().parent.parent
@@ -227,11 +228,12 @@ def kill_mid_embedding(home: Path, src: Path) -> None:
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     try:
-        while not glob.glob(str(home / "embeddings" / "*" / "*" / "part-*.parquet")):
+        ledger = Ledger(home / "ledger.duckdb")
+        while not (glob.glob(str(home / "embeddings" / "*" / "*" / "part-*.parquet"))
+                   and ledger.query("SELECT count(*) AS n FROM embeddings")["n"][0]):   # a part and its rows
             assert child.poll() is None, f"the add ended before embedding anything: {child.stderr.read()}"
-            assert time.monotonic() < deadline, "no embedding part appeared in 300 s"
+            assert time.monotonic() < deadline, "no embedding part was recorded in 300 s"
             time.sleep(0.05)
-        time.sleep(0.3)                          # its rows commit right after the part is written
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()

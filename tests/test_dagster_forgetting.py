@@ -97,8 +97,7 @@ def test_launchpad_config_and_the_blocking_check_catches_leftovers(tmp_path, fm_
         memory = resources["visual_memory"].memory()
         victim = memory.ledger.query("SELECT sample_id, image_path FROM samples WHERE label = 'Coat' LIMIT 1").row(0)
         image_bytes = memory.layout.absolute(victim[1]).read_bytes()
-        config = {"ops": {"memory_index": {"config": {"forget": {
-            "sample_ids": [victim[0]], "requested_by": "alice", "reason": "asked to be removed", "category": "gdpr"}}}}}
+        config = {"sample_ids": [victim[0]], "requested_by": "alice", "reason": "asked to be removed", "category": "gdpr"}
         run = defs.resolve_job_def("forget").execute_in_process(instance=instance, resources=resources,
                                                                 run_config=config)
         assert run.success

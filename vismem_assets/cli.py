@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -55,10 +56,67 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, default=str))
 
 
-def _table(frame: pl.DataFrame) -> None:
+def _terminal_width() -> int:
+    """The terminal's width: $COLUMNS if set, else the terminal's, else 80 (output to a pipe)."""
+    return max(shutil.get_terminal_size().columns, 20)
+
+
+def _table(frame: pl.DataFrame, width: int | None = None) -> None:
+    """A table for people that fits the terminal: a grid when it fits, else one block per row
+    ("column │ value", like psql's expanded display). No value is cut short in either; --csv
+    and --json print the same data for machines."""
+    width = width or _terminal_width()
     with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True,
-                   fmt_str_lengths=80, tbl_width_chars=160):
-        print(frame)
+                   fmt_str_lengths=60_000, fmt_table_cell_list_len=-1, tbl_width_chars=65_535):
+        grid = str(frame)  # never squeezed by polars (65,535 is its most): it fits whole, or is pivoted below
+    if frame.width == 0 or max(map(len, grid.splitlines())) <= width:
+        print(grid)
+    else:
+        print(_records(frame, width))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def _chunks(text: str, size: int) -> list[str]:
+    """`text` in pieces of at most `size` characters that concatenate back to it, broken after
+    a space where one is near the end, and at line breaks."""
+    out = []
+    for line in text.split("\n"):
+        while len(line) > size:
+            cut = line.rfind(" ", size // 2, size) + 1 or size
+            out.append(line[:cut])
+            line = line[cut:]
+        out.append(line)
+    return out
+
+
+def _records(frame: pl.DataFrame, width: int) -> str:
+    """One block per row, every line at most `width` characters; long values continue on the
+    next lines under themselves."""
+    key_width = min(max(len(c) for c in frame.columns), max(width // 3, 8))
+    room = max(width - key_width - 3, 8)
+    lines = []
+    for i, row in enumerate(frame.iter_rows(named=True), 1):
+        lines.append(f"-[ {i} of {len(frame)} ]".ljust(width, "-")[:max(width, 0)])
+        for name, value in row.items():
+            keys, values = _chunks(name, key_width), _chunks(_cell(value), room)
+            for j in range(max(len(keys), len(values))):
+                key = keys[j] if j < len(keys) else ""
+                value = values[j] if j < len(values) else ""
+                # a line that ends at a space keeps it: the pieces join back to the value exactly
+                lines.append(f"{key.ljust(key_width)} │ {value}" if value else f"{key.ljust(key_width)} │")
+    if not len(frame):
+        lines += _chunks("no rows; columns: " + ", ".join(frame.columns), width)
+    note = f"({frame.width} columns, too wide for {width} characters as a table: one block per row)"
+    return "\n".join(lines + _chunks(note, width))
 
 
 def _progress(args) -> bool | None:

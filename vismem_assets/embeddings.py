@@ -34,7 +34,8 @@ class EmbeddingStore:
         """This encoder's embedding lock (flock on embeddings/<encoder>/.embed.lock), held while a
         process finds what is pending and embeds it: a concurrent add waits, then finds nothing
         left, instead of embedding the same images again. Re-entrant within a thread; a killed
-        holder releases it with its process."""
+        holder releases it with its process. Take it before the ledger lock, never inside a
+        ledger connection (its holder takes the ledger lock to record each part)."""
         if getattr(self._held, "depth", 0):
             self._held.depth += 1
             try:

@@ -11,6 +11,7 @@ redacted file name) in its file after an UPDATE or DELETE.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import time
@@ -29,6 +30,7 @@ from .ledger import insert_rows, to_frame
 
 CATEGORIES = ("gdpr", "license", "quality", "bias", "other")
 NO_LABEL = "(no label)"   # per_label's key for quarantined files that arrived without a label
+REQUEST_EXAMPLE = '{"label": "Bag", "requested_by": "dpo@example.com", "reason": "licence withdrawn", "category": "gdpr"}'
 
 
 class ForgetError(ValueError):
@@ -74,11 +76,26 @@ class ForgetRequest:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ForgetRequest":
+        """A request from JSON (an inbox file): every problem is a ForgetError that says what to fix,
+        never a TypeError (a missing field, a list given as a string, a number as a label)."""
+        if not isinstance(data, dict):
+            raise ForgetError(f"a forget request is a JSON object, such as {REQUEST_EXAMPLE}; not a {type(data).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
             raise ForgetError(f"unknown field(s) {sorted(unknown)} in forget request; known: {sorted(known)}")
-        return cls(**data)
+        missing = [f for f in ("requested_by", "reason") if f not in data]
+        if missing:
+            raise ForgetError(f"a forget request needs {' and '.join(missing)} (who asked, and why); "
+                              f"for example {REQUEST_EXAMPLE}")
+        for name, value in data.items():
+            lists = name in ("sample_ids", "images")
+            ok = value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value) if lists
+                                   else isinstance(value, str))
+            if not ok:
+                raise ForgetError(f"field {name!r} must be {'a list of strings' if lists else 'a string'}, "
+                                  f"not {json.dumps(value)[:60]}")
+        return cls(**{k: (v if v is not None or k not in ("sample_ids", "images") else []) for k, v in data.items()})
 
 
 @dataclass
@@ -138,8 +155,10 @@ def resolve(memory, request: ForgetRequest) -> pl.DataFrame:
     if kind == "label":
         found = q(f"{columns} WHERE label = ?", [request.label])
         if found.is_empty():
-            labels = q("SELECT DISTINCT label FROM samples WHERE status = 'active' ORDER BY 1")["label"].to_list()
-            raise ForgetError(f"no sample has label {request.label!r} (labels: {', '.join(labels)}); nothing was changed")
+            labels = q("SELECT DISTINCT label FROM samples WHERE status = 'active' AND label IS NOT NULL"
+                       " ORDER BY 1")["label"].to_list()
+            raise ForgetError(f"no sample has label {request.label!r} (labels: {', '.join(labels) or 'none yet'}); "
+                              f"nothing was changed{_did_you_mean(request.label, labels)}")
         return found
     # Quarantined files of the set count too: their bytes sit in quarantine/ and their names in the ledger.
     found = q(f"{columns} WHERE image_set = ? OR sample_id IN (SELECT sample_id FROM sample_sources WHERE image_set = ?"
@@ -147,6 +166,24 @@ def resolve(memory, request: ForgetRequest) -> pl.DataFrame:
     if found.is_empty():
         raise ForgetError(f"unknown image set {request.image_set!r}; nothing was changed")
     return found
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    """A hint for a typo ('Bgg' -> 'Bag', 'bag' -> 'Bag'), or nothing."""
+    by_lower = {k.lower(): k for k in known}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f". Did you mean {by_lower[close[0]]!r}?" if close else ""
+
+
+def check_request(memory, request: ForgetRequest) -> ForgetReport:
+    """What a request would forget, changing nothing (a dry run), or a ForgetError that says what
+    to fix: a missing field, a label, set, sample or image the memory never held, or nothing left
+    to forget. Run it before launching work that would otherwise fail half-way (a Dagster run)."""
+    request.validate()
+    report = forget(memory, request, dry_run=True)
+    if not report.samples and not report.already_applied:
+        raise ForgetError("every sample this request names is already forgotten; nothing to do")
+    return report
 
 
 def forget(memory, request: ForgetRequest, dry_run: bool = False) -> ForgetReport:
