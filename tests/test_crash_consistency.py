@@ -137,6 +137,18 @@ def test_a_failed_add_leaves_no_file_behind(memory, fm_sets, tmp_path, monkeypat
     assert_no_orphans(memory)
 
 
+def test_the_same_bad_bytes_twice_in_a_set_are_quarantined_once(memory, fm_sets, tmp_path):
+    """Two files with the same unusable bytes share one private copy (it was moved in twice)."""
+    src = copy_set(fm_sets["train"], tmp_path / "twice", labels=("Bag",), per_label=2)
+    for name in ("a.png", "b.png"):
+        (src / "Bag" / name).write_bytes(b"not an image")
+    report = memory.ingest(src)
+    assert report.added == 2 and sorted(q["name"] for q in report.quarantined) == ["Bag/a.png", "Bag/b.png"]
+    copies = [p for p in (memory.layout.quarantine).iterdir()]
+    assert len(copies) == 1 and copies[0].read_bytes() == b"not an image"
+    assert_no_orphans(memory)
+
+
 KILL_AFTER_MOVES = """
 import os, signal, sys
 from vismem_assets import store

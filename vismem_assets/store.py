@@ -56,6 +56,7 @@ class Staging:
         self.folder: Path | None = None
         self._fd: int | None = None
         self.planned: list[tuple[Path, Path]] = []   # (staged, final) for `move_in`
+        self._planned_finals: set[Path] = set()
         self.moved: list[Path] = []
 
     def _open(self) -> Path:
@@ -91,14 +92,17 @@ class Staging:
         return path if path is not None and path.exists() else None
 
     def plan(self, staged: Path, final: Path) -> None:
-        self.planned.append((staged, final))
+        """Once per final path: two files of a set with the same bytes share one staged copy."""
+        if final not in self._planned_finals:
+            self._planned_finals.add(final)
+            self.planned.append((staged, final))
 
     def move_in(self) -> list[Path]:
         """Move the planned staged files onto their final paths in the store (call inside the
         ledger transaction that records them, last). A final path that exists already holds the
         same bytes (content-addressed): it is kept. Returns the paths this call moved."""
         todo = [(staged, final) for staged, final in self.planned if not final.exists()]
-        self.planned = []
+        self.planned, self._planned_finals = [], set()
         if not todo:
             return []
         # Written down first: if this process dies before the commit, the next writer removes them.
