@@ -78,7 +78,7 @@ def archive(path: str | None, outcome: str, error: str | None = None) -> None:
         Path(path).replace(folder / Path(path).name)
 
 
-def _edit(context: AssetExecutionContext, config, apply, asset_name: str, memory):
+def _edit(config, apply, asset_name: str, memory):
     """Apply (or, dry, plan) an edit; a refused request fails this step alone, with its reason."""
     try:
         report = apply(memory, config.request(), dry_run=config.dry_run)
@@ -101,7 +101,7 @@ def _changes(report: EditReport) -> dict:
        description="The samples' labels as people edited them (label_history): a materialization is one relabel, "
                    "with the stored reliability of the live index brought up to date incrementally.")
 def sample_labels(context: AssetExecutionContext, config: RelabelConfig, visual_memory: VisualMemory):
-    report = _edit(context, config, relabel, SAMPLE_LABELS, visual_memory.memory())
+    report = _edit(config, relabel, SAMPLE_LABELS, visual_memory.memory())
     per_label = pl.DataFrame({"old_label": list(report.per_old_value()), "samples": list(report.per_old_value().values())})
     metadata = {**_changes(report), "to": text(config.to), "new_label": text("yes" if report.new_label else "no"),
                 "requested_by": text(config.requested_by), "reason": text(config.reason),
@@ -121,7 +121,7 @@ def sample_labels(context: AssetExecutionContext, config: RelabelConfig, visual_
        description="User vote weights as people set them (user_weights, weight_history): the vote of a neighbour "
                    "is strategy weight x pruning factor x user weight; 0 excludes a sample.")
 def user_weights(context: AssetExecutionContext, config: WeightConfig, visual_memory: VisualMemory):
-    report = _edit(context, config, set_weights, USER_WEIGHTS, visual_memory.memory())
+    report = _edit(config, set_weights, USER_WEIGHTS, visual_memory.memory())
     report.changes = [{**c, "old": f"{c['old']:g}", "new": f"{c['new']:g}"} for c in report.changes]
     metadata = {**_changes(report), "weight": text(f"{config.weight:g}"), "requested_by": text(config.requested_by),
                 "reason": text(config.reason)}

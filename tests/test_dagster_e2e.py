@@ -429,3 +429,72 @@ def test_materialize_button_in_the_ui_launches_a_run_that_succeeds(browser, dags
     assert latest["runId"] == new_run["runId"]
     assert values(latest)["n_vectors"] == LABELS * PER_LABEL
     assert not tracebacks(dagster), "tracebacks in test-artifacts/dagster-dev.log:\n" + "\n\n".join(tracebacks(dagster))
+
+
+def new_page(browser):
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.add_locator_handler(page.get_by_role("dialog").filter(has_text="Join the Dagster community"),
+                             lambda dialog: dialog.get_by_role("button", name="Skip").click())
+    return context, page
+
+
+def test_evaluation_page_forget_launchpad_and_a_rejected_request_in_the_ui(browser, dagster, arrived):
+    """Issue 17: what a person sees. The evaluation's page; the forget job's Launchpad, whose
+    scaffold is a request to fill and whose defaults cannot be launched; a request with a typo
+    refused at launch; a typo dropped in the inbox rejected by the sensor, with its error file
+    and log line. Nothing of it runs, fails or re-materializes a core asset."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    core = ("memory_index", "pruning_weights", "evaluation")
+    before = {key: materializations(dagster, key, None, 1) for key in core}
+    runs_before = {r["runId"] for r in dagster.gql(RUNS)["runsOrError"]["results"]}
+    params = {"selector": {"repositoryLocationName": dagster.location, "repositoryName": dagster.repository,
+                           "jobName": "forget"}, "mode": "default"}
+
+    # Over GraphQL: the defaults are invalid config (who and why are required) ...
+    empty = dagster.gql(LAUNCH, {"params": {**params, "runConfigData": {}}})["launchRun"]
+    assert empty["__typename"] == "RunConfigValidationInvalid", empty
+    assert any("requested_by" in e["message"] for e in empty["errors"])
+    # ... and a typo is refused before a run exists, saying what to fix.
+    typo = {"label": "Bgg", "requested_by": "dpo@example.com", "reason": "ui test"}
+    refused = dagster.gql(LAUNCH, {"params": {**params, "runConfigData": typo}})["launchRun"]
+    assert refused["__typename"] == "PythonError", refused
+    assert "no sample has label 'Bgg'" in refused["message"] + "".join(refused.get("stack") or []) or \
+        "no sample has label 'Bgg'" in json.dumps(refused)
+
+    # The inbox: a typo goes to rejected/ with its reason, and the sensor's log says so.
+    inbox = dagster.home / "inbox" / "forget"
+    inbox.mkdir(parents=True, exist_ok=True)
+    (inbox / "typo.json").write_text(json.dumps(typo))
+    error_file = inbox / "rejected" / "typo.json.error.txt"
+    wait_for("the forget sensor to reject typo.json", error_file.exists, 90, dagster)
+    assert error_file.read_text().startswith("no sample has label 'Bgg'")
+    assert (inbox / "rejected" / "typo.json").exists() and not (inbox / "typo.json").exists()
+
+    context, page = new_page(browser)
+    try:
+        page.goto(f"{dagster.url}/assets/evaluation", wait_until="domcontentloaded")
+        page.get_by_text("top1_rank_k20", exact=True).first.wait_for()
+        page.screenshot(path=ARTIFACTS / "ui-evaluation.png", full_page=True)
+
+        page.goto(f"{dagster.url}/locations/{dagster.location}/jobs/forget/playground", wait_until="domcontentloaded")
+        page.get_by_text("requested_by").first.wait_for()
+        scaffold = page.get_by_role("button", name=re.compile("Scaffold missing config"))
+        if scaffold.count():
+            scaffold.first.click()
+        page.get_by_text("dry_run").first.wait_for()
+        page.screenshot(path=ARTIFACTS / "ui-forget-launchpad.png")
+
+        page.goto(f"{dagster.url}/locations/{dagster.location}/sensors/forget_request_sensor",
+                  wait_until="domcontentloaded")
+        page.get_by_text("typo.json").first.wait_for()
+        page.screenshot(path=ARTIFACTS / "ui-forget-rejected.png", full_page=True)
+    finally:
+        context.close()
+
+    # Nothing ran, failed or re-materialized.
+    after_runs = dagster.gql(RUNS)["runsOrError"]["results"]
+    assert not [r for r in after_runs if r["runId"] not in runs_before and r["jobName"] == "forget"]
+    assert not [r for r in after_runs if r["status"] == "FAILURE"]
+    assert {key: materializations(dagster, key, None, 1) for key in core} == before
