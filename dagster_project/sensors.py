@@ -3,8 +3,10 @@ A tick only lists folders; all heavy work happens in the runs it requests."""
 
 import hashlib
 import json
+import sys
 
 from dagster import (
+    DagsterConfigMappingFunctionError,
     DefaultSensorStatus,
     EventLogEntry,
     RunRequest,
@@ -102,8 +104,9 @@ def forget_request_config(request: ForgetConfig) -> dict:
     memory = VISUAL_MEMORY.memory()
     try:
         resolve(memory, request.request())
-    except ForgetError as exc:
-        raise ForgetError(f"forget request refused, nothing changed: {exc}") from None
+    except ForgetError as exc:  # raised as Dagster would wrap it, with the reason as its message
+        raise DagsterConfigMappingFunctionError(f"forget request refused (no run was created): {exc}",
+                                                user_exception=exc, original_exc_info=sys.exc_info()) from exc
     forget = {k: v for k, v in request.model_dump().items() if v is not None}
     return {"ops": {"memory_index": {"config": {"forget": forget}}}}
 

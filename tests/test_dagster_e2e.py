@@ -458,10 +458,14 @@ def test_evaluation_page_forget_launchpad_and_a_rejected_request_in_the_ui(brows
     assert any("requested_by" in e["message"] for e in empty["errors"])
     # ... and a typo is refused before a run exists, saying what to fix.
     typo = {"label": "Bgg", "requested_by": "dpo@example.com", "reason": "ui test"}
-    refused = dagster.gql(LAUNCH, {"params": {**params, "runConfigData": typo}})["launchRun"]
+    try:  # the webserver answers a launch that raised with HTTP 500 and the error as its body
+        dagster.gql(LAUNCH, {"params": {**params, "runConfigData": typo}})
+        pytest.fail("a forget of label 'Bgg' was launched")
+    except urllib.error.HTTPError as error:
+        refused = json.load(error)["data"]["launchRun"]
     assert refused["__typename"] == "PythonError", refused
-    assert "no sample has label 'Bgg'" in refused["message"] + "".join(refused.get("stack") or []) or \
-        "no sample has label 'Bgg'" in json.dumps(refused)
+    assert "forget request refused (no run was created): no sample has label 'Bgg'" in refused["message"], refused
+    assert "Did you mean 'Bag'?" in refused["message"]  # the set holds Ankle_boot, Bag, Coat
 
     # The inbox: a typo goes to rejected/ with its reason, and the sensor's log says so.
     inbox = dagster.home / "inbox" / "forget"
@@ -478,18 +482,50 @@ def test_evaluation_page_forget_launchpad_and_a_rejected_request_in_the_ui(brows
         page.get_by_text("top1_rank_k20", exact=True).first.wait_for()
         page.screenshot(path=ARTIFACTS / "ui-evaluation.png", full_page=True)
 
+        # The Launchpad: the defaults, the errors saying what is missing, then the scaffold to fill.
         page.goto(f"{dagster.url}/locations/{dagster.location}/jobs/forget/playground", wait_until="domcontentloaded")
-        page.get_by_text("requested_by").first.wait_for()
-        scaffold = page.get_by_role("button", name=re.compile("Scaffold missing config"))
-        if scaffold.count():
-            scaffold.first.click()
-        page.get_by_text("dry_run").first.wait_for()
+        page.get_by_text("Missing required config entries ['reason', 'requested_by']").first.wait_for()
+        page.wait_for_timeout(500)  # let transitions end before a screenshot
+        page.screenshot(path=ARTIFACTS / "ui-forget-launchpad-defaults.png")
+        page.get_by_role("button", name=re.compile("Scaffold missing config")).first.click()
+        page.get_by_role("dialog").get_by_role("button", name="Confirm").click()
+        page.get_by_role("dialog").wait_for(state="hidden")
+        page.get_by_text("No missing config").first.wait_for()
+        page.locator(".CodeMirror").get_by_text("requested_by").first.wait_for()
+        page.wait_for_timeout(500)
         page.screenshot(path=ARTIFACTS / "ui-forget-launchpad.png")
 
+        # A typo typed in and launched: refused with what to fix, before any run exists.
+        page.locator(".CodeMirror").click()
+        page.keyboard.press("Control+A")
+        page.keyboard.press("Delete")
+        page.keyboard.type("requested_by: dpo@example.com\nreason: ui test\nlabel: Bgg\n")
+        page.get_by_role("button", name=re.compile("Launch Run")).click()
+        page.get_by_text("Did you mean 'Bag'?").first.wait_for()
+        page.get_by_role("button", name="OK").wait_for()
+        page.wait_for_timeout(1000)
+        page.screenshot(path=ARTIFACTS / "ui-forget-launch-refused.png")
+
+        # The rejected inbox file: the sensor tick's log says why.
         page.goto(f"{dagster.url}/locations/{dagster.location}/sensors/forget_request_sensor",
                   wait_until="domcontentloaded")
-        page.get_by_text("typo.json").first.wait_for()
-        page.screenshot(path=ARTIFACTS / "ui-forget-rejected.png", full_page=True)
+        logs = page.get_by_role("button", name="View logs")
+        logs.first.wait_for()
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        for i in range(logs.count()):  # the newest ticks first; the one that rejected it logged it
+            logs.nth(i).click()
+            dialog = page.get_by_role("dialog").filter(has_text="Logs for forget_request_sensor")
+            try:
+                dialog.get_by_text("forget request typo.json rejected: no sample has label 'Bgg'").wait_for(timeout=5_000)
+            except PlaywrightTimeout:
+                dialog.get_by_role("button", name="Done").click()
+                continue
+            page.wait_for_timeout(500)
+            page.screenshot(path=ARTIFACTS / "ui-forget-rejected.png")
+            break
+        else:
+            pytest.fail("no tick of forget_request_sensor logs the rejection of typo.json")
     finally:
         context.close()
 
@@ -498,3 +534,4 @@ def test_evaluation_page_forget_launchpad_and_a_rejected_request_in_the_ui(brows
     assert not [r for r in after_runs if r["runId"] not in runs_before and r["jobName"] == "forget"]
     assert not [r for r in after_runs if r["status"] == "FAILURE"]
     assert {key: materializations(dagster, key, None, 1) for key in core} == before
+    assert not tracebacks(dagster), "tracebacks in test-artifacts/dagster-dev.log:\n" + "\n\n".join(tracebacks(dagster))
