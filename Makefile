@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; both set everything up first.
-.PHONY: setup demo demo-headless test bench
+.PHONY: setup demo demo-headless test test-fast bench
 
 setup:
 	@bash scripts/setup.sh
@@ -11,6 +11,10 @@ demo: setup
 # The same life cycle in-process, for machines without a browser; prints a summary.
 demo-headless: setup
 	VISMEM_HOME=$${VISMEM_HOME:-$$PWD/vismem_home} .venv/bin/python -m dagster_project.demo headless
+
+# The development loop (a few minutes): every test not marked slow. `make test` runs them all.
+test-fast: setup
+	.venv/bin/python -m pytest -m "not slow" -q
 
 # The tests, then the benchmark suite at small sizes (about two minutes) so it cannot rot.
 test: setup

@@ -39,6 +39,7 @@ def stored_vectors(memory):
     return frame["vector_id"].to_numpy(), frame["vector"].to_numpy(), [labels[v] for v in frame["vector_id"]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["plurality", "distance"])
 def test_predictions_match_brute_force_reference(filled, encoder, fm_sets, strategy):
     queries = sorted(fm_sets["test"].rglob("*.png"))

@@ -30,6 +30,7 @@ def cli_home(tmp_path_factory, fm_sets):
     return home, small
 
 
+@pytest.mark.slow
 def test_add_reports_counts_and_quarantine_as_json(cli_home):
     home, small = cli_home
     out = json.loads(run(home, "add", small, "--json").stdout)
@@ -42,6 +43,7 @@ def test_add_reports_counts_and_quarantine_as_json(cli_home):
     assert again["index_version"] == 1  # nothing new, no new version
 
 
+@pytest.mark.slow
 def test_classify_prints_one_json_object_per_image(cli_home, fm_sets):
     home, _ = cli_home
     queries = sorted((fm_sets["test"] / "Trouser").glob("*.png"))[:2]
@@ -56,6 +58,7 @@ def test_classify_prints_one_json_object_per_image(cli_home, fm_sets):
         assert {"sample_id", "label", "similarity", "weight"} <= set(obj["neighbors"][0])
 
 
+@pytest.mark.slow
 def test_human_tables_and_status(cli_home, fm_sets):
     home, _ = cli_home
     text = run(home, "classify", fm_sets["test"] / "Bag", "--k", "3").stdout
@@ -69,6 +72,7 @@ def test_human_tables_and_status(cli_home, fm_sets):
     assert "live index versions" in text and "IVF-Flat search: calls of" in text
 
 
+@pytest.mark.slow
 def test_eval_json_and_plot(cli_home, tmp_path, fm_sets):
     home, _ = cli_home
     plot = tmp_path / "acc.png"
@@ -79,6 +83,7 @@ def test_eval_json_and_plot(cli_home, tmp_path, fm_sets):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_errors_are_one_clear_line(cli_home, tmp_path):
     home, _ = cli_home
     proc = run(home, "classify", tmp_path / "nope.png", check=False)

@@ -215,6 +215,7 @@ def test_closed_pipe_exits_quietly(home):
     assert err == ""  # not even Python's "Exception ignored ... BrokenPipeError" at exit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", [4096, 65536])
 def test_full_disk_mid_add_is_one_line_and_the_memory_stays_consistent(home, sets, tmp_path, limit):
     """A file size limit in the child (writes past it fail with EFBIG, as a full disk fails with
@@ -267,6 +268,7 @@ def read_only_mount(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_read_only_memory_answers_and_refuses_changes_in_one_line(home, sets, fm_sets, tmp_path, read_only_mount):
     mem = tmp_path / "home"
     shutil.copytree(home, mem)

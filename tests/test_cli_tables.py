@@ -53,6 +53,7 @@ def home(tmp_path_factory, fm_sets, encoder):
     return memory.layout.root
 
 
+@pytest.mark.slow
 def test_index_lineage_at_80_columns_is_one_block_per_row_with_every_value(home):
     out = vismem(home, "audit", "query", "index_lineage")
     lines = out.splitlines()
@@ -68,6 +69,7 @@ def test_index_lineage_at_80_columns_is_one_block_per_row_with_every_value(home)
     assert len(csv.strip().splitlines()) == len(expected) + 1
 
 
+@pytest.mark.slow
 def test_a_narrow_table_still_prints_as_a_grid(home):
     out = vismem(home, "audit", "query", "label_counts")
     lines = out.splitlines()
@@ -78,6 +80,7 @@ def test_a_narrow_table_still_prints_as_a_grid(home):
         assert any(all(_cell(v) in line for v in row.values()) for line in lines), row
 
 
+@pytest.mark.slow
 def test_a_wider_terminal_shows_the_lineage_as_a_grid_whole(home):
     expected = json.loads(vismem(home, "audit", "query", "index_lineage", "--json"))
     out = vismem(home, "audit", "query", "index_lineage", columns=1000)

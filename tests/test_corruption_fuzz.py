@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from vismem_assets import audit
@@ -154,6 +155,7 @@ def test_the_corrupt_files_are_the_same_for_the_same_seed():
     assert corrupt_set(n=40) != corrupt_set(seed=SEED + 1, n=40)
 
 
+@pytest.mark.slow
 def test_every_mutated_file_is_added_or_quarantined_with_a_reason_and_the_audit_passes(tmp_path, memory):
     files = corrupt_set()
     root = tmp_path / "fuzz"

@@ -78,6 +78,7 @@ def count(memory, sql: str, params=None) -> int:
 
 # ---- finding 4: names that are not UTF-8; a failed add leaves no file behind -----------------
 
+@pytest.mark.slow
 def test_a_file_name_that_is_not_utf8_is_kept_byte_for_byte(tmp_path, fm_sets, encoder):
     src = tmp_path / "odd-names"
     (src / "Bag").mkdir(parents=True)
@@ -163,6 +164,7 @@ Memory(sys.argv[1]).ingest(sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_an_add_killed_before_its_commit_leaves_files_the_next_writer_removes(tmp_path, fm_sets, encoder):
     home = tmp_path / "home"
     first = copy_set(fm_sets["train"], tmp_path / "first", labels=("Bag", "Coat"), per_label=3)
@@ -252,6 +254,7 @@ def kill_mid_embedding(home: Path, src: Path) -> None:
     assert child.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("repair", ["rebuild", "add", "memory_index"])
 def test_kill_during_embedding_is_reported_and_the_next_writer_finishes_it(tmp_path, fm_sets, encoder, monkeypatch,
                                                                            repair):
@@ -302,6 +305,7 @@ def test_kill_during_embedding_is_reported_and_the_next_writer_finishes_it(tmp_p
 
 # ---- finding 14: concurrent adds of the same images ------------------------------------------
 
+@pytest.mark.slow
 def test_three_concurrent_adds_of_the_same_folder_embed_each_image_once(tmp_path, fm_sets, encoder):
     home = tmp_path / "home"
     src = copy_set(fm_sets["train"], tmp_path / "same")
@@ -339,6 +343,7 @@ def files_holding(root: Path, data: bytes) -> list[Path]:
     return [p for p in store.walk(root) if p.stat().st_size == len(data) and p.read_bytes() == data]
 
 
+@pytest.mark.slow
 def test_a_killed_write_leftover_is_a_trace_until_removed(memory, fm_sets, tmp_path):
     src = copy_set(fm_sets["train"], tmp_path / "shoes", labels=("Sandal", "Sneaker"), per_label=3)
     memory.add(src, progress=False)

@@ -99,6 +99,7 @@ def metadata(instance, key, field):
     return event.asset_materialization.metadata[field].value
 
 
+@pytest.mark.slow
 def test_two_sets_through_the_graph_with_checks(home, resources, fm_sets):
     drop_set(home, "set-a", fm_sets["train"], ["Bag", "Trouser", "Sneaker"], per_label=4)
     drop_set(home, "set-b", fm_sets["more"], ["Bag", "Trouser", "Sneaker"], per_label=3)
@@ -143,6 +144,7 @@ def test_two_sets_through_the_graph_with_checks(home, resources, fm_sets):
         assert "rebuild" in check.metadata["next_step"].value
 
 
+@pytest.mark.slow
 def test_compaction_rebuilds_and_purges(home, resources, fm_sets):
     drop_set(home, "set-a", fm_sets["train"], ["Bag", "Coat"], per_label=3)
     with instance_for_test() as instance:
@@ -158,6 +160,7 @@ def test_compaction_rebuilds_and_purges(home, resources, fm_sets):
         assert versions["status"].to_list() == ["retained", "retained", "live"]  # retain_versions=5 keeps all
 
 
+@pytest.mark.slow
 def test_new_embeddings_trigger_one_refresh_each_and_none_is_lost(home, resources, fm_sets):
     drop_set(home, "set-a", fm_sets["train"], ["Bag", "Coat"], per_label=2)
     drop_set(home, "set-b", fm_sets["more"], ["Bag", "Coat"], per_label=2)
@@ -189,6 +192,7 @@ def test_new_embeddings_trigger_one_refresh_each_and_none_is_lost(home, resource
         assert metadata(instance, "evaluation", "index_version") == str(memory.indexes.live().version)
 
 
+@pytest.mark.slow
 def test_compaction_builds_the_configured_index_type_and_shows_its_recall(home, encoder, monkeypatch):
     """Resource config chooses the index type; the rebuild's measured recall and nprobe sweep
     are materialization metadata."""

@@ -96,6 +96,7 @@ def test_every_asset_is_catalogued_with_kinds_owners_tags_code_version_and_sourc
     assert entry["python_module"]["location_name"] == "vismem"
 
 
+@pytest.mark.slow
 def test_eager_automation_would_strand_sets_behind_a_failed_one_so_the_sensor_stays(resources, fm_sets):
     """Why embeddings_sensor is not replaced by AutomationCondition.eager(): with one image set's
     run failed, eager never folds in the sets that did land; the sensor does."""
@@ -172,6 +173,7 @@ def assert_only_measurements_plotted(instance, key: str):
             assert isinstance(value, TextMetadataValue), (key, name, value)
 
 
+@pytest.mark.slow
 def test_forget_makes_a_new_version_and_says_so_with_a_reason_of_its_own(resources, fm_sets):
     memory = resources["visual_memory"].memory()
     home = memory.layout.root
@@ -225,6 +227,7 @@ def test_forget_makes_a_new_version_and_says_so_with_a_reason_of_its_own(resourc
         assert memory.indexes.live().version == 4
 
 
+@pytest.mark.slow
 def test_evaluation_publishes_quality_per_old_and_new_classes_as_plain_numbers(resources, fm_sets, monkeypatch):
     memory = resources["visual_memory"].memory()
     home = memory.layout.root
@@ -287,6 +290,7 @@ def test_gallery_picks_confidently_wrong_then_borderline_across_labels():
     assert gallery_picks(result, 1) == [(1, CONFIDENTLY_WRONG)]
 
 
+@pytest.mark.slow
 def test_misclassified_gallery_is_ordered_by_confidence_across_labels_with_a_legend(resources, fm_sets,
                                                                                      monkeypatch):
     memory = resources["visual_memory"].memory()

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from dagster import DagsterInstance
 
 from vismem_assets.memory import Memory
@@ -11,6 +12,7 @@ from vismem_assets.memory import Memory
 SETS = {"set-a": ["Bag", "Coat"], "set-b": ["Trouser", "Sneaker"], "set-c": ["Bag", "Dress"]}
 
 
+@pytest.mark.slow
 def test_partitions_materialized_concurrently_all_succeed(tmp_path, fm_sets, encoder):
     home, dagster_home = tmp_path / "home", tmp_path / "dagster_home"
     dagster_home.mkdir()

@@ -289,6 +289,7 @@ def arrived(dagster, fm_sets):
     return {"image_sets": image_set, "embeddings": embedding, "memory_index": index, "evaluation": evaluation}
 
 
+@pytest.mark.slow
 def test_inbox_to_evaluation_with_no_other_action_then_launch_over_graphql(dagster, arrived, encoder):
     assert {"ingest_image_set", "refresh_memory", "__ASSET_JOB"} <= dagster.jobs
     assert dagster.location == "vismem"  # workspace.yaml's location_name
@@ -381,6 +382,7 @@ def browser():
             chromium.close()
 
 
+@pytest.mark.slow
 def test_materialize_button_in_the_ui_launches_a_run_that_succeeds(browser, dagster, arrived):
     ARTIFACTS.mkdir(exist_ok=True)
     context = browser.new_context(viewport={"width": 1440, "height": 900})
@@ -440,6 +442,7 @@ def new_page(browser):
     return context, page
 
 
+@pytest.mark.slow
 def test_evaluation_page_forget_launchpad_and_a_rejected_request_in_the_ui(browser, dagster, arrived):
     """Issue 17: what a person sees. The evaluation's page; the forget job's Launchpad, whose
     scaffold is a request to fill and whose defaults cannot be launched; a request with a typo

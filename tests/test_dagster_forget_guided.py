@@ -81,6 +81,7 @@ def sensor_tick(instance, resources, capfd):
     return result, capfd.readouterr().err.splitlines()
 
 
+@pytest.mark.slow
 def test_bad_requests_are_refused_before_any_run_and_the_core_assets_stay_green(
         tmp_path, fm_sets, monkeypatch, encoder, capfd):
     home = tmp_path / "home"
@@ -140,6 +141,7 @@ def test_bad_requests_are_refused_before_any_run_and_the_core_assets_stay_green(
         assert ledger_state(memory) == ledger_before
 
 
+@pytest.mark.slow
 def test_dry_run_changes_nothing_then_the_request_forgets_and_a_late_duplicate_is_refused_green(
         tmp_path, fm_sets, monkeypatch, encoder, capfd):
     home = tmp_path / "home"

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import polars as pl
+import pytest
 from dagster import AssetKey, AssetSelection, build_sensor_context, instance_for_test, materialize
 
 from dagster_project.assets import embeddings, evaluation, image_set_partitions, image_sets, memory_index
@@ -38,6 +39,7 @@ def per_label(instance) -> dict[str, float]:
     return {r.data["label"]: r.data["accuracy"] for r in meta["per_label"].value.records}
 
 
+@pytest.mark.slow
 def test_forget_from_the_inbox_once_then_evaluation_never_predicts_it(tmp_path, fm_sets, monkeypatch, encoder):
     home = tmp_path / "home"
     resources = build(home, fm_sets, monkeypatch, encoder)
@@ -86,6 +88,7 @@ def test_forget_from_the_inbox_once_then_evaluation_never_predicts_it(tmp_path, 
         assert again[0].run_key == requests[0].run_key
 
 
+@pytest.mark.slow
 def test_launchpad_config_and_the_blocking_check_catches_leftovers(tmp_path, fm_sets, monkeypatch, encoder):
     home = tmp_path / "home"
     resources = build(home, fm_sets, monkeypatch, encoder)

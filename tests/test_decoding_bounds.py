@@ -98,6 +98,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_aspect_ratio_bombs_are_quarantined_and_refused_by_the_encoder_within_a_memory_limit(tmp_path):
     """60000x1 and 2x40000 PNGs of ~140 bytes: quarantined with a reason naming the bound, and
     embed/classify/preprocessing raise a ValueError naming the file and the bound, all in a
@@ -166,6 +167,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_fifo_and_dev_zero_link_are_refused_without_blocking_or_reading_forever(tmp_path):
     """A FIFO named x.jpg (no writer: opening or reading it blocks) and a symlink to /dev/zero
     (stat: 0 bytes, reads forever) inside a label folder: the add finishes with both quarantined

@@ -1,10 +1,12 @@
 """The headless demo life cycle: sets arrive, the memory grows, a late set of new classes
 is learned without training and without hurting the old classes."""
 import polars as pl
+import pytest
 
 from dagster_project.demo import headless
 
 
+@pytest.mark.slow
 def test_late_new_classes_are_learned_and_old_ones_keep_their_accuracy(tmp_path, monkeypatch):
     monkeypatch.delenv("VISMEM_QUERY_SET", raising=False)
     summary = headless(tmp_path / "home", per_set=24, n_queries=60)

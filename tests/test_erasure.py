@@ -200,6 +200,7 @@ def test_a_part_a_crash_left_behind_goes_with_the_next_forget(tmp_path):
     assert audit.verify(memory).ok
 
 
+@pytest.mark.slow
 def test_an_ivf_memory_forgets_in_place_searches_without_the_holes_and_compaction_removes_them(tmp_path):
     memory = build_memory(tmp_path / "home", 12_000, QueryVectors(D),
                           index_policy=IndexPolicy(kind="ivf-flat", recall_floor=0.5))

@@ -36,6 +36,7 @@ def acc(table: pl.DataFrame, noise: float, pruning: str, column: str = "best_acc
 
 # --- data -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_fashion_mnist_vectors_balanced_unit_and_cached(fm, encoder):
     (mem_v, mem_l, q_v, q_l, names), cache = fm
     assert mem_v.shape == (N_MEMORY, encoder.dim) and q_v.shape == (N_QUERIES, encoder.dim)

@@ -282,6 +282,7 @@ def near_copy_variants(original: Path, out: Path) -> dict[str, Path]:
     return variants
 
 
+@pytest.mark.slow
 def test_near_copies_of_forgotten_images_stay_out_and_a_thousand_other_images_go_in(mem, set_a, fm_sets, tmp_path):
     gone = [sorted((set_a / label).glob("*.png"))[0] for label in ("Trouser", "Sneaker", "Bag")]
     report = mem.forget(ForgetRequest(**WHO, sample_ids=[sid(f) for f in gone]))

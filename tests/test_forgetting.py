@@ -350,6 +350,7 @@ def test_forget_each_kind_of_target(mem, sources, tmp_path, kind):
         assert mem.ledger.query("SELECT name_pos, stored_path FROM quarantine").rows() == [(None, None)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_forget_each_kind_from_the_command_line(mem, sources, tmp_path, kind):
     target, ids, args = case(kind, sources, tmp_path)
@@ -392,6 +393,7 @@ def test_forgetting_a_set_also_removes_its_quarantined_files(mem, sources):
 
 # ---- dry run ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_dry_run_lists_and_changes_nothing(mem, sources):
     before = snapshot(mem)
     report = mem.forget(ForgetRequest(**WHO, label="Sandal"), dry_run=True)
@@ -559,6 +561,7 @@ def sandal_ids(sources) -> list[str]:
     return [sid(f) for s in ("A", "B") for f in pngs(sources[s] / "Sandal")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("point", ["erase", "erase_half"])
 def test_killed_mid_erasure_the_memory_still_searches_then_resumed(mem, sources, encoder, point):
     pre = capture(mem)
@@ -601,6 +604,7 @@ def crashed_after_index_purge(base_home, tmp_path_factory, encoder, sources) -> 
     return home, pre
 
 
+@pytest.mark.slow
 def test_killed_after_the_index_purge_then_the_same_command_again(crashed_after_index_purge, tmp_path, encoder, sources):
     home, pre = crashed_after_index_purge
     after = copy_home(home, tmp_path / "home", encoder)
@@ -638,6 +642,7 @@ def test_retry_after_a_crash_reports_what_the_request_forgot(crashed_after_index
     assert report.n_samples == 6 and report.per_label() == {"Sandal": 6}
 
 
+@pytest.mark.slow
 def test_killed_between_erasing_names_and_the_proof_a_retry_finishes(mem, sources, encoder):
     names = [f.name for s in ("A", "B") for f in pngs(sources[s] / "Sandal")]
     assert all(n.encode() in names_bytes(mem.layout.root) for n in names)
@@ -667,6 +672,7 @@ UNKNOWN = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_unknown_target_is_a_clear_error_and_changes_nothing(mem, sources, tmp_path, kind):
     target, args, says = UNKNOWN[kind](sources, tmp_path)
@@ -706,6 +712,7 @@ def test_unreadable_image_file_is_a_clear_error(mem, tmp_path):
     assert_unchanged(mem, before)
 
 
+@pytest.mark.slow
 def test_who_and_why_are_required(mem):
     before = snapshot(mem)
     for fields, says in (({"requested_by": "", "reason": "x"}, "requested_by"),
@@ -725,6 +732,7 @@ def test_who_and_why_are_required(mem):
 
 # ---- exactly once -------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_same_request_twice_is_applied_once(mem):
     first = mem.forget(SANDAL)
     state = snapshot(mem)
@@ -819,6 +827,7 @@ def test_tampered_deletions_are_detected(fmem, how):
     assert rc == 1 and "FAILED" in err and re.search(says, err), err
 
 
+@pytest.mark.slow
 def test_tampered_row_fails_verify_in_a_real_process(fmem):
     assert vismem(fmem.layout.root, "audit", "verify").returncode == 0
     tamper_sql(fmem, "UPDATE deletions SET label = 'Coat' WHERE seq = 5")
@@ -865,6 +874,7 @@ def test_a_forgotten_vector_written_back_into_its_hole_is_found(fmem, base_home)
     assert report.problems == [f"{fmem.layout.relative(retained)} has holes whose bytes were not erased"]
 
 
+@pytest.mark.slow
 def test_a_forgotten_image_dropped_back_into_the_store_is_found(fmem, sources):
     src = pngs(sources["B"] / "Sandal")[0]
     target = fmem.layout.images / sid(src)[:2] / f"{sid(src)}.png"
@@ -969,6 +979,7 @@ def test_every_audit_sql_file_runs_in_plain_duckdb(fmem, sources, monkeypatch):
 
 # ---- proof for one sample --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_audit_proof_for_a_file_and_for_a_sample_still_held(fmem, sources):
     home = fmem.layout.root
     src = pngs(sources["A"] / "Sandal")[2]

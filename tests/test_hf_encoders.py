@@ -72,6 +72,7 @@ def clip_dir(tmp_path_factory):
     return save_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
 
 
+@pytest.mark.slow
 def test_dinov2_vector_is_the_last_layer_class_token(dinov2_dir):
     enc = load_encoder(f"dinov2:{dinov2_dir}")
     assert enc.name == "dinov2:tiny-dinov2" and enc.dim == 32

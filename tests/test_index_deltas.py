@@ -212,6 +212,7 @@ def test_a_damaged_delta_is_refused_with_advice(memory):
     assert rebuilt.deltas == () and memory.index_consistency()["ok"]
 
 
+@pytest.mark.slow
 def test_ivf_base_with_a_delta(tmp_path):
     memory = build_memory(tmp_path / "home", 20_000, QueryVectors(64), index_policy=IndexPolicy(kind="ivf-flat"))
     base = memory.indexes.live()
@@ -241,6 +242,7 @@ def sharded(tmp_path):
     return build_memory(tmp_path / "home", 20_000, QueryVectors(D), index_policy=IndexPolicy(kind="flat", shard_mib=1))
 
 
+@pytest.mark.slow
 def test_an_exact_base_is_written_in_shards_and_read_as_one(sharded):
     live = sharded.indexes.live()
     assert [f.n_vectors for f in live.files] == [8192, 8192, 3616] and [f.role for f in live.files] == ["base"] * 3
@@ -257,6 +259,7 @@ def test_an_exact_base_is_written_in_shards_and_read_as_one(sharded):
     np.testing.assert_allclose(sharded.search(queries, 20)[0], reference.search(queries, 20)[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_forgetting_one_vector_erases_it_in_its_shard(sharded):
     before = sharded.indexes.live()
     victim = sorted(file_ids(sharded, before.files[1].path))[0]

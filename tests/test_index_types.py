@@ -40,6 +40,7 @@ def ivf_memory(tmp_path):
     return build_memory(tmp_path / "home", 20_000, QueryVectors(D), index_policy=IndexPolicy(kind="ivf-flat"))
 
 
+@pytest.mark.slow
 def test_ivf_flat_is_kept_when_its_recall_passes_and_that_recall_is_real(ivf_memory):
     live = ivf_memory.indexes.live()
     assert live.index_type.startswith("IVF") and live.index_type.endswith(",Flat")
@@ -63,6 +64,7 @@ def test_ivf_flat_is_kept_when_its_recall_passes_and_that_recall_is_real(ivf_mem
     assert all(r < 0.95 for p, r in report["sweep"] if p < live.nprobe)
 
 
+@pytest.mark.slow
 def test_weakly_clustered_vectors_stay_exact_and_say_why(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((12_000, 256)).astype(np.float32)
@@ -107,6 +109,7 @@ def test_policy_from_the_environment_and_its_errors():
     assert pq_bytes_for(1280, None) == 160 and 384 % pq_bytes_for(384, 50) == 0
 
 
+@pytest.mark.slow
 def test_adding_to_an_ivf_index_assigns_to_its_lists(ivf_memory):
     first = ivf_memory.indexes.live()
     x, labels = clustered_vectors(500, D, seed=11)
@@ -120,6 +123,7 @@ def test_adding_to_an_ivf_index_assigns_to_its_lists(ivf_memory):
     assert np.array_equal(found[:, 0], new_ids["vector_id"].to_numpy()[:50])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ivf-flat", "ivf-sq8", "ivf-pq"])
 def test_forgetting_leaves_no_trace_in_ivf_versions(tmp_path, kind):
     policy = IndexPolicy(kind=kind, recall_floor=0.05)  # PQ's recall is low: kept here to test forgetting on it
@@ -152,6 +156,7 @@ def kind_name(index) -> str:
     return "ivf-sq8" if isinstance(ivf, faiss.IndexIVFScalarQuantizer) else "ivf-flat"
 
 
+@pytest.mark.slow
 def test_ivf_pq_measures_its_recall_and_is_refused_under_a_high_floor(tmp_path):
     x, _ = clustered_vectors(12_000, D, seed=2)
     kept, report = build(np.arange(len(x)), x, IndexPolicy(kind="ivf-pq", recall_floor=0.05))
@@ -162,6 +167,7 @@ def test_ivf_pq_measures_its_recall_and_is_refused_under_a_high_floor(tmp_path):
     assert isinstance(faiss.downcast_index(refused), faiss.IndexIDMap2)
 
 
+@pytest.mark.slow
 def test_reliability_on_an_ivf_memory_equals_the_flat_one(tmp_path):
     """Pruning statistics are exact whatever the index: an IVF memory reads its exact vectors
     from the embedding files, and gets the same counts as a flat memory of the same data."""
@@ -190,6 +196,7 @@ print(anon() - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, mapped", [("ivf-flat", True), ("flat", False)])
 def test_ivf_indexes_are_searched_memory_mapped_flat_ones_read_whole(tmp_path, kind, mapped):
     """An IVF index is memory-mapped: a searching process's own (anonymous) memory grows by far
@@ -214,6 +221,7 @@ def test_ivf_indexes_are_searched_memory_mapped_flat_ones_read_whole(tmp_path, k
     assert np.array_equal(found, plain.search(q, 10)[1])
 
 
+@pytest.mark.slow
 def test_cli_rebuild_with_an_index_type_prints_the_build_report(tmp_path, encoder):
     build_memory(tmp_path / "home", 3_000, encoder, index_policy=IndexPolicy(kind="flat"))
     env = {**os.environ, "VISMEM_HOME": str(tmp_path / "home")}

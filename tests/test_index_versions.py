@@ -241,6 +241,7 @@ CRASH_SCRIPT = """
 """
 
 
+@pytest.mark.slow
 def test_crash_while_writing_a_version_leaves_the_previous_one_live(memory, fm_sets, encoder, tmp_path):
     a = fm_files(fm_sets, labels=("Bag", "Trouser"), per_label=2)
     b = fm_files(fm_sets, "more", labels=("Bag", "Trouser"), per_label=2)
@@ -366,6 +367,7 @@ ADD_SCRIPT = """
 """
 
 
+@pytest.mark.slow
 def test_two_processes_add_at_once(fm_sets, encoder, tmp_path):
     home = tmp_path / "home"                          # fresh: both processes also race to create the ledger
     sets = {"A": fm_files(fm_sets, labels=("Bag", "Trouser", "Sneaker"), per_label=2),
@@ -433,6 +435,7 @@ class GatedEncoder(Encoder):
         return super().embed(images, **kw)
 
 
+@pytest.mark.slow
 def test_concurrent_adds_of_overlapping_sets(fm_sets, encoder, tmp_path):
     shared = fm_files(fm_sets, labels=("Bag",), per_label=1)
     sets = {"A": shared + fm_files(fm_sets, labels=("Trouser",), per_label=1),

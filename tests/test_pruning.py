@@ -54,6 +54,7 @@ def test_incremental_reliability_equals_a_full_pass_after_add_and_forget(tmp_pat
     assert not np.isin(third.neighbors, forgotten.to_numpy()).any()
 
 
+@pytest.mark.slow
 def test_weight_sets_are_honoured_switched_off_and_rolled_back(tmp_path, encoder, fm_sets):
     memory = Memory(tmp_path / "home", encoder=encoder)
     memory.add(copy_set(fm_sets["train"], tmp_path / "a", ("Pullover", "Coat", "Shirt"), 8), progress=False)
@@ -96,6 +97,7 @@ def test_prune_cli_dry_run_changes_nothing(tmp_path, encoder, fm_sets):
     assert pruning.active_mode(Memory(home, encoder=encoder)) == ("hard", 3)
 
 
+@pytest.mark.slow
 def test_experiment_from_the_cli_and_from_dagster(tmp_path, encoder, monkeypatch, capsys):
     from dagster_project import resources as res
     from dagster_project.assets import experiments

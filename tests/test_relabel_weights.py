@@ -322,6 +322,7 @@ def dagster_resources(home: Path, monkeypatch, encoder) -> dict:
     return {"visual_memory": VisualMemory()}
 
 
+@pytest.mark.slow
 def test_inbox_requests_launch_typed_jobs_and_bad_ones_are_rejected_with_an_error_file(mem, monkeypatch, encoder):
     from dagster_project.definitions import defs
     from dagster_project.editing import relabel_request_sensor, weight_request_sensor
@@ -376,6 +377,7 @@ def test_inbox_requests_launch_typed_jobs_and_bad_ones_are_rejected_with_an_erro
         assert relabel_request_sensor(build_sensor_context(instance=instance, resources=resources)).skip_message
 
 
+@pytest.mark.slow
 def test_launchpad_jobs_take_typed_config_and_a_dry_run_changes_nothing(mem, monkeypatch, encoder):
     from dagster_project.definitions import defs
 

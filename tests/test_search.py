@@ -296,6 +296,7 @@ def test_fresh_process_applies_the_choice_and_reports_it():
     assert report["threads"]["cpus"] >= 1
 
 
+@pytest.mark.slow
 def test_status_shows_the_blas_choice(tmp_path):
     env = {**os.environ, "VISMEM_HOME": str(tmp_path / "home")}
     cmd = [sys.executable, "-m", "vismem_assets.cli", "status"]
