@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +23,17 @@ import polars as pl
 from .atomic import fsync_dir
 from .names import NAMES_FILE, NameFile, move_names_out
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+def _sql_dir() -> Path:
+    """The schema and audit queries: a wheel carries them as package data (vismem_assets/sql);
+    a checkout reads the repo's top-level sql/, the files the duckdb CLI runs."""
+    packaged = resources.files(__package__) / "sql"
+    if packaged.is_dir():
+        return Path(str(packaged))  # an installed package lies on disk: Path(...).glob() works
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+SQL_DIR = _sql_dir()
 MIGRATIONS_DIR = SQL_DIR / "migrations"
 AUDIT_DIR = SQL_DIR / "audit"
 
@@ -43,7 +54,7 @@ def migrations() -> list[tuple[int, str, str]]:
         if m:
             found.append((int(m.group(1)), m.group(2), path.read_text()))
     if not found:
-        raise FileNotFoundError(f"no ledger migrations in {MIGRATIONS_DIR}: is the checkout complete?")
+        raise FileNotFoundError(f"no ledger migrations in {MIGRATIONS_DIR}: is the checkout or installation complete?")
     return found
 
 
