@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import duckdb
 import polars as pl
@@ -57,6 +57,17 @@ def migrations() -> list[tuple[int, str, str]]:
     if not found:
         raise FileNotFoundError(f"no ledger migrations in {MIGRATIONS_DIR}: is the checkout or installation complete?")
     return found
+
+
+def _names_out_of_duckdb(ledger: Ledger, con: duckdb.DuckDBPyConnection) -> None:
+    if move_names_out(con, ledger.names):
+        ledger._stale_bytes.touch()  # their old bytes leave with a fresh copy of the file (see connect)
+
+
+# Python a migration needs after its SQL, run in the same transaction: {version: hook}.
+MIGRATION_HOOKS: dict[int, Callable[[Ledger, duckdb.DuckDBPyConnection], None]] = {
+    7: _names_out_of_duckdb,
+}
 
 
 def audit_queries() -> list[str]:
@@ -282,8 +293,8 @@ class Ledger:
             con.begin()
             try:
                 con.execute(sql)
-                if version == 7 and move_names_out(con, self.names):
-                    self._stale_bytes.touch()
+                if version in MIGRATION_HOOKS:
+                    MIGRATION_HOOKS[version](self, con)
                 con.execute(
                     "INSERT INTO schema_migrations VALUES (?, ?, now())", [version, name]
                 )
