@@ -70,6 +70,16 @@ def test_search_is_exact_and_best_first():
     assert ex.search(x[:5], x[150:], 10)[1].shape == (50, 5)  # k capped at the memory size
 
 
+def test_search_breaks_ties_at_the_kth_neighbour_by_lower_position():
+    x, _ = clustered_vectors(300, 16, 5, 1.0, seed=4)
+    memory = np.repeat(x[:100], 3, axis=0)  # each vector three times: every neighbour is a tie
+    sims, pos = ex.search(memory, x[100:], 4)
+    best = (x[100:] @ x[:100].T).argmax(axis=1)
+    assert pos[:, :3].tolist() == [[3 * b, 3 * b + 1, 3 * b + 2] for b in best]
+    assert (pos[:, 3] % 3 == 0).all()  # the next vector's first copy, not any of the three
+    assert (sims[:, :3] == sims[:, :1]).all()
+
+
 # --- label noise ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.37, 0.6, 1.0])

@@ -193,7 +193,7 @@ def test_memory_mapped_read_only_index(flat_ivf, tmp_path):
 @pytest.mark.parametrize("workers", [1, 3])
 def test_any_number_of_threads_and_chunks(flat_ivf, monkeypatch, workers):
     index, _, _, queries = flat_ivf
-    monkeypatch.setattr(ivf_search, "_WORKERS", workers)
+    monkeypatch.setattr(ivf_search, "WORKERS", workers)
     monkeypatch.setattr(ivf_search, "MAX_CHUNK", 70)  # 250 queries: four chunks
     assert_same(IVFSearcher(index, min_batch=1, min_bytes=0).search(queries[:250], 15), index.search(queries[:250], 15))
 

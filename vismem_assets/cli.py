@@ -332,7 +332,15 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from benchmarks.suite import main as bench_main  # the benchmarks ship with the project
+    # The benchmarks live in the checkout, not in the wheel: run them from there.
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "benchmarks" / "suite.py").is_file():
+        print("vismem bench: the benchmarks run from a checkout of vismem, not an installed package: "
+              "in the checkout, run `python -m benchmarks.suite --quick`", file=sys.stderr)
+        return 2
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    from benchmarks.suite import main as bench_main
 
     return bench_main((["--quick"] if args.quick else []) + (["--json"] if args.json else [])
                       + (["--only", *args.only] if args.only else []))

@@ -29,13 +29,13 @@ from . import fashion_mnist
 from .atomic import atomic_path
 from .plots import _pyplot, _save
 from .reliability import SOFT_K, compute, soft_weights
+from .search import topk_inner_product
 from .voting import DEFAULT_STRATEGY, accuracy_by_k, vote_all_k, vote_weights
 
 DEFAULT_K = 20
 DEFAULT_K_MAX = 100
 NOISE_LEVELS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 NEW_CLASSES = (1, 8)  # Trouser and Bag on Fashion-MNIST: visually distinct from the rest
-SEARCH_BATCH = 1024
 
 
 @dataclass
@@ -85,23 +85,7 @@ def fashion_mnist_vectors(encoder, n_memory: int, n_queries: int, seed: int = 0,
 def search(mem_v: np.ndarray, q_v: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product: (n_q, k) similarities (best first) and memory positions.
     Ties go to the lower memory position."""
-    mem_v = np.ascontiguousarray(mem_v, np.float32)
-    q_v = np.ascontiguousarray(q_v, np.float32)
-    n = len(mem_v)
-    k = min(k, n)
-    sims_out = np.empty((len(q_v), k), np.float32)
-    pos_out = np.empty((len(q_v), k), np.int64)
-    for s in range(0, len(q_v), SEARCH_BATCH):
-        sims = q_v[s:s + SEARCH_BATCH] @ mem_v.T
-        if k < n:
-            cand = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        else:
-            cand = np.broadcast_to(np.arange(n), sims.shape)
-        cand_sims = np.take_along_axis(sims, cand, axis=1)
-        order = np.lexsort((cand, -cand_sims), axis=1)
-        pos_out[s:s + SEARCH_BATCH] = np.take_along_axis(cand, order, axis=1)
-        sims_out[s:s + SEARCH_BATCH] = np.take_along_axis(cand_sims, order, axis=1)
-    return sims_out, pos_out
+    return topk_inner_product(mem_v, q_v, k)
 
 
 def accuracy_curve(sims: np.ndarray, pos: np.ndarray, mem_labels: np.ndarray, query_labels: np.ndarray,

@@ -40,16 +40,14 @@ while the index is being modified.
 """
 from __future__ import annotations
 
-import os
-import threading
-
 import numpy as np
+
+from .workers import WORKERS, worker_pool
 
 MIN_BATCH = 256     # queries a call from which the list-by-list path is used (below: index.search)
 MIN_BYTES = 64 << 20  # ... and stored vectors (bytes) from which: below, FAISS's scans run largely from cache
 MAX_CHUNK = 1024    # queries searched together: bounds the heaps (~19 KiB a query at nprobe 16, k 100)
 _PAD = np.float32(-np.finfo(np.float32).max)  # FAISS's similarity for "no neighbour" (inner product)
-_WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def _ivf_flat_ip(index):
@@ -142,12 +140,12 @@ class IVFSearcher:
         heap_i = np.full((len(probes), k), -1, np.int64)
         thresholds = np.full(nq, _PAD, np.float32)  # (see scan_lists)
         args = (codes, ids, sizes, queries, list_start, pair_query, thresholds, heap_s, heap_i)
-        pool = _pool()
-        if pool is None or len(used) < 2 * _WORKERS:
+        pool = worker_pool()
+        if pool is None or len(used) < 2 * WORKERS:
             scan_lists(used, *args)
         else:
             work = np.cumsum(sizes[used] * (counts[used] + 4))  # (+4: a list's pass from memory)
-            cuts = [0, *np.searchsorted(work, work[-1] * np.arange(1, _WORKERS) / _WORKERS).tolist(), len(used)]
+            cuts = [0, *np.searchsorted(work, work[-1] * np.arange(1, WORKERS) / WORKERS).tolist(), len(used)]
             jobs = [pool.submit(scan_lists, used[lo:hi], *args) for lo, hi in zip(cuts[1:-1], cuts[2:])]
             scan_lists(used[:cuts[1]], *args)  # the calling thread takes the first share
             for job in jobs:
@@ -171,28 +169,11 @@ def _best_first(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, 
     return np.where(missing, _PAD, sims), np.where(missing, -1, ids)
 
 
-_executor = None
-_executor_lock = threading.Lock()
-
-
-def _pool():
-    """The worker threads beside the calling one (None on one CPU); a forked child gets its own."""
-    global _executor
-    if _WORKERS < 2:
-        return None
-    with _executor_lock:
-        if _executor is None or _executor[0] != os.getpid():
-            from concurrent.futures import ThreadPoolExecutor
-
-            _executor = (os.getpid(), ThreadPoolExecutor(_WORKERS - 1, thread_name_prefix="vismem-ivf"))
-        return _executor[1]
-
-
 def settings() -> dict:
     """When the list-batched path is taken and by what (for `vismem status`)."""
     from importlib.metadata import version
 
-    return {"min_batch": MIN_BATCH, "min_mib": MIN_BYTES >> 20, "threads": _WORKERS,
+    return {"min_batch": MIN_BATCH, "min_mib": MIN_BYTES >> 20, "threads": WORKERS,
             "kernel": f"numba {version('numba')}"}
 
 

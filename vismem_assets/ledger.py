@@ -13,16 +13,28 @@ import re
 import threading
 import time
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import duckdb
 import polars as pl
+from filelock import FileLock, Timeout
 
 from .atomic import fsync_dir
 from .names import NAMES_FILE, NameFile, move_names_out
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+def _sql_dir() -> Path:
+    """The schema and audit queries: a wheel carries them as package data (vismem_assets/sql);
+    a checkout reads the repo's top-level sql/, the files the duckdb CLI runs."""
+    packaged = resources.files(__package__) / "sql"
+    if packaged.is_dir():
+        return Path(str(packaged))  # an installed package lies on disk: Path(...).glob() works
+    return Path(__file__).resolve().parent.parent / "sql"
+
+
+SQL_DIR = _sql_dir()
 MIGRATIONS_DIR = SQL_DIR / "migrations"
 AUDIT_DIR = SQL_DIR / "audit"
 
@@ -43,8 +55,19 @@ def migrations() -> list[tuple[int, str, str]]:
         if m:
             found.append((int(m.group(1)), m.group(2), path.read_text()))
     if not found:
-        raise FileNotFoundError(f"no ledger migrations in {MIGRATIONS_DIR}: is the checkout complete?")
+        raise FileNotFoundError(f"no ledger migrations in {MIGRATIONS_DIR}: is the checkout or installation complete?")
     return found
+
+
+def _names_out_of_duckdb(ledger: Ledger, con: duckdb.DuckDBPyConnection) -> None:
+    if move_names_out(con, ledger.names):
+        ledger._stale_bytes.touch()  # their old bytes leave with a fresh copy of the file (see connect)
+
+
+# Python a migration needs after its SQL, run in the same transaction: {version: hook}.
+MIGRATION_HOOKS: dict[int, Callable[[Ledger, duckdb.DuckDBPyConnection], None]] = {
+    7: _names_out_of_duckdb,
+}
 
 
 def audit_queries() -> list[str]:
@@ -79,6 +102,8 @@ def insert_rows(con, table: str, columns: dict[str, tuple[str, list]], on_confli
 
 
 class Ledger:
+    _POLL_S = 0.02  # how often a waiting process tries the lock again
+
     def __init__(self, path: Path, lock_timeout: float | None = None, read_only: bool = False):
         """`read_only`: for a memory home this user may not write (a read-only mount, another
         user's memory): connections open read-only under a shared lock (readers wait for a
@@ -88,6 +113,9 @@ class Ledger:
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.lock_timeout = float(lock_timeout or os.environ.get("VISMEM_LOCK_TIMEOUT", 600))
         self._local = threading.local()
+        # flock on the lock file, held per thread (filelock's default): two threads wait for each
+        # other as two processes do; nested connections in one thread share the outer one.
+        self._write_lock = FileLock(self.lock_path, mode=0o644, poll_interval=self._POLL_S)
         self._migrated = False
         self.names = NameFile(self.path.with_name(NAMES_FILE))
         # Written before a migration that moved names out commits, removed once the file is copied.
@@ -98,34 +126,48 @@ class Ledger:
         """Exclusive (a writer), or shared (read-only connections: several may read at once,
         none while a writer holds the ledger, which DuckDB would refuse anyway)."""
         if shared:
-            try:
-                fd = os.open(self.lock_path, os.O_RDONLY)
-            except (FileNotFoundError, PermissionError):
-                # No writer ever ran here (or its lock file is private) and a reader may not
-                # create it: go unlocked; DuckDB itself refuses to read under an active writer.
-                fd = None
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        if fd is None:
+            with self._shared_lock():
+                yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._write_lock.acquire(timeout=self.lock_timeout)
+        except Timeout:
+            raise self._timeout() from None
+        try:
+            yield
+        finally:
+            self._write_lock.release()
+
+    @contextmanager
+    def _shared_lock(self) -> Iterator[None]:
+        # flock by hand: filelock has no shared lock on the writers' file (its ReadWriteLock is a
+        # SQLite database it must write), and a reader may only open the lock file read-only.
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except (FileNotFoundError, PermissionError):
+            # No writer ever ran here (or its lock file is private) and a reader may not
+            # create it: go unlocked; DuckDB itself refuses to read under an active writer.
             yield
             return
         try:
             deadline = time.monotonic() + self.lock_timeout
             while True:
                 try:
-                    fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise LedgerLockTimeout(
-                            f"the ledger {self.path} stayed locked for {self.lock_timeout:.0f} s by another "
-                            "vismem process; wait for it to finish or raise VISMEM_LOCK_TIMEOUT"
-                        ) from None
-                    time.sleep(0.02)
+                        raise self._timeout() from None
+                    time.sleep(self._POLL_S)
             yield
         finally:
             os.close(fd)  # closing the descriptor releases the lock
+
+    def _timeout(self) -> LedgerLockTimeout:
+        return LedgerLockTimeout(
+            f"the ledger {self.path} stayed locked for {self.lock_timeout:.0f} s by another "
+            "vismem process; wait for it to finish or raise VISMEM_LOCK_TIMEOUT")
 
     @contextmanager
     def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -251,8 +293,8 @@ class Ledger:
             con.begin()
             try:
                 con.execute(sql)
-                if version == 7 and move_names_out(con, self.names):
-                    self._stale_bytes.touch()
+                if version in MIGRATION_HOOKS:
+                    MIGRATION_HOOKS[version](self, con)
                 con.execute(
                     "INSERT INTO schema_migrations VALUES (?, ?, now())", [version, name]
                 )

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import faiss
 import numpy as np
 import polars as pl
 
 from .atomic import atomic_path
+from .search import topk_inner_product
 
 SOFT_K = 10
 HARD_K = 100
@@ -40,7 +40,7 @@ SOFT_GAMMA = 1.75
 BLOCK_BYTES = 256 << 20  # the largest similarity block materialised at once
 PAIR_BYTES = 32 << 20  # working memory of the canonical re-scoring
 K_METADATA = "vismem.reliability.k"
-EXHAUSTIVE_BELOW = 256  # fewer queries than this: one numpy block beats faiss's per-call overhead
+EXHAUSTIVE_BELOW = 256  # fewer queries than this: one numpy block, no candidate search first
 
 VectorsOf = Callable[[np.ndarray], np.ndarray]
 
@@ -158,14 +158,12 @@ def _topk(q_pos: np.ndarray, db: np.ndarray, k: int, batch: int, tol: float) -> 
         return np.full((n, k), -1, np.int64), np.full((n, k), -np.inf, np.float32)
     if n < EXHAUSTIVE_BELOW or n_db <= kk:
         return _exhaustive(q_pos, db, k, tol)
-    index = faiss.IndexFlatIP(db.shape[1])
-    index.add(db)
     pos = np.empty((n, k), np.int64)
     sim = np.empty((n, k), np.float32)
     redo = []
     for s in range(0, n, batch):
         qp = q_pos[s:s + batch]
-        scores, found = index.search(db[qp], kk)
+        scores, found = topk_inner_product(db, db[qp], kk)
         rows = np.repeat(np.arange(len(qp)), kk)
         cols = found.ravel().astype(np.int64)
         ok = (cols >= 0) & (cols != np.repeat(qp, kk))

@@ -33,10 +33,9 @@ calls sgemm per 1,024 vectors (its BLAS path). benchmarks/search.py measures bot
 """
 from __future__ import annotations
 
-import os
-import threading
-
 import numpy as np
+
+from .workers import WORKERS, worker_pool
 
 CHUNK = 32                   # rows per chunk whose maximum is checked against the threshold
 BLOCK_BYTES = 32 << 20       # bytes of scores per block (w x m float32): bounded working set
@@ -104,9 +103,9 @@ def _chunk_max(scores_t: np.ndarray, chunk: int) -> np.ndarray:
             np.maximum(tmp[:, :half], tmp[:, half:2 * half], out=tmp[:, :half])
         np.maximum(tmp[:, 0], tmp[:, 1], out=cmax[lo:hi])
 
-    pool = _pool() if n_full * chunk * m >= PARALLEL_MIN_SCORES else None
-    if pool is not None and n_full >= 2 * _WORKERS:
-        cuts = np.linspace(0, n_full, _WORKERS + 1).astype(int)
+    pool = worker_pool() if n_full * chunk * m >= PARALLEL_MIN_SCORES else None
+    if pool is not None and n_full >= 2 * WORKERS:
+        cuts = np.linspace(0, n_full, WORKERS + 1).astype(int)
         jobs = [pool.submit(part, lo, hi) for lo, hi in zip(cuts[1:-1], cuts[2:])]
         part(cuts[0], cuts[1])
         for job in jobs:
@@ -121,23 +120,6 @@ def _chunk_max(scores_t: np.ndarray, chunk: int) -> np.ndarray:
 PARALLEL_MIN_SCORES = 1 << 20   # blocks smaller than this are reduced by one thread
 FOLD_BELOW_QUERIES = 48        # fewer queries per block: chunk maxima by pairwise halving
 GATHER_COST = 16                # a gathered score costs a cache line: 16 x a score read in order
-_WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-_executor = None
-_executor_lock = threading.Lock()
-
-
-def _pool():
-    """Threads that share the chunk maxima with the calling thread (None on one CPU); a forked
-    child gets its own (its parent's threads did not come along)."""
-    global _executor
-    if _WORKERS < 2:
-        return None
-    with _executor_lock:
-        if _executor is None or _executor[0] != os.getpid():
-            from concurrent.futures import ThreadPoolExecutor
-
-            _executor = (os.getpid(), ThreadPoolExecutor(_WORKERS - 1, thread_name_prefix="vismem-search"))
-        return _executor[1]
 
 
 def _select(scores_t: np.ndarray, start: int, state: np.ndarray, thr: np.ndarray, chunk: int) -> None:
