@@ -789,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # usage errors: argparse prints one and exits 2
     command = args.command + (f" {args.audit}" if args.command == "audit" else "")
     try:
-        # The flags that set a setting override it (an invalid one is named as the flag).
+        # The flags that set a setting override it (an invalid one is named by its field: recall_floor=7.0).
         args.settings = setup(Settings.from_env(**{name: getattr(args, name, None) for name in FLAG_SETTINGS}))
         code = args.func(args)
         sys.stdout.flush()  # here, not at exit: a closed pipe must reach the handler below

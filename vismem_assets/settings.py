@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from . import blas
+from .home import DEFAULT_HOME
 
 PREFIX = "VISMEM_"
 
@@ -29,7 +30,7 @@ class Settings(BaseSettings):
     # count as unset, as the hand-written parsing did (VISMEM_INDEX_TYPE= means auto).
     model_config = SettingsConfigDict(env_prefix=PREFIX, env_ignore_empty=True, extra="ignore", frozen=True)
 
-    home: Path = Field(Path("vismem_home"), description="memory home (--home overrides)")
+    home: Path = Field(Path(DEFAULT_HOME), description="memory home (--home overrides)")
     lock_timeout: float = Field(600.0, gt=0, description="seconds a writer waits for the ledger lock")
     index_type: Literal["auto", "flat", "ivf-flat", "ivf-sq8", "ivf-pq"] = Field(
         "auto", description="index type builds write; auto: exact below ivf_from vectors, IVF-Flat above")
