@@ -1,5 +1,4 @@
 """The code location `vismem` (workspace.yaml): `dagster dev -w workspace.yaml`."""
-import os
 import warnings
 from pathlib import Path
 
@@ -11,6 +10,8 @@ from dagster import (
     link_code_references_to_git,
     with_source_code_references,
 )
+
+from vismem_assets.settings import Settings
 
 from .assets import embeddings, evaluation, experiments, image_sets, memory_index, pruning_weights
 from .editing import (relabel_job, relabel_request_sensor, sample_labels, set_weights_job, user_weights,
@@ -29,9 +30,10 @@ def _with_code_references(assets: list) -> list:
     with warnings.catch_warnings():  # beta in 1.13 (dagster is pinned): no warning on every load
         warnings.simplefilter("ignore", BetaWarning)
         assets = with_source_code_references(assets)
-        if os.environ.get("VISMEM_GIT_URL"):
+        settings = Settings.from_env()
+        if settings.git_url:
             assets = link_code_references_to_git(
-                assets, git_url=os.environ["VISMEM_GIT_URL"], git_branch=os.environ.get("VISMEM_GIT_BRANCH", "main"),
+                assets, git_url=settings.git_url, git_branch=settings.git_branch,
                 file_path_mapping=AnchorBasedFilePathMapping(local_file_anchor=REPO, file_anchor_path_in_repository=""))
     return list(assets)
 

@@ -18,6 +18,7 @@ from dagster import DagsterInstance, build_sensor_context, instance_for_test
 from vismem_assets.fashion_mnist import CLASSES, write_image_folders
 from vismem_assets.glance import accuracy_on
 from vismem_assets.home import Layout, resolve_home
+from vismem_assets.settings import Settings
 
 NEW_CLASSES = ("Trouser", "Bag")  # arrive late; the memory has never seen them before
 OLD = tuple(i for i, name in enumerate(CLASSES) if name not in NEW_CLASSES)
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-delay", type=float, default=20.0, help="feed: seconds before the first set")
     parser.add_argument("--interval", type=float, default=60.0, help="feed: seconds between sets")
     args = parser.parse_args(argv)
-    home = resolve_home(args.home)
+    home = resolve_home(Settings.from_env(home=args.home).home)
     if args.mode == "feed":
         feed(home, args.per_set, args.queries, args.first_delay, args.interval)
         return 0

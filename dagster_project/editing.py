@@ -29,7 +29,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from vismem_assets.home import Layout, resolve_home
+from vismem_assets.home import Layout
 from vismem_assets.relabel import EditReport, RelabelRequest, WeightRequest, relabel, set_weights
 
 from .assets import LEDGER_POOL, catalog_entry, evaluation, pruning_weights
@@ -174,7 +174,7 @@ def _inbox_sensor(context: SensorEvaluationContext, inbox: Path, kind: str, requ
                     "or sample_ids / images); checked against the memory first, bad ones go to rejected/.")
 def relabel_request_sensor(context: SensorEvaluationContext, visual_memory: VisualMemory):
     memory = visual_memory.memory()
-    return _inbox_sensor(context, Layout(resolve_home(visual_memory.home)).inbox_relabel, "relabel", RelabelRequest,
+    return _inbox_sensor(context, Layout(visual_memory.home_path()).inbox_relabel, "relabel", RelabelRequest,
                          relabel, SAMPLE_LABELS, memory)
 
 
@@ -184,5 +184,5 @@ def relabel_request_sensor(context: SensorEvaluationContext, visual_memory: Visu
                     "checked against the memory first, bad ones go to rejected/.")
 def weight_request_sensor(context: SensorEvaluationContext, visual_memory: VisualMemory):
     memory = visual_memory.memory()
-    return _inbox_sensor(context, Layout(resolve_home(visual_memory.home)).inbox_weights, "weights", WeightRequest,
+    return _inbox_sensor(context, Layout(visual_memory.home_path()).inbox_weights, "weights", WeightRequest,
                          set_weights, USER_WEIGHTS, memory)

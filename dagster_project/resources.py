@@ -1,7 +1,7 @@
-"""The memory as a Dagster resource: the same home as the CLI ($VISMEM_HOME)."""
+"""The memory as a Dagster resource: the same settings as the CLI (VISMEM_*, settings.py), its
+fields overriding them."""
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 from dagster import ConfigurableResource
@@ -10,12 +10,14 @@ from pydantic import Field
 from vismem_assets.home import resolve_home
 from vismem_assets.index_types import IndexPolicy
 from vismem_assets.memory import Memory
+from vismem_assets.settings import Settings
 
 
 @lru_cache(maxsize=4)
 def _memory(home: str, encoder: str | None, policy: IndexPolicy | None = None) -> Memory:
-    # One Memory (and so one loaded torch model) per process: the steps of a run share it.
-    return Memory(home, encoder=encoder, index_policy=policy)
+    # One Memory (and so one loaded torch model) per process: the steps of a run share it. Its
+    # settings are the environment's as the first step found them, as when Memory read them itself.
+    return Memory(home, encoder=encoder, index_policy=policy, settings=Settings.from_env())
 
 
 class VisualMemory(ConfigurableResource):
@@ -36,15 +38,24 @@ class VisualMemory(ConfigurableResource):
         default=None, description="recall@10 on held-out memory vectors an approximate index must reach, else the "
                                   "memory stays exact (default 0.95)")
 
+    def settings(self) -> Settings:
+        """The environment's settings (VISMEM_*), this resource's fields overriding them."""
+        return Settings.from_env(home=self.home, query_set=self.query_set, index_type=self.index_type,
+                                 ivf_from=self.ivf_from, recall_floor=self.recall_floor)
+
+    def home_path(self):
+        return resolve_home(self.settings().home)
+
     def memory(self) -> Memory:
-        overrides = {"kind": self.index_type, "ivf_from": self.ivf_from, "recall_floor": self.recall_floor}
-        # No override: the environment's policy (Memory reads it), one cached Memory per home and encoder.
-        policy = IndexPolicy.from_env(**overrides) if any(v is not None for v in overrides.values()) else None
-        return _memory(str(resolve_home(self.home)), self.encoder, policy)
+        settings = self.settings()
+        # No override: the settings' policy (Memory takes it), one cached Memory per home and encoder.
+        overridden = any(v is not None for v in (self.index_type, self.ivf_from, self.recall_floor))
+        policy = IndexPolicy.from_settings(settings) if overridden else None
+        return _memory(str(resolve_home(settings.home)), self.encoder, policy)
 
     def query_set_path(self):
         """The configured query folder, or None for leave-one-out."""
-        chosen = self.query_set or os.environ.get("VISMEM_QUERY_SET")
+        chosen = self.settings().query_set
         return self.memory().layout.root / chosen if chosen else None
 
 

@@ -21,7 +21,7 @@ from dagster import (
 )
 
 from vismem_assets.forgetting import REQUEST_EXAMPLE, ForgetError, ForgetReport, ForgetRequest, check_request, resolve
-from vismem_assets.home import Layout, resolve_home
+from vismem_assets.home import Layout
 from vismem_assets.imagesets import SET_NAME
 
 from .assets import (
@@ -55,7 +55,7 @@ def ready_sets(inbox) -> list[str]:
 @sensor(job=ingest_job, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=10,
         description="Takes each complete image set (a folder with _READY) from $VISMEM_HOME/inbox/sets once.")
 def image_set_sensor(context: SensorEvaluationContext, visual_memory: VisualMemory):
-    inbox = Layout(resolve_home(visual_memory.home)).inbox_sets
+    inbox = Layout(visual_memory.home_path()).inbox_sets
     taken = set(json.loads(context.cursor)) if context.cursor else set()
     known = set(context.instance.get_dynamic_partitions(image_set_partitions.name))
     ready = ready_sets(inbox)
@@ -139,7 +139,7 @@ def read_request(path) -> tuple[dict, ForgetReport, bytes]:
         description="Applies each JSON forget request dropped in $VISMEM_HOME/inbox/forget/ exactly once, "
                     "after checking it against the memory; a bad one goes to rejected/ with its .error.txt.")
 def forget_request_sensor(context: SensorEvaluationContext, visual_memory: VisualMemory):
-    inbox = Layout(resolve_home(visual_memory.home)).inbox_forget
+    inbox = Layout(visual_memory.home_path()).inbox_forget
     memory = visual_memory.memory()
     requests, rejected = [], []
     for path in sorted(inbox.glob("*.json")) if inbox.exists() else []:

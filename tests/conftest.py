@@ -6,9 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from vismem_assets.encoders import load_encoder
-from vismem_assets.fashion_mnist import write_image_folders
-from vismem_assets.memory import Memory
+from vismem_assets.settings import setup
+
+# The tests' entry point: the BLAS set-up before numpy or faiss load, as the CLI does it.
+setup()
+
+from vismem_assets.encoders import load_encoder  # noqa: E402
+from vismem_assets.fashion_mnist import write_image_folders  # noqa: E402
+from vismem_assets.memory import Memory  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from vismem_assets import audit
 from vismem_assets.forgetting import ForgetRequest
 from vismem_assets.index_store import IndexIntegrityError, index_ids
 from vismem_assets.index_types import IndexPolicy, IndexTypeError
+from vismem_assets.settings import Settings, SettingsError
 
 D = 32
 N = 2000
@@ -116,13 +117,15 @@ def test_max_deltas_and_a_zero_share_fold_every_time(tmp_path):
     assert memory.index_consistency()["ok"]
 
 
-def test_policy_limits_are_checked_and_read_from_the_environment():
-    assert IndexPolicy.from_env({"VISMEM_DELTA_FRACTION": "0.25", "VISMEM_MAX_DELTAS": "3"}) == \
-        IndexPolicy(delta_fraction=0.25, max_deltas=3)
+def test_policy_limits_are_checked_and_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("VISMEM_DELTA_FRACTION", "0.25")
+    monkeypatch.setenv("VISMEM_MAX_DELTAS", "3")
+    assert IndexPolicy.from_settings(Settings.from_env()) == IndexPolicy(delta_fraction=0.25, max_deltas=3)
     with pytest.raises(IndexTypeError, match="delta fraction"):
         IndexPolicy(delta_fraction=1.5)
-    with pytest.raises(IndexTypeError, match="VISMEM_MAX_DELTAS"):
-        IndexPolicy.from_env({"VISMEM_MAX_DELTAS": "many"})
+    monkeypatch.setenv("VISMEM_MAX_DELTAS", "many")
+    with pytest.raises(SettingsError, match="VISMEM_MAX_DELTAS"):
+        Settings.from_env()
 
 
 def test_forgetting_from_a_delta_erases_in_the_delta_only_its_vectors(memory):

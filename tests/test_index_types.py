@@ -19,6 +19,7 @@ from vismem_assets import pruning
 from vismem_assets.forgetting import ForgetRequest
 from vismem_assets.index_store import index_ids
 from vismem_assets.index_types import IndexPolicy, IndexTypeError, build, nlist_for, pq_bytes_for, recall
+from vismem_assets.settings import Settings, SettingsError
 from vismem_assets.memory import Memory
 
 D = 64
@@ -95,14 +96,21 @@ def test_auto_chooses_by_size(tmp_path):
     assert memory.index_consistency()["ok"]
 
 
-def test_policy_from_the_environment_and_its_errors():
-    p = IndexPolicy.from_env({"VISMEM_INDEX_TYPE": "ivf-pq", "VISMEM_IVF_FROM": "10", "VISMEM_RECALL_FLOOR": "0.8"})
+def test_policy_from_the_settings_and_its_errors(monkeypatch):
+    for name, value in {"VISMEM_INDEX_TYPE": "ivf-pq", "VISMEM_IVF_FROM": "10", "VISMEM_RECALL_FLOOR": "0.8"}.items():
+        monkeypatch.setenv(name, value)
+    p = IndexPolicy.from_settings(Settings.from_env())
     assert (p.kind, p.ivf_from, p.recall_floor) == ("ivf-pq", 10, 0.8)
-    assert IndexPolicy.from_env({"VISMEM_INDEX_TYPE": "flat"}, kind="ivf-flat").kind == "ivf-flat"  # explicit wins
+    assert IndexPolicy.from_settings(Settings.from_env(), kind="ivf-flat").kind == "ivf-flat"  # explicit wins
+    monkeypatch.setenv("VISMEM_INDEX_TYPE", "hnsw")
+    with pytest.raises(SettingsError, match="VISMEM_INDEX_TYPE='hnsw'.*'auto', 'flat', 'ivf-flat', 'ivf-sq8' or 'ivf-pq'"):
+        Settings.from_env()
+    monkeypatch.setenv("VISMEM_INDEX_TYPE", "flat")
+    monkeypatch.setenv("VISMEM_RECALL_FLOOR", "high")
+    with pytest.raises(SettingsError, match="VISMEM_RECALL_FLOOR='high'"):
+        Settings.from_env()
     with pytest.raises(IndexTypeError, match="unknown index type 'hnsw'.*auto, flat, ivf-flat, ivf-sq8, ivf-pq"):
-        IndexPolicy.from_env({"VISMEM_INDEX_TYPE": "hnsw"})
-    with pytest.raises(IndexTypeError, match="VISMEM_RECALL_FLOOR='high'"):
-        IndexPolicy.from_env({"VISMEM_RECALL_FLOOR": "high"})
+        IndexPolicy(kind="hnsw")
     with pytest.raises(IndexTypeError, match="recall floor"):
         IndexPolicy(recall_floor=1.5)
     assert nlist_for(1_000_000) == 2048 and nlist_for(20_000) == 256 and nlist_for(100) == 2
@@ -235,4 +243,4 @@ def test_cli_rebuild_with_an_index_type_prints_the_build_report(tmp_path, encode
     assert "IVF" in text and "recall@10" in text and "index policy: auto" in text
     bad = subprocess.run(cmd + ["rebuild", "--index-type", "ivf-flat", "--recall-floor", "7"], env=env,
                          capture_output=True, text=True, timeout=300)
-    assert bad.returncode != 0 and "recall floor must be in (0, 1]" in bad.stderr
+    assert bad.returncode == 2 and "recall_floor=7.0: Input should be less than or equal to 1" in bad.stderr

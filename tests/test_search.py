@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks.synthetic import clustered_vectors
 from vismem_assets import blas
+from vismem_assets.settings import Settings
 from vismem_assets import search as fast
 from vismem_assets.search import FlatSearcher, flat_searcher, topk_inner_product
 
@@ -193,10 +194,16 @@ CPUS = {"avx512": AVX512, "avx512_bf16": AVX512_BF16, "avx2": AVX2, "avx512f_onl
         "sse": SSE, "none": set()}
 
 
+def decide(flags, env: dict):
+    """decide_coretype given OPENBLAS_CORETYPE and the settings openblas_coretype and blas_auto as variables."""
+    auto = env.get("VISMEM_BLAS_AUTO", "1") not in ("0", "false", "off")
+    return blas.decide_coretype(flags, env.get("OPENBLAS_CORETYPE"), env.get("VISMEM_OPENBLAS_CORETYPE"), auto)
+
+
 @pytest.mark.parametrize("flags, kernel", [(AVX512, "SkylakeX"), (AVX512_BF16, "SkylakeX"), (AVX2, "Haswell"),
                                            (AVX512F_ONLY, "Haswell"), (SSE, None), (set(), None)])
 def test_unset_coretype_gets_the_newest_kernel_the_cpu_runs(flags, kernel):
-    d = blas.decide_coretype(flags, {})
+    d = decide(flags, {})
     assert d.kernel == kernel and d.best == kernel
     assert d.action == ("set" if kernel else "keep")
 
@@ -218,27 +225,27 @@ def test_unset_coretype_gets_the_newest_kernel_the_cpu_runs(flags, kernel):
     (AVX512, {"OPENBLAS_CORETYPE": ""}, "SkylakeX", "set"),
 ])
 def test_existing_coretype(flags, env, kernel, action):
-    d = blas.decide_coretype(flags, env)
+    d = decide(flags, env)
     assert (d.kernel, d.action) == (kernel, action), d.reason
 
 
 def test_user_override_is_respected_when_the_cpu_runs_it():
-    d = blas.decide_coretype(AVX512, {"VISMEM_OPENBLAS_CORETYPE": "Haswell"})
+    d = decide(AVX512, {"VISMEM_OPENBLAS_CORETYPE": "Haswell"})
     assert (d.kernel, d.action) == ("Haswell", "set") and "user override" in d.reason
-    d = blas.decide_coretype(AVX512, {"VISMEM_OPENBLAS_CORETYPE": "haswell", "OPENBLAS_CORETYPE": "Haswell"})
+    d = decide(AVX512, {"VISMEM_OPENBLAS_CORETYPE": "haswell", "OPENBLAS_CORETYPE": "Haswell"})
     assert (d.kernel, d.action) == ("Haswell", "keep")
     # ... and refused when it does not: never a kernel the CPU lacks, nor an unknown name
-    d = blas.decide_coretype(AVX2, {"VISMEM_OPENBLAS_CORETYPE": "SkylakeX"})
+    d = decide(AVX2, {"VISMEM_OPENBLAS_CORETYPE": "SkylakeX"})
     assert d.kernel == "Haswell" and "refused" in d.reason and "avx512" in d.reason
-    d = blas.decide_coretype(AVX512, {"VISMEM_OPENBLAS_CORETYPE": "Skylake-X"})
+    d = decide(AVX512, {"VISMEM_OPENBLAS_CORETYPE": "Skylake-X"})
     assert d.kernel == "SkylakeX" and "refused" in d.reason
 
 
 def test_auto_can_be_turned_off():
     for value in ("0", "false", "off"):
-        d = blas.decide_coretype(AVX512, {"VISMEM_BLAS_AUTO": value, "OPENBLAS_CORETYPE": "Prescott"})
+        d = decide(AVX512, {"VISMEM_BLAS_AUTO": value, "OPENBLAS_CORETYPE": "Prescott"})
         assert (d.kernel, d.action) == ("Prescott", "keep") and "VISMEM_BLAS_AUTO=0" in d.reason
-        d = blas.decide_coretype(AVX512, {"VISMEM_BLAS_AUTO": value})
+        d = decide(AVX512, {"VISMEM_BLAS_AUTO": value})
         assert (d.kernel, d.action) == (None, "keep")
 
 
@@ -249,7 +256,7 @@ def test_never_a_kernel_the_cpu_lacks(cpu):
     for current in names:
         for override in names:
             env = {k: v for k, v in (("OPENBLAS_CORETYPE", current), ("VISMEM_OPENBLAS_CORETYPE", override)) if v is not None}
-            d = blas.decide_coretype(flags, env)
+            d = decide(flags, env)
             if d.action == "set":
                 assert not blas.missing_flags(d.kernel, flags), (cpu, env, d)
             if d.action == "keep" and d.kernel is not None and d.kernel.lower() in {n.lower() for n in blas.KERNELS}:
@@ -270,7 +277,7 @@ def test_configure_sets_the_variable_and_says_it_came_too_late(monkeypatch, tmp_
     info.write_text("flags\t: " + " ".join(sorted(AVX2)) + "\n")
     monkeypatch.setattr(blas, "_state", {})
     env = {"OPENBLAS_CORETYPE": "Prescott"}
-    state = blas.configure(env, str(info))
+    state = blas.configure(Settings.defaults(), env, str(info))
     assert env["OPENBLAS_CORETYPE"] == "Haswell"
     assert state["decision"].action == "set"
     # numpy is loaded in this test process: the variable was set too late for it
@@ -278,10 +285,10 @@ def test_configure_sets_the_variable_and_says_it_came_too_late(monkeypatch, tmp_
 
 
 def test_fresh_process_applies_the_choice_and_reports_it():
-    """End to end: importing vismem_assets first makes numpy's and faiss's OpenBLAS run the chosen kernel."""
+    """End to end: the set-up run first (as an entry point does) makes numpy's and faiss's OpenBLAS run the chosen kernel."""
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "VISMEM_OPENBLAS_CORETYPE",
                                                             "VISMEM_BLAS_AUTO")}
-    code = ("import json, vismem_assets, numpy, faiss\n"
+    code = ("import json\nfrom vismem_assets.settings import setup\nsetup()\nimport numpy, faiss\n"
             "from vismem_assets.blas import blas_report\nprint(json.dumps(blas_report()))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
     report = json.loads(out.stdout)

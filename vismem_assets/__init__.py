@@ -1,8 +1,5 @@
 """vismem: a lifelong visual memory (see /DESIGN.md).
 
-Importing the package first decides the BLAS set-up (OPENBLAS_CORETYPE, faiss's BLAS
-threshold) before numpy or faiss load their OpenBLAS; see blas.py. It imports nothing heavy.
+Importing the package has no side effects: the BLAS set-up (blas.py) and the settings
+(settings.py) are the entry points' first step, `settings.setup()`, before numpy or faiss load.
 """
-from . import blas as _blas
-
-_blas.configure()

@@ -4,8 +4,8 @@ Exact search is a matrix multiplication, so its speed is the speed of the OpenBL
 use. OpenBLAS picks that kernel per CPU when its library loads, unless OPENBLAS_CORETYPE names
 one. numpy's wheel bundles OpenBLAS 0.3.31, faiss-cpu's an older 0.3.15 that knows fewer CPUs
 (on this AMD Zen 4 it takes its AVX2 "Zen" kernel although the CPU has AVX-512), and some
-machines here set OPENBLAS_CORETYPE to an old kernel for everyone. So, when `vismem_assets` is
-imported:
+machines here set OPENBLAS_CORETYPE to an old kernel for everyone. So, when an entry point
+(the CLI, the Dagster code location, the benchmarks, the tests) calls `settings.setup()` first:
 
 * read the CPU's flags (/proc/cpuinfo);
 * choose SkylakeX where the CPU has AVX-512 (f, cd, bw, dq, vl), Haswell where it has AVX2 and
@@ -25,7 +25,8 @@ units are 256 bits wide, the three modern kernels are within noise of one anothe
 the set-up protects against is an old or unknown kernel, 4-5 times slower.
 
 OPENBLAS_CORETYPE only counts if it is set before an OpenBLAS library loads: when numpy or
-faiss were imported before `vismem_assets`, the report says the choice could not apply.
+faiss were imported before the set-up ran, the report says the choice could not apply. That is
+why it runs at the entry points and not at import: importing `vismem_assets` changes nothing.
 
 FAISS: `IndexFlat.search` switches from its per-query SIMD scan to BLAS when
 queries x dimension reaches `distance_compute_blas_threshold` (faiss 1.15: 128,000, i.e.
@@ -47,7 +48,7 @@ from __future__ import annotations  # annotations stay strings: no typing import
 import os
 import sys
 from collections import namedtuple
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 # OpenBLAS DYNAMIC_ARCH kernels: name -> (tier, CPU flags the kernel executes).
 # Tiers: 0 SSE era, 1 AVX, 2 AVX2 + FMA, 3 AVX-512.
@@ -77,9 +78,6 @@ FAISS_BLAS_THRESHOLD = 6144      # queries x dimension from which faiss flat sea
 FAISS_DATABASE_BS = 16384        # stored vectors per faiss sgemm call (faiss default 1,024)
 FAISS_QUERY_BS = 1024            # queries per faiss sgemm call (faiss default 4,096)
 
-_FALSE = {"0", "false", "no", "off"}
-
-
 # kernel: what OPENBLAS_CORETYPE should hold (None: unset); action: "set", "keep" (leave the
 # variable as it is) or "unset"; previous: OPENBLAS_CORETYPE as found; best: the newest kernel
 # this CPU runs, by these rules. (A namedtuple: dataclasses and typing cost more to import.)
@@ -100,13 +98,15 @@ def missing_flags(kernel: str, flags: Iterable[str]) -> list[str]:
     return sorted(KERNELS[kernel][1] - set(flags))
 
 
-def decide_coretype(flags: Iterable[str], env: Mapping[str, str]) -> CoretypeDecision:
-    """Pure: the OPENBLAS_CORETYPE to use on a CPU with these /proc/cpuinfo flags, given the
-    environment. Never a kernel whose instructions the CPU lacks."""
+def decide_coretype(flags: Iterable[str], previous: str | None = None, override: str | None = None,
+                    auto: bool = True) -> CoretypeDecision:
+    """Pure: the OPENBLAS_CORETYPE to use on a CPU with these /proc/cpuinfo flags, given the one
+    found in the environment (`previous`) and the settings' openblas_coretype (`override`) and
+    blas_auto. Never a kernel whose instructions the CPU lacks."""
     flags = {f.lower() for f in flags}
-    previous = (env.get("OPENBLAS_CORETYPE") or "").strip() or None
+    previous = (previous or "").strip() or None
     best = best_kernel(flags)
-    if (env.get("VISMEM_BLAS_AUTO") or "1").strip().lower() in _FALSE:
+    if not auto:
         return CoretypeDecision(previous, "keep", "automatic BLAS set-up turned off (VISMEM_BLAS_AUTO=0)",
                                 previous, best)
 
@@ -117,7 +117,7 @@ def decide_coretype(flags: Iterable[str], env: Mapping[str, str]) -> CoretypeDec
         return CoretypeDecision(kernel, "keep" if same else "set", reason, previous, best)
 
     note = ""
-    override = (env.get("VISMEM_OPENBLAS_CORETYPE") or "").strip()
+    override = (override or "").strip()
     if override:
         name = _BY_LOWER.get(override.lower())
         if name is None:
@@ -177,12 +177,14 @@ def loaded_openblas() -> list[str]:
 _state: dict = {}
 
 
-def configure(environ=None, cpuinfo: str = "/proc/cpuinfo") -> dict:
-    """Decide and apply the BLAS set-up (once per process; cheap: no numpy, no faiss)."""
+def configure(settings, environ, cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """Decide and apply the BLAS set-up (once per process; cheap: no numpy, no faiss): `settings`
+    gives blas_auto, openblas_coretype and faiss_blas_threshold; OPENBLAS_CORETYPE is read from
+    and written to `environ`, the process environment the entry point passes."""
     if _state:
         return _state
-    environ = os.environ if environ is None else environ
-    decision = decide_coretype(read_cpu_flags(cpuinfo), environ)
+    decision = decide_coretype(read_cpu_flags(cpuinfo), environ.get("OPENBLAS_CORETYPE"),
+                               settings.openblas_coretype, settings.blas_auto)
     loaded = loaded_openblas()
     changed = decision.action in ("set", "unset")
     if decision.action == "set":
@@ -190,24 +192,18 @@ def configure(environ=None, cpuinfo: str = "/proc/cpuinfo") -> dict:
     elif decision.action == "unset":
         environ.pop("OPENBLAS_CORETYPE", None)
     if changed and loaded:
-        applied, why = False, ("OpenBLAS was already loaded (numpy or faiss imported before vismem_assets): "
+        applied, why = False, ("OpenBLAS was already loaded (numpy or faiss imported before the BLAS set-up): "
                                + ", ".join(os.path.basename(p) for p in loaded))
     else:
         applied, why = True, None
-    auto = (environ.get("VISMEM_BLAS_AUTO") or "1").strip().lower() not in _FALSE
-    _state.update(decision=decision, changed=changed, applied=applied, not_applied_because=why, auto=auto, faiss=None)
-    if auto:
+    _state.update(decision=decision, changed=changed, applied=applied, not_applied_because=why,
+                  auto=settings.blas_auto, faiss=None, environ=environ, threshold=settings.faiss_blas_threshold)
+    if settings.blas_auto:
         if "faiss" in sys.modules:
             configure_faiss(sys.modules["faiss"])
-        else:
+        else:  # faiss is heavy: set it up when something imports it, not now
             _after_import("faiss", configure_faiss)
     return _state
-
-
-def faiss_blas_threshold(environ=None) -> int:
-    environ = os.environ if environ is None else environ
-    value = (environ.get("VISMEM_FAISS_BLAS_THRESHOLD") or "").strip()
-    return int(value) if value else FAISS_BLAS_THRESHOLD
 
 
 def configure_faiss(faiss=None) -> dict:
@@ -215,7 +211,7 @@ def configure_faiss(faiss=None) -> dict:
     if faiss is None:
         import faiss
     try:
-        faiss.cvar.distance_compute_blas_threshold = faiss_blas_threshold()
+        faiss.cvar.distance_compute_blas_threshold = _state.get("threshold", FAISS_BLAS_THRESHOLD)
         faiss.cvar.distance_compute_blas_database_bs = FAISS_DATABASE_BS
         faiss.cvar.distance_compute_blas_query_bs = FAISS_QUERY_BS
         result = {"configured": True}
@@ -285,19 +281,22 @@ def _openblas_libraries() -> list[dict]:
 def blas_report() -> dict:
     """The chosen kernel and why, whether it could apply, what each loaded OpenBLAS runs, threads,
     and faiss's BLAS settings (when faiss is loaded)."""
-    state = configure()
-    d = state["decision"]
-    libraries = _openblas_libraries()
+    if _state:
+        state, d = _state, _state["decision"]
+    else:  # library use without an entry point: nothing was decided
+        state = {"applied": False, "not_applied_because": "the BLAS set-up did not run (settings.setup() at an entry point)"}
+        d = CoretypeDecision(None, "none", "the BLAS set-up did not run", None, best_kernel(read_cpu_flags()))
+    environ = state.get("environ", {})
     report = {
-        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+        "openblas_coretype": environ.get("OPENBLAS_CORETYPE"),
         "chosen": d.kernel, "action": d.action, "reason": d.reason, "previous": d.previous,
         "cpu_best_kernel": d.best,
         "applied": state["applied"],
         "not_applied_because": state["not_applied_because"],
-        "libraries": libraries,
+        "libraries": _openblas_libraries(),
         "threads": {"cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-                    **{v: os.environ[v] for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY")
-                       if v in os.environ}},
+                    **{v: environ[v] for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY")
+                       if v in environ}},
         "faiss": None,
     }
     faiss = sys.modules.get("faiss")

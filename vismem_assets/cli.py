@@ -15,8 +15,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from .imagesets import IMAGE_EXTENSIONS
-from .voting import DEFAULT_STRATEGY, STRATEGIES
+from .settings import Settings, SettingsError, setup
 
 SHOWN_K = (1, 3, 5, 10, 20, 50, 100)
 
@@ -41,12 +40,9 @@ def key_value(text: str) -> tuple[str, str]:
 
 
 def _memory(args):
-    from .index_types import IndexPolicy
     from .memory import Memory
 
-    policy = IndexPolicy.from_env(kind=getattr(args, "index_type", None), recall_floor=getattr(args, "recall_floor", None),
-                                  ivf_from=getattr(args, "ivf_from", None))
-    memory = Memory(args.home, encoder=getattr(args, "encoder", None), index_policy=policy)
+    memory = Memory(encoder=getattr(args, "encoder", None), settings=args.settings)
     if getattr(args, "writes", False) and not getattr(args, "dry_run", False):
         memory.ledger.check_writable()  # before any work: an add would otherwise embed, then fail to store
     return memory
@@ -152,6 +148,8 @@ def cmd_add(args) -> int:
 
 def _expand(paths: list[str]) -> list[Path]:
     """Files as given; folders become the image files inside them."""
+    from .imagesets import IMAGE_EXTENSIONS
+
     out = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -316,7 +314,7 @@ def cmd_experiment(args) -> int:
     from .experiments import run
     from .home import resolve_home
 
-    home = resolve_home(args.home)  # only for where results and the vector cache go: the memory is not touched
+    home = resolve_home(args.settings.home)  # only for where results and the vector cache go: the memory is not touched
     out = Path(args.out or home / "reports" / "experiments")
     result = run(args.name, load_encoder(args.encoder or "efficientnet-lite0"), out, n_memory=args.n_memory,
                  n_queries=args.n_queries, cache_dir=home / "experiments" / "cache")
@@ -394,7 +392,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_status(args) -> int:
-    status = _memory(args).status()
+    status = {**_memory(args).status(), "settings": args.settings.model_dump(mode="json")}
     if args.json:
         _print_json(status)
         return 0
@@ -432,6 +430,9 @@ def cmd_status(args) -> int:
     _table(pl.DataFrame({"part": list(status["disk_bytes"]),
                          "MiB": [round(b / 2**20, 2) for b in status["disk_bytes"].values()]}))
     _print_blas(status.get("blas"))
+    print("\nsettings (environment, then flags):")
+    rows = args.settings.table()
+    _table(pl.DataFrame({"variable": [r[0] for r in rows], "value": [r[1] for r in rows]}))
     return 0
 
 
@@ -581,9 +582,14 @@ def cmd_demo(args) -> int:
     return cmd_eval(args)
 
 
+# Flags (argparse dest) that override the setting of the same name.
+FLAG_SETTINGS = ("home", "index_type", "ivf_from", "recall_floor")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .index_types import KINDS
     from .ledger import audit_queries
+    from .voting import DEFAULT_STRATEGY, STRATEGIES
 
     parser = argparse.ArgumentParser(prog="vismem", description=__doc__)
     parser.add_argument("--home", help="memory home (default: $VISMEM_HOME, else ./vismem_home)")
@@ -782,9 +788,17 @@ def _oneline(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        # First, before the parser's imports load numpy: the BLAS set-up must precede OpenBLAS.
+        setup()
+    except SettingsError as exc:
+        print(f"vismem: error: {exc}", file=sys.stderr)
+        return USAGE
     args = build_parser().parse_args(argv)  # usage errors: argparse prints one and exits 2
     command = args.command + (f" {args.audit}" if args.command == "audit" else "")
     try:
+        # The flags that set a setting override it (an invalid one is named by its field: recall_floor=7.0).
+        args.settings = setup(Settings.from_env(**{name: getattr(args, name, None) for name in FLAG_SETTINGS}))
         code = args.func(args)
         sys.stdout.flush()  # here, not at exit: a closed pipe must reach the handler below
         return code

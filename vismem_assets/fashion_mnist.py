@@ -3,14 +3,14 @@ folders `<set>/<label>/<n>.png` — the layout a user's own image sets have."""
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-DATA_DIR = Path(os.environ.get("VISMEM_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+from .settings import current as current_settings
+
 CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot")
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -34,10 +34,11 @@ def read_idx(path: Path) -> np.ndarray:
 
 def load(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """(images (n, 28, 28) uint8, labels (n,) uint8) of 'train' or 'test'."""
-    images, labels = (DATA_DIR / name for name in FILES[split])
+    data_dir = current_settings().fashion_mnist  # VISMEM_FASHION_MNIST
+    images, labels = (data_dir / name for name in FILES[split])
     if not images.exists():
         raise DatasetMissing(
-            f"Fashion-MNIST is not at {DATA_DIR}. Install it with `sudo apt-get install dataset-fashion-mnist` "
+            f"Fashion-MNIST is not at {data_dir}. Install it with `sudo apt-get install dataset-fashion-mnist` "
             "(or `make setup` as root), or point VISMEM_FASHION_MNIST at a folder holding the four idx .gz files"
         )
     return read_idx(images), read_idx(labels)

@@ -372,7 +372,7 @@ def _forget_in_reliability(memory, con) -> None:
 
 def _index_stores(memory, con) -> list[IndexStore]:
     rows = con.execute("SELECT encoder_id, slug, dim FROM encoders ORDER BY encoder_id").fetchall()
-    return [IndexStore(memory.layout, memory.ledger, encoder_id, slug, dim) for encoder_id, slug, dim in rows]
+    return [IndexStore(memory.layout, memory.ledger, encoder_id, slug, dim, policy=memory.index_policy) for encoder_id, slug, dim in rows]
 
 
 def _purge_indexes(memory, vector_ids: np.ndarray, request_id: str) -> list[str]:

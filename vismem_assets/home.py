@@ -10,8 +10,9 @@ DEFAULT_HOME = "vismem_home"
 
 
 def resolve_home(home: str | os.PathLike | None = None) -> Path:
-    """--home, else $VISMEM_HOME, else ./vismem_home: the CLI and Dagster resolve it the same way."""
-    return Path(home or os.environ.get("VISMEM_HOME") or DEFAULT_HOME).expanduser().resolve()
+    """The home as an absolute path (./vismem_home when None); the entry points pass the
+    settings' home, which --home or VISMEM_HOME set."""
+    return Path(home or DEFAULT_HOME).expanduser().resolve()
 
 
 @dataclass(frozen=True)

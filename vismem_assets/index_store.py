@@ -170,7 +170,7 @@ class IndexStore:
         self.layout, self.ledger = layout, ledger
         self.encoder_id, self.dim = encoder_id, dim
         self.root = layout.indexes(encoder_slug)
-        self.policy = policy or IndexPolicy.from_env()
+        self.policy = policy or IndexPolicy()
         self.last_build: BuildReport | None = None  # what the latest build here chose and measured
 
     def live(self) -> IndexVersion | None:

@@ -22,10 +22,8 @@ list, and searching processes read them memory-mapped (`Memory.live_index`).
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Mapping
 
 import faiss
 import numpy as np
@@ -45,8 +43,8 @@ class IndexTypeError(ValueError):
 
 @dataclass(frozen=True)
 class IndexPolicy:
-    """Which index a build writes. Environment: VISMEM_INDEX_TYPE, VISMEM_IVF_FROM,
-    VISMEM_RECALL_FLOOR, VISMEM_PQ_BYTES, VISMEM_DELTA_FRACTION, VISMEM_MAX_DELTAS, VISMEM_SHARD_MIB."""
+    """Which index a build writes. From the settings (VISMEM_INDEX_TYPE, VISMEM_IVF_FROM,
+    VISMEM_RECALL_FLOOR, VISMEM_PQ_BYTES, VISMEM_DELTA_FRACTION, VISMEM_MAX_DELTAS, VISMEM_SHARD_MIB)."""
     kind: str = "auto"            # auto | flat | ivf-flat | ivf-sq8 | ivf-pq
     ivf_from: int = 200_000       # auto: IVF-Flat from this many vectors, exact below
     recall_floor: float = 0.95    # recall@10 an approximate index must reach to be used
@@ -70,20 +68,11 @@ class IndexPolicy:
             raise IndexTypeError(f"ivf_from must be a positive number of vectors, not {self.ivf_from}")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ, **overrides) -> "IndexPolicy":
-        def read(name, convert, default):
-            raw = env.get(name)
-            try:
-                return default if raw in (None, "") else convert(raw)
-            except ValueError:
-                raise IndexTypeError(f"{name}={raw!r} is not a valid {convert.__name__}") from None
-
-        values = {"kind": read("VISMEM_INDEX_TYPE", str, cls.kind), "ivf_from": read("VISMEM_IVF_FROM", int, cls.ivf_from),
-                  "recall_floor": read("VISMEM_RECALL_FLOOR", float, cls.recall_floor),
-                  "pq_bytes": read("VISMEM_PQ_BYTES", int, None),
-                  "delta_fraction": read("VISMEM_DELTA_FRACTION", float, cls.delta_fraction),
-                  "max_deltas": read("VISMEM_MAX_DELTAS", int, cls.max_deltas),
-                  "shard_mib": read("VISMEM_SHARD_MIB", int, cls.shard_mib)}
+    def from_settings(cls, settings, **overrides) -> "IndexPolicy":
+        """The policy of `settings` (settings.Settings), non-None overrides (CLI flags, resource fields) winning."""
+        values = {"kind": settings.index_type, "ivf_from": settings.ivf_from, "recall_floor": settings.recall_floor,
+                  "pq_bytes": settings.pq_bytes, "delta_fraction": settings.delta_fraction,
+                  "max_deltas": settings.max_deltas, "shard_mib": settings.shard_mib}
         return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
 
     def wanted(self, n: int) -> str:

@@ -104,14 +104,14 @@ def insert_rows(con, table: str, columns: dict[str, tuple[str, list]], on_confli
 class Ledger:
     _POLL_S = 0.02  # how often a waiting process tries the lock again
 
-    def __init__(self, path: Path, lock_timeout: float | None = None, read_only: bool = False):
+    def __init__(self, path: Path, lock_timeout: float = 600.0, read_only: bool = False):
         """`read_only`: for a memory home this user may not write (a read-only mount, another
         user's memory): connections open read-only under a shared lock (readers wait for a
         writer, not for each other), nothing is created, and a transaction is refused."""
         self.path = Path(path)
         self.read_only = read_only
         self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self.lock_timeout = float(lock_timeout or os.environ.get("VISMEM_LOCK_TIMEOUT", 600))
+        self.lock_timeout = float(lock_timeout)  # settings.lock_timeout (VISMEM_LOCK_TIMEOUT) at the entry points
         self._local = threading.local()
         # flock on the lock file, held per thread (filelock's default): two threads wait for each
         # other as two processes do; nested connections in one thread share the outer one.

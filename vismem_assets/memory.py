@@ -33,6 +33,8 @@ from .near_copies import NearCopyBlocklist
 from .ledger import Ledger, insert_rows, to_frame
 from .ivf_search import ivf_searcher, settings as ivf_search_settings
 from .search import flat_searcher
+from .settings import Settings
+from .settings import current as current_settings
 from .voting import DEFAULT_STRATEGY, STRATEGIES, vote_all_k, vote_weights
 
 BLOCKED_EXACT = "the image of a forgotten sample (its sha256 is on the blocklist)"
@@ -106,17 +108,19 @@ class Prediction:
 
 class Memory:
     def __init__(self, home: str | Path | None = None, encoder: str | Encoder | None = None,
-                 index_policy: IndexPolicy | None = None):
-        """`index_policy`: which index type builds write (default: from the environment, see
-        index_types.py: exact below 200,000 vectors, IVF-Flat above if its recall passes)."""
-        layout = Layout(resolve_home(home))
+                 index_policy: IndexPolicy | None = None, settings: Settings | None = None):
+        """`settings`: what the entry point read (default: those `settings.setup` installed, else
+        the defaults); `home` and `index_policy` override its home and index policy (index_types.py:
+        exact below 200,000 vectors, IVF-Flat above if its recall passes)."""
+        self.settings = settings = settings if settings is not None else current_settings()
+        layout = Layout(resolve_home(home if home is not None else settings.home))
         # A memory this user may only read (classify, status, audit) is opened read-only and
         # nothing is created in it; a change is then refused by the ledger with a clear reason.
         self.read_only = layout.read_only()
         self.layout = layout if self.read_only else layout.create()
-        self.ledger = Ledger(self.layout.ledger, read_only=self.read_only)
+        self.ledger = Ledger(self.layout.ledger, lock_timeout=settings.lock_timeout, read_only=self.read_only)
         self._encoder_choice = encoder
-        self.index_policy = index_policy or IndexPolicy.from_env()
+        self.index_policy = index_policy or IndexPolicy.from_settings(settings)
         self._index_cache: tuple[tuple, IndexVersion, object] | None = None
         self._searcher_cache: tuple[object, object, int] | None = None  # (index, its searcher or None, its holes)
 

@@ -310,8 +310,9 @@ def _weight_plan(con, request: WeightRequest, dry_run: bool) -> EditReport:
 # --- the evaluation after an edit ---------------------------------------------------------------
 
 def configured_query_set(memory) -> Path | None:
-    """$VISMEM_QUERY_SET (relative to the memory home, as the Dagster resource reads it), or None."""
-    chosen = os.environ.get("VISMEM_QUERY_SET")
+    """The settings' query_set ($VISMEM_QUERY_SET, relative to the memory home, as the Dagster
+    resource reads it), or None."""
+    chosen = memory.settings.query_set
     return memory.layout.root / chosen if chosen else None
 
 

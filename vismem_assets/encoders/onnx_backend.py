@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..atomic import write_bytes_atomic
+from ..settings import current as current_settings
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,9 @@ class ParityError(RuntimeError):
 
 
 def onnx_cache_dir() -> Path:
-    """$VISMEM_CACHE/onnx, else $XDG_CACHE_HOME/vismem/onnx, else ~/.cache/vismem/onnx."""
-    root = os.environ.get("VISMEM_CACHE")
-    if root:
-        return Path(root).expanduser() / "onnx"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "vismem" / "onnx"
+    """$VISMEM_CACHE/onnx, else $XDG_CACHE_HOME/vismem/onnx, else ~/.cache/vismem/onnx (the
+    process's settings: an encoder is loaded deep inside, not handed them)."""
+    return current_settings().cache_root() / "onnx"
 
 
 def available_cores() -> int:
@@ -76,8 +75,8 @@ def available_cores() -> int:
 
 def default_threads() -> int:
     """Intra-op threads: $VISMEM_ONNX_THREADS if set, else every core available to the process."""
-    value = os.environ.get("VISMEM_ONNX_THREADS")
-    return max(1, int(value)) if value else available_cores()
+    value = current_settings().onnx_threads
+    return max(1, value) if value is not None else available_cores()
 
 
 def versions() -> dict[str, str]:
