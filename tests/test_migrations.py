@@ -2,7 +2,7 @@
 ledger.MIGRATION_HOOKS that runs in the migration's own transaction."""
 import pytest
 
-from vismem_assets import ledger as ledger_mod
+from vismem_assets.ledger import duckdb_file as ledger_mod
 from vismem_assets.ledger import Ledger, migrations
 
 

@@ -1,4 +1,4 @@
-"""The ledger: a DuckDB file that is the truth of the memory.
+"""The DuckDB ledger: one file that is the truth of the memory.
 
 DuckDB lets one process write at a time (and no reader may open the file while a writer has
 it), so every connection is short-lived and taken under an exclusive file lock: two runs at
@@ -21,17 +21,18 @@ import duckdb
 import polars as pl
 from filelock import FileLock, Timeout
 
-from .atomic import fsync_dir
-from .names import NAMES_FILE, NameFile, move_names_out
+from ..atomic import fsync_dir
+from ..names import NAMES_FILE, NameFile, move_names_out
+from .session import Session
 
 
 def _sql_dir() -> Path:
     """The schema and audit queries: a wheel carries them as package data (vismem_assets/sql);
     a checkout reads the repo's top-level sql/, the files the duckdb CLI runs."""
-    packaged = resources.files(__package__) / "sql"
+    packaged = resources.files("vismem_assets") / "sql"
     if packaged.is_dir():
         return Path(str(packaged))  # an installed package lies on disk: Path(...).glob() works
-    return Path(__file__).resolve().parent.parent / "sql"
+    return Path(__file__).resolve().parents[2] / "sql"
 
 
 SQL_DIR = _sql_dir()
@@ -170,9 +171,10 @@ class Ledger:
             "vismem process; wait for it to finish or raise VISMEM_LOCK_TIMEOUT")
 
     @contextmanager
-    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection under the exclusive lock; nested calls in one thread reuse it."""
-        outer = getattr(self._local, "con", None)
+    def connect(self) -> Iterator[Session]:
+        """A session under the exclusive lock (shared when read-only); nested calls in one
+        thread reuse it."""
+        outer = getattr(self._local, "session", None)
         if outer is not None:
             yield outer
             return
@@ -189,25 +191,26 @@ class Ledger:
                     self._copy_to_fresh_file()
                     self._stale_bytes.unlink()
                     con = self._open()
-                self._local.con = con
-                yield con
+                self._local.session = Session(con, self)
+                yield self._local.session
             finally:
-                self._local.con = None
+                self._local.session = None
                 con.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def transaction(self) -> Iterator[Session]:
         """All or nothing: a crash or exception inside leaves the ledger as it was."""
         self.check_writable()
-        outer = getattr(self._local, "con", None)
-        with self.connect() as con:
+        outer = getattr(self._local, "session", None)
+        with self.connect() as session:
             if outer is not None and getattr(self._local, "in_tx", False):
-                yield con
+                yield session
                 return
+            con = session.con
             con.begin()
             self._local.in_tx = True
             try:
-                yield con
+                yield session
                 con.commit()
             except BaseException:
                 try:
@@ -227,8 +230,9 @@ class Ledger:
                 "and needs write access there (classify, status, audit verify/query/proof work read-only)")
 
     def query(self, sql: str, params: list | tuple | None = None) -> pl.DataFrame:
-        with self.connect() as con:
-            return to_frame(con.execute(sql, params or []))
+        """Raw SQL, for tests and tools that inspect the file; the core uses the session's groups."""
+        with self.connect() as session:
+            return to_frame(session.con.execute(sql, params or []))
 
     def run_named(self, name: str, variables: dict[str, str] | None = None) -> pl.DataFrame:
         """An audit query from sql/audit/, its parameters set as DuckDB variables (as in the CLI),
@@ -238,7 +242,7 @@ class Ledger:
         for key in variables or {}:
             if not key.isidentifier():
                 raise ValueError(f"parameter name {key!r} is not an identifier")
-        if getattr(self._local, "con", None) is not None:
+        if getattr(self._local, "session", None) is not None:
             # DuckDB refuses a read-only connection beside this thread's open read-write one.
             raise RuntimeError("Ledger.run_named opens its own read-only connection: call it outside Ledger.connect()")
         if not self._migrated:
@@ -323,5 +327,5 @@ class Ledger:
         fsync_dir(self.path.parent)
 
     def schema_version(self) -> int:
-        with self.connect() as con:
-            return con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
+        with self.connect() as session:
+            return session.con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]
