@@ -36,8 +36,10 @@ import vismem_assets  # noqa: F401  (first: its BLAS set-up)
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vismem_assets.index_types import (BuildReport, IndexPolicy, choose_nprobe, describe, fill,  # noqa: E402
-                                       held_out_and_training, nlist_for, recall, train_ivf)
+from vismem_assets.index_kinds import BuildReport, kind_named  # noqa: E402
+from vismem_assets.index_kinds.ivf import (choose_nprobe, fill, held_out_and_training, nlist_for, recall,  # noqa: E402
+                                           train_ivf)
+from vismem_assets.index_types import IndexPolicy  # noqa: E402
 from vismem_assets.ivf_search import IVFSearcher  # noqa: E402
 from vismem_assets.search import topk_inner_product  # noqa: E402
 
@@ -84,7 +86,7 @@ def run(n: int, d: int, n_queries: int = 1000, repeats: int = 3, kinds=("ivf-fla
             nprobe *= 2
         # The operating point: the nprobe a build stores, chosen on held-out stored vectors; its
         # recall and speed measured here on the benchmark's queries.
-        report = BuildReport(kind, describe(index), "", kind)
+        report = BuildReport(kind, kind_named(kind).describe(index), "", kind)
         choose_nprobe(index, ids, x, held_out, FLOOR, report)
         point = None
         if report.kind != "flat":
@@ -96,7 +98,7 @@ def run(n: int, d: int, n_queries: int = 1000, repeats: int = 3, kinds=("ivf-fla
                      "build_sweep": report.sweep}
         by_batch = _by_batch(index, x, queries, point["nprobe"], repeats) if point else []
         result["types"][kind] = {
-            "factory": describe(index),
+            "factory": kind_named(kind).describe(index),
             "nlist": nlist, "n_train": len(train_at), "train_seconds": round(train_seconds, 2),
             "add_seconds": round(add_seconds, 2), "bytes_per_vector": round(_bytes(index) / n, 1),
             "curve": curve, "operating_point": point, "by_batch": by_batch,

@@ -16,7 +16,8 @@ import numpy as np
 from vismem_assets.encoders import load_encoder
 from vismem_assets.encoders.base import Encoder, Preprocessing
 from vismem_assets.ledger import insert_rows
-from vismem_assets.memory import EMBED_CHUNK, Memory
+from vismem_assets.embedding import EMBED_CHUNK
+from vismem_assets.memory import Memory
 
 
 class QueryVectors(Encoder):

@@ -25,8 +25,9 @@ from dagster import (
 from pydantic import Field
 
 from vismem_assets.evaluation import DEFAULT_K, gallery_picks
-from vismem_assets.forgetting import ForgetError, ForgetRequest, check_request
-from vismem_assets.glance import accuracy_on, build_reason, labels_old_and_new, memory_figures
+from vismem_assets.forgetting import ForgetError, ForgetRequest
+from vismem_assets.glance import (accuracy_on, arrived_samples, build_reason, index_lineage, labels_old_and_new,
+                                  memory_figures)
 from vismem_assets.plots import contact_sheet, plot_accuracy, plot_reliability_diagram
 from vismem_assets.voting import DEFAULT_STRATEGY
 
@@ -57,9 +58,7 @@ def image_sets(context: AssetExecutionContext, visual_memory: VisualMemory) -> M
     seconds = time.perf_counter() - t0
     context.log.info(f"{name}: {report.added} added, {report.duplicates} duplicates, "
                      f"{len(report.quarantined)} quarantined, {report.blocked} blocked")
-    arrived = memory.ledger.query(
-        "SELECT s.label, s.image_path FROM sample_sources src JOIN samples s USING (sample_id)"
-        " WHERE src.ingest_id = ? AND s.status = 'active' ORDER BY s.label", [report.ingest_id])
+    arrived = arrived_samples(memory.ledger, report.ingest_id)
     metadata = {
         "files": report.n_files, "added": report.added, "duplicates": report.duplicates,
         "blocked": report.blocked, "quarantined": len(report.quarantined),
@@ -150,7 +149,7 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
         # Checked before anything changes (the sensor and the job's config mapping checked it
         # already; the memory may have changed since, e.g. another request forgot the same label).
         try:
-            planned = check_request(memory, config.forget.request())
+            planned = memory.forgetting.check(config.forget.request())
         except ForgetError as exc:
             archive_request_file(config.forget.request_file, "rejected", error=str(exc))
             context.log.error(f"forget request rejected, nothing changed: {exc}")
@@ -164,7 +163,6 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
             return
     # Read before anything changes: a forget (or a resumed one) makes a new version itself.
     before = memory.indexes.live()
-    last_build = memory.indexes.last_build  # the cached Memory keeps an earlier run's build report
     resumed = memory.resume_forgetting()  # a crash mid-forget is finished before anything else
     if resumed:
         context.log.warning(f"finished {len(resumed)} forget request(s) a crash had left pending")
@@ -199,11 +197,8 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
     context.log.info(f"index version {version.version} ({version.operation} from v{version.parent_version}): "
                      f"{version.n_vectors} vectors" if new_version
                      else f"nothing new to fold in: version {version.version} stays live")
-    lineage = memory.ledger.query(
-        "SELECT version, parent_version, operation, status, index_type, n_vectors, n_added, n_removed, recall_at_10,"
-        " coalesce(json_array_length(files), 1) AS files, created_at FROM index_versions WHERE encoder_id = ? ORDER BY version DESC LIMIT 20", [memory.encoder.id])
-    build = memory.indexes.last_build
-    build = build if build is not None and build is not last_build else None  # built in this run, or none
+    lineage = index_lineage(memory.ledger, memory.encoder.id)
+    build = version.build if new_version else None  # built in this run, or none
     if build is not None:
         context.log.info(f"index type: {build.reason}")
     figures = memory_figures(memory.ledger, version)
@@ -317,14 +312,14 @@ def pruning_weights(context: AssetExecutionContext, visual_memory: VisualMemory)
     memory = visual_memory.memory()
     runs = {}
     for k in (pruning.SOFT_K, pruning.HARD_K):
-        rel, run = pruning.reliability(memory, k)
+        rel, run = memory.pruning.reliability(k)
         runs[k] = run
         context.log.info(f"reliability k={k}: {run.mode} over {run.n_samples} samples, "
                          f"{run.n_requeried} re-queried, {run.seconds:.2f} s")
-    active = pruning.active_mode(memory)
+    active = memory.pruning.active_mode()
     if active:  # keep the switched-on weight set current with the index
-        pruning.activate(memory, active[0], active[1])
-    plans = {mode: pruning.plan(memory, mode) for mode in ("soft", "hard")}
+        memory.pruning.activate(active[0], active[1])
+    plans = {mode: memory.pruning.plan(mode) for mode in ("soft", "hard")}
     per_label = plans["soft"].select("label", "samples", pl.col("changed").alias("soft_down_weighted"),
                                      pl.col("mean_weight").round(4).alias("soft_mean_weight")).join(
         plans["hard"].select("label", pl.col("changed").alias("hard_excluded")), on="label")

@@ -46,9 +46,7 @@ def index_file_matches_sha256(visual_memory: VisualMemory) -> AssetCheckResult:
              description="Nothing forgotten remains anywhere: no index file, embedding file or image holds it, "
                          "and no forget request is left half-done.")
 def nothing_forgotten_remains(visual_memory: VisualMemory) -> AssetCheckResult:
-    from vismem_assets.audit import verify
-
-    report = verify(visual_memory.memory())
+    report = visual_memory.memory().audit.verify()
     return AssetCheckResult(passed=report.ok, metadata={
         "deletions_in_chain": report.chain_rows, "chain_head": text(report.chain_head),
         # what was read to prove it, not a measurement of the memory: one table, not plotted series

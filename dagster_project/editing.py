@@ -30,7 +30,7 @@ from dagster import (
 from pydantic import Field
 
 from vismem_assets.home import Layout
-from vismem_assets.relabel import EditReport, RelabelRequest, WeightRequest, relabel, set_weights
+from vismem_assets.relabel import EditReport, Edits, RelabelRequest, WeightRequest
 
 from .assets import LEDGER_POOL, catalog_entry, evaluation, pruning_weights
 from .metadata import table, text
@@ -81,7 +81,7 @@ def archive(path: str | None, outcome: str, error: str | None = None) -> None:
 def _edit(config, apply, asset_name: str, memory):
     """Apply (or, dry, plan) an edit; a refused request fails this step alone, with its reason."""
     try:
-        report = apply(memory, config.request(), dry_run=config.dry_run)
+        report = apply(memory.edits, config.request(), dry_run=config.dry_run)
     except ValueError as exc:  # EditError: nothing was changed
         archive(config.request_file, "rejected", str(exc))
         raise Failure(description=f"{asset_name}: request refused, nothing changed: {exc}") from None
@@ -101,7 +101,7 @@ def _changes(report: EditReport) -> dict:
        description="The samples' labels as people edited them (label_history): a materialization is one relabel, "
                    "with the stored reliability of the live index brought up to date incrementally.")
 def sample_labels(context: AssetExecutionContext, config: RelabelConfig, visual_memory: VisualMemory):
-    report = _edit(config, relabel, SAMPLE_LABELS, visual_memory.memory())
+    report = _edit(config, Edits.relabel, SAMPLE_LABELS, visual_memory.memory())
     per_label = pl.DataFrame({"old_label": list(report.per_old_value()), "samples": list(report.per_old_value().values())})
     metadata = {**_changes(report), "to": text(config.to), "new_label": text("yes" if report.new_label else "no"),
                 "requested_by": text(config.requested_by), "reason": text(config.reason),
@@ -121,7 +121,7 @@ def sample_labels(context: AssetExecutionContext, config: RelabelConfig, visual_
        description="User vote weights as people set them (user_weights, weight_history): the vote of a neighbour "
                    "is strategy weight x pruning factor x user weight; 0 excludes a sample.")
 def user_weights(context: AssetExecutionContext, config: WeightConfig, visual_memory: VisualMemory):
-    report = _edit(config, set_weights, USER_WEIGHTS, visual_memory.memory())
+    report = _edit(config, Edits.set_weights, USER_WEIGHTS, visual_memory.memory())
     report.changes = [{**c, "old": f"{c['old']:g}", "new": f"{c['new']:g}"} for c in report.changes]
     metadata = {**_changes(report), "weight": text(f"{config.weight:g}"), "requested_by": text(config.requested_by),
                 "reason": text(config.reason)}
@@ -153,7 +153,7 @@ def _inbox_sensor(context: SensorEvaluationContext, inbox: Path, kind: str, requ
         body = path.read_bytes()
         try:
             data = json.loads(body)
-            apply(memory, request_type.from_dict(data), dry_run=True)
+            apply(memory.edits, request_type.from_dict(data), dry_run=True)
         except (ValueError, TypeError) as exc:  # JSONDecodeError and EditError are ValueErrors
             rejected += 1
             archive(str(path), "rejected", str(exc))
@@ -175,7 +175,7 @@ def _inbox_sensor(context: SensorEvaluationContext, inbox: Path, kind: str, requ
 def relabel_request_sensor(context: SensorEvaluationContext, visual_memory: VisualMemory):
     memory = visual_memory.memory()
     return _inbox_sensor(context, Layout(visual_memory.home_path()).inbox_relabel, "relabel", RelabelRequest,
-                         relabel, SAMPLE_LABELS, memory)
+                         Edits.relabel, SAMPLE_LABELS, memory)
 
 
 @sensor(job=set_weights_job, default_status=DefaultSensorStatus.RUNNING, minimum_interval_seconds=10,
@@ -185,4 +185,4 @@ def relabel_request_sensor(context: SensorEvaluationContext, visual_memory: Visu
 def weight_request_sensor(context: SensorEvaluationContext, visual_memory: VisualMemory):
     memory = visual_memory.memory()
     return _inbox_sensor(context, Layout(visual_memory.home_path()).inbox_weights, "weights", WeightRequest,
-                         set_weights, USER_WEIGHTS, memory)
+                         Edits.set_weights, USER_WEIGHTS, memory)

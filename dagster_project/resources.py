@@ -7,6 +7,7 @@ from functools import lru_cache
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from vismem_assets.evaluation import query_set_path
 from vismem_assets.home import resolve_home
 from vismem_assets.index_types import IndexPolicy
 from vismem_assets.memory import Memory
@@ -55,8 +56,7 @@ class VisualMemory(ConfigurableResource):
 
     def query_set_path(self):
         """The configured query folder, or None for leave-one-out."""
-        chosen = self.settings().query_set
-        return self.memory().layout.root / chosen if chosen else None
+        return query_set_path(self.settings(), self.memory().layout)
 
 
 # The resource definitions.py binds; a config mapping (which gets no resources) reads the same memory.

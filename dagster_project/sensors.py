@@ -20,7 +20,7 @@ from dagster import (
     sensor,
 )
 
-from vismem_assets.forgetting import REQUEST_EXAMPLE, ForgetError, ForgetReport, ForgetRequest, check_request, resolve
+from vismem_assets.forgetting import REQUEST_EXAMPLE, ForgetError, ForgetReport, ForgetRequest
 from vismem_assets.home import Layout
 from vismem_assets.imagesets import SET_NAME
 
@@ -103,7 +103,7 @@ def forget_request_config(request: ForgetConfig) -> dict:
     # No resources in a config mapping: the memory of the resource definitions.py binds.
     memory = VISUAL_MEMORY.memory()
     try:
-        resolve(memory, request.request())
+        memory.forgetting.resolve(request.request())
     except ForgetError as exc:  # raised as Dagster would wrap it, with the reason as its message
         raise DagsterConfigMappingFunctionError(f"forget request refused (no run was created): {exc}",
                                                 user_exception=exc, original_exc_info=sys.exc_info()) from exc
@@ -146,7 +146,7 @@ def forget_request_sensor(context: SensorEvaluationContext, visual_memory: Visua
         try:
             # Checked before a run exists: a bad request never starts (nor fails) a run of the assets.
             data, request, body = read_request(path)
-            plan = check_request(memory, request)
+            plan = memory.forgetting.check(request)
         except ForgetError as exc:
             rejected.append(path.name)
             archive_request_file(str(path), "rejected", error=str(exc))

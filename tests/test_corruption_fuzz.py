@@ -191,5 +191,5 @@ def test_every_mutated_file_is_added_or_quarantined_with_a_reason_and_the_audit_
     assert any("aspect ratio" in r for r in reasons.values())
     # Whatever was accepted was embedded and indexed: the decoder the check used is the encoder's.
     assert report.embedded == ingest.added and report.n_vectors == len(active)
-    verdict = audit.verify(memory)
+    verdict = memory.audit.verify()
     assert verdict.ok, verdict.problems

@@ -114,7 +114,7 @@ def test_a_file_name_that_is_not_utf8_is_kept_byte_for_byte(tmp_path, fm_sets, e
     memory.forget(ForgetRequest(**WHO, image_set="odd-names"))
     names_bin = memory.ledger.names.path.read_bytes()
     assert good not in names_bin and bad not in names_bin and odd not in names_bin and not names_bin.strip(b"\0")
-    assert audit.verify(memory).ok
+    assert memory.audit.verify().ok
 
 
 def test_a_failed_add_leaves_no_file_behind(memory, fm_sets, tmp_path, monkeypatch):
@@ -211,11 +211,11 @@ def test_a_live_ingest_keeps_its_staging_and_a_dead_one_loses_it(memory, fm_sets
         assert (folder / "a-staged-image.png").exists()
         memory.ingest(copy_set(fm_sets["train"], tmp_path / "one", labels=("Bag",), per_label=2))
         assert (folder / "a-staged-image.png").exists()      # its lock is held: another writer leaves it alone
-        assert not any("staging" in p for p in audit.check_crash_leftovers(memory))
+        assert not any("staging" in p for p in memory.audit.check_crash_leftovers())
     finally:
         child.kill()
         child.wait()
-    assert any("staging folder of an add that died" in p for p in audit.check_crash_leftovers(memory))
+    assert any("staging folder of an add that died" in p for p in memory.audit.check_crash_leftovers())
     memory.ingest(copy_set(fm_sets["train"], tmp_path / "two", labels=("Coat",), per_label=2))
     assert not folder.exists()
 
@@ -224,10 +224,11 @@ def test_a_live_ingest_keeps_its_staging_and_a_dead_one_loses_it(memory, fm_sets
 
 KILL_DURING_EMBEDDING = """
 import sys, time
-from vismem_assets import memory as memory_module
+from vismem_assets import embedding
+from vismem_assets.memory import Memory
 
-memory_module.EMBED_CHUNK = 10                  # many parts: the kill lands between two of them
-mem = memory_module.Memory(sys.argv[1], encoder="efficientnet-lite0")
+embedding.EMBED_CHUNK = 10                      # many parts: the kill lands between two of them
+mem = Memory(sys.argv[1], encoder="efficientnet-lite0")
 embed = mem.encoder.embed
 def slow(*args, **kwargs):                      # as slow as a big set, so the kill lands mid-way
     time.sleep(1.0)
@@ -290,7 +291,7 @@ def test_kill_during_embedding_is_reported_and_the_next_writer_finishes_it(tmp_p
 
         monkeypatch.setenv("VISMEM_HOME", str(home))
         res._memory.cache_clear()
-        res._memory(str(home.resolve()), None)._encoder_choice = encoder
+        res._memory(str(home.resolve()), None).encoder_choice.use(encoder)
         result = materialize([memory_index], resources={"visual_memory": VisualMemory()})
         assert result.success
         meta = result.asset_materializations_for_node("memory_index")[0].metadata
@@ -300,7 +301,7 @@ def test_kill_during_embedding_is_reported_and_the_next_writer_finishes_it(tmp_p
     assert memory.pending(exact=True) == {"encoder_id": encoder.id, "not_embedded": 0, "not_indexed": 0}
     assert memory.index_consistency()["ok"]
     assert memory.status()["pending"] == {"encoder_id": encoder.id, "not_embedded": 0, "not_indexed": 0}
-    assert audit.verify(memory).ok
+    assert memory.audit.verify().ok
 
 
 # ---- finding 14: concurrent adds of the same images ------------------------------------------
@@ -356,17 +357,17 @@ def test_a_killed_write_leftover_is_a_trace_until_removed(memory, fm_sets, tmp_p
     leftovers = [leave_killed_write(memory, sid, victim),
                  leave_killed_write(memory, sid, victim, name=".x.tmp")]
 
-    report = audit.verify(memory)
+    report = memory.audit.verify()
     traces = [p for p in report.problems if f"image of a forgotten sample ({sid[:16]}" in p]
     assert len(traces) == 2 and all("`vismem rebuild` removes it" in p for p in traces), report.problems
-    proof = audit.proof(memory, sid)
+    proof = memory.audit.proof(sid)
     assert not proof["present_nowhere"] and len(proof["traces"]) == 2
     cli = vismem(memory.layout.root, "audit", "proof", sid)
     assert cli.returncode == 1 and "NOT gone" in cli.stdout
 
     memory.rebuild()                              # the repair the message names removes them
     assert not any(p.exists() for p in leftovers)
-    assert audit.verify(memory).ok and audit.proof(memory, sid)["present_nowhere"]
+    assert memory.audit.verify().ok and memory.audit.proof(sid)["present_nowhere"]
 
 
 def test_forgetting_removes_leftovers_of_killed_writes_too(memory, fm_sets, tmp_path):
@@ -387,7 +388,7 @@ def test_forgetting_removes_leftovers_of_killed_writes_too(memory, fm_sets, tmp_
     assert files_holding(memory.layout.root, victim) == []
     assert not temp_part.exists()
     assert not [p for p in store.walk(memory.layout.root) if sid in p.name]
-    assert audit.verify(memory).ok and audit.proof(memory, sid)["present_nowhere"]
+    assert memory.audit.verify().ok and memory.audit.proof(sid)["present_nowhere"]
 
 
 def test_leftovers_are_found_anywhere_in_the_store_by_name_or_bytes(memory, fm_sets, tmp_path):
@@ -402,8 +403,8 @@ def test_leftovers_are_found_anywhere_in_the_store_by_name_or_bytes(memory, fm_s
     (dead / "q-whatever.bin").write_bytes(data)                       # a dead ingest's staged copy
     (memory.layout.quarantine / f"old-{sid}.png").write_bytes(data)   # the id in the middle of a name
 
-    traces = audit.find_traces(memory, [sid], np.array([], np.int64))
+    traces = memory.audit.find_traces([sid], np.array([], np.int64))
     assert sorted(t.split(" ")[0] for t in traces) == sorted(
         [memory.layout.relative(dead / "q-whatever.bin"), f"quarantine/old-{sid}.png"])
     memory.rebuild()
-    assert audit.find_traces(memory, [sid], np.array([], np.int64)) == [] and audit.verify(memory).ok
+    assert memory.audit.find_traces([sid], np.array([], np.int64)) == [] and memory.audit.verify().ok

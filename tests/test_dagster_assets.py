@@ -49,7 +49,7 @@ def resources(home, encoder, monkeypatch):
     monkeypatch.setenv("VISMEM_HOME", str(home))
     res._memory.cache_clear()
     # The session's loaded encoder is reused through the per-process Memory cache.
-    res._memory(str(home.resolve()), None)._encoder_choice = encoder
+    res._memory(str(home.resolve()), None).encoder_choice.use(encoder)
     return {"visual_memory": VisualMemory()}
 
 
@@ -204,7 +204,7 @@ def test_compaction_builds_the_configured_index_type_and_shows_its_recall(home, 
     monkeypatch.setenv("VISMEM_HOME", str(home))
     res._memory.cache_clear()
     resource = VisualMemory(index_type="ivf-flat", recall_floor=0.6)
-    resource.memory()._encoder_choice = encoder
+    resource.memory().encoder_choice.use(encoder)
     with instance_for_test() as instance:
         result = materialize([memory_index], instance=instance, resources={"visual_memory": resource},
                              run_config={"ops": {"memory_index": {"config": {"rebuild": True}}}})

@@ -146,7 +146,7 @@ def resources(tmp_path, encoder, monkeypatch):
     monkeypatch.setenv("VISMEM_HOME", str(home))
     monkeypatch.delenv("VISMEM_QUERY_SET", raising=False)
     res._memory.cache_clear()
-    res._memory(str(home.resolve()), None)._encoder_choice = encoder
+    res._memory(str(home.resolve()), None).encoder_choice.use(encoder)
     return {"visual_memory": VisualMemory()}
 
 

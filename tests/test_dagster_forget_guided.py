@@ -42,7 +42,7 @@ def build(home, fm_sets, monkeypatch, encoder, instance) -> dict:
     for label in LABELS:
         shutil.copytree(fm_sets["train"] / label, target / label)
     res._memory.cache_clear()
-    res._memory(str(home.resolve()), None)._encoder_choice = encoder
+    res._memory(str(home.resolve()), None).encoder_choice.use(encoder)
     resources = {"visual_memory": VisualMemory()}
     instance.add_dynamic_partitions(image_set_partitions.name, ["set-a"])
     assert materialize([image_sets, embeddings], partition_key="set-a", instance=instance, resources=resources).success

@@ -30,7 +30,7 @@ def build(home, fm_sets, monkeypatch, encoder):
         shutil.copytree(fm_sets["test"] / label, queries / label)
     monkeypatch.setenv("VISMEM_QUERY_SET", "queries")
     res._memory.cache_clear()
-    res._memory(str(home.resolve()), None)._encoder_choice = encoder
+    res._memory(str(home.resolve()), None).encoder_choice.use(encoder)
     return {"visual_memory": VisualMemory()}
 
 

@@ -15,12 +15,13 @@ import polars as pl
 import pytest
 
 from benchmarks.synthetic import QueryVectors, build_memory, clustered_vectors
-from vismem_assets import audit, erasure
+from vismem_assets import erasure
 from vismem_assets.embeddings import write_part
 from vismem_assets.forgetting import ForgetRequest
 from vismem_assets.index_store import held_ids, index_ids, index_vectors
 from vismem_assets.ivf_search import IVFSearcher
-from vismem_assets.index_types import IndexPolicy, build, flat_index
+from vismem_assets.index_kinds.flat import flat_index
+from vismem_assets.index_types import IndexPolicy, build
 from vismem_assets.ledger import to_frame
 
 D = 32
@@ -184,7 +185,7 @@ def test_an_older_part_is_rewritten_instead(tmp_path):
     victim = pl.read_parquet(old)["sample_id"][5]
     memory.forget(ForgetRequest(requested_by="test", reason="old part", sample_ids=[victim]))
     assert not old.exists() and rel not in memory.embedding_files()
-    assert audit.verify(memory).ok and memory.index_consistency()["ok"]
+    assert memory.audit.verify().ok and memory.index_consistency()["ok"]
 
 
 def test_a_part_a_crash_left_behind_goes_with_the_next_forget(tmp_path):
@@ -197,7 +198,7 @@ def test_a_part_a_crash_left_behind_goes_with_the_next_forget(tmp_path):
     victim = pl.read_parquet(part)["sample_id"][3]
     memory.forget(ForgetRequest(requested_by="test", reason="stray", sample_ids=[victim]))
     assert not stray.exists() and part.exists()
-    assert audit.verify(memory).ok
+    assert memory.audit.verify().ok
 
 
 @pytest.mark.slow
@@ -225,7 +226,7 @@ def test_an_ivf_memory_forgets_in_place_searches_without_the_holes_and_compactio
     reference = faiss.read_index(str(memory.layout.absolute(after.path)))
     reference = erasure_free(reference)
     assert np.array_equal(reference.search(q, 50)[1], found)
-    assert audit.verify(memory).ok and memory.index_consistency()["ok"]
+    assert memory.audit.verify().ok and memory.index_consistency()["ok"]
 
     compacted, _ = memory.compact(retain=1)
     assert not any(f.holes for f in compacted.files) and compacted.n_vectors == after.n_vectors

@@ -28,7 +28,8 @@ from vismem_assets import audit, fashion_mnist, near_copies
 from vismem_assets.cli import main as cli_main
 from vismem_assets.fashion_mnist import write_image_folders
 from vismem_assets.forgetting import NO_LABEL, ForgetRequest
-from vismem_assets.memory import BLOCKED_EXACT, Memory
+from vismem_assets.ingest import BLOCKED_EXACT
+from vismem_assets.memory import Memory
 from vismem_assets.names import NAMES_FILE
 
 LABELS = ("Bag", "Trouser", "Sneaker", "Sandal")
@@ -87,7 +88,7 @@ def mem(base_home, tmp_path, encoder) -> Memory:
 def forget_two(mem: Memory, set_a: Path) -> list[Path]:
     gone = [sorted((set_a / "Trouser").glob("*.png"))[0], sorted((set_a / "Bag").glob("*.png"))[1]]
     mem.forget(ForgetRequest(**WHO, sample_ids=[sid(f) for f in gone]))
-    assert audit.verify(mem).ok
+    assert mem.audit.verify().ok
     return gone
 
 
@@ -107,7 +108,7 @@ def test_deleting_forgotten_rows_by_hand_neither_lets_the_images_back_nor_passes
                             [ids])["n"][0] == 0
     assert not [p for p in mem.layout.images.rglob("*") if p.is_file() and sid(p) in ids]
     # The audit names each sample and what was done to it.
-    report = audit.verify(mem)
+    report = mem.audit.verify()
     for i in ids:
         assert any(re.search(rf"forgot sample {i[:16]}….*`samples` has no row for it: the row was deleted by hand", p)
                    for p in report.problems), report.problems
@@ -120,7 +121,7 @@ def test_a_forgotten_status_flipped_back_to_active_by_hand_is_caught(mem, set_a)
     flipped = sid(gone[0])
     hand_edit(mem, f"UPDATE samples SET status = 'active' WHERE sample_id = '{flipped}'")
 
-    report = audit.verify(mem)
+    report = mem.audit.verify()
 
     assert any(re.search(rf"forgot sample {flipped[:16]}…, but `samples` says its status is 'active': it was changed "
                          "by hand", p) for p in report.problems), report.problems
@@ -142,7 +143,7 @@ def test_forgotten_images_brought_back_past_every_blocklist_are_found_in_the_ind
     again = mem.add(set_a)
     assert (again.ingest.added, again.embedded) == (2, 2)                     # back, as before the fix
 
-    problems = audit.verify(mem).problems
+    problems = mem.audit.verify().problems
 
     new_vids = mem.ledger.query("SELECT vector_id FROM samples WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))",
                                 [ids])["vector_id"].to_list()
@@ -159,7 +160,7 @@ def test_forgotten_images_brought_back_past_every_blocklist_are_found_in_the_ind
 def test_the_audit_cross_checks_requests_deletions_and_perceptual_hashes(mem, set_a):
     gone = forget_two(mem, set_a)
     ids = sorted(sid(f) for f in gone)
-    report = audit.verify(mem)
+    report = mem.audit.verify()
     assert report.blocklist == {"sample_ids": 2, "perceptual_hashes": 2, "without_perceptual_hash": 0}
     rc, out, _ = cli(mem.layout.root, "audit", "verify")
     assert rc == 0 and "kept by design (the blocklist): 2 forgotten sha256, 2 perceptual hashes" in out
@@ -167,7 +168,7 @@ def test_the_audit_cross_checks_requests_deletions_and_perceptual_hashes(mem, se
     hand_edit(mem, f"DELETE FROM deletions WHERE sample_id = '{ids[1]}'",
               f"DELETE FROM blocklist_phashes WHERE sample_id = '{ids[0]}'",
               "INSERT INTO blocklist_phashes VALUES ('" + "ab" * 32 + "', NULL, 'x', NULL, 'planted', now())")
-    problems = audit.verify(mem).problems
+    problems = mem.audit.verify().problems
 
     assert any(re.search(rf"was applied to sample {ids[1][:16]}…, but no deletions row proves it", p) for p in problems)
     assert any(re.search(rf"forgotten sample {ids[0][:16]}… has no blocklist_phashes row", p) for p in problems)
@@ -236,7 +237,7 @@ def test_forget_set_with_label_less_and_unreadable_files(mem, set_m, as_json):
     assert not [p for p in mem.layout.quarantine.rglob("*") if p.is_file()]
     # The other set keeps its names; the audit passes.
     assert kept_names and all(n.encode() in names for n in kept_names)
-    assert audit.verify(mem).ok, audit.verify(mem).problems
+    assert mem.audit.verify().ok, mem.audit.verify().problems
 
 
 def test_file_names_a_set_forget_left_are_found_and_erased_by_resume(mem, set_m):
@@ -251,14 +252,14 @@ def test_file_names_a_set_forget_left_are_found_and_erased_by_resume(mem, set_m)
                     " name_pos, name_len) VALUES (1, 'M', NULL, 'unreadable: gone', NULL, ?, ?, ?)",
                     [requested_at, pos, n])
 
-    problems = audit.verify(mem).problems
+    problems = mem.audit.verify().problems
     assert any(re.search(r"1 quarantine row\(s\) of image set 'M', forgotten by request .* still name a file", p)
                for p in problems), problems
 
     rc, _, err = cli(mem.layout.root, "forget", "--resume")
     assert rc == 0, err
     assert b"erin-left-behind.png" not in (mem.layout.root / NAMES_FILE).read_bytes()
-    assert audit.verify(mem).ok
+    assert mem.audit.verify().ok
 
 
 # ---- 10: near-copies of forgotten images ---------------------------------------------------------------
@@ -290,8 +291,8 @@ def test_near_copies_of_forgotten_images_stay_out_and_a_thousand_other_images_go
     kept = mem.ledger.query("SELECT sample_id, phash, algorithm FROM blocklist_phashes ORDER BY sample_id").rows()
     assert [k[0] for k in kept] == sorted(sid(f) for f in gone)
     assert all(len(k[1]) == 64 and k[2] == near_copies.ALGORITHM for k in kept)
-    assert audit.verify(mem).ok and audit.verify(mem).blocklist["perceptual_hashes"] == 3
-    proof = audit.proof(mem, sid(gone[0]))
+    assert mem.audit.verify().ok and mem.audit.verify().blocklist["perceptual_hashes"] == 3
+    proof = mem.audit.proof(sid(gone[0]))
     assert proof["present_nowhere"] and proof["blocklist"]["perceptual_hash"] == dict((k[0], k[1]) for k in kept)[sid(gone[0])]
     rc, out, _ = cli(mem.layout.root, "audit", "proof", gone[0])
     assert rc == 0 and "kept on the blocklist (by design): its sha256 and perceptual hash" in out
@@ -375,7 +376,7 @@ def test_a_memory_forgotten_before_perceptual_hashes_migrates_and_passes_the_aud
               " WHERE status = 'forgotten'")
 
     migrated = Memory(mem.layout.root, encoder=encoder)
-    report = audit.verify(migrated)
+    report = migrated.audit.verify()
 
     assert report.ok, report.problems
     assert report.blocklist == {"sample_ids": 2, "perceptual_hashes": 0, "without_perceptual_hash": 2}

@@ -240,7 +240,7 @@ def assert_forgotten(memory: Memory, pre: dict, sample_ids: list[str], request_i
     assert [n for n in sorted(kept_names) if n.encode() not in names_bytes(root)] == []
     assert [n for n in sorted(kept_names | forgotten_names) if n.encode() in ledger_bytes(root)] == []
 
-    report = audit.verify(memory)
+    report = memory.audit.verify()
     assert report.ok, report.problems
     assert report.files_checked["index_files"] == len(index_files(root))
 
@@ -452,7 +452,7 @@ def test_reingesting_a_set_after_forgetting_part_of_it(mem, sources, tmp_path):
     assert not [p for p in mem.layout.images.rglob("*") if p.name.split(".")[0] in gone_ids]
     assert set(q("SELECT sample_id FROM blocklist")["sample_id"]) == set(gone_ids)
     assert set(q("SELECT request_id FROM blocklist")["request_id"]) == {report.request_id}
-    assert audit.verify(mem).ok
+    assert mem.audit.verify().ok
     # Classifying the forgotten image itself: it is not found (its neighbours are other samples).
     prediction = mem.classify([gone[0]], k=30)[0]
     assert not {n.sample_id for n in prediction.neighbors} & set(gone_ids)
@@ -528,9 +528,9 @@ CRASH_SCRIPT = """
     elif point == "erase_half":        # ... and some of the first file's vectors zeroed, their ids not yet
         erasure.apply = half
     elif point == "purge_embeddings":  # every index purged; embeddings, images, proof not yet
-        forgetting._purge_embeddings = die
+        forgetting.Forgetting._purge_embeddings = die
     elif point == "prove":             # names zeroed in the name file; the ledger still points at them
-        forgetting._prove = die
+        forgetting.Forgetting._prove = die
     from vismem_assets.cli import main
     main(sys.argv[2:])
     print("UNREACHED", flush=True)
@@ -552,7 +552,7 @@ def assert_pending_and_blocked(memory: Memory, request_id: str, ids: list[str]) 
     assert q("SELECT state FROM forget_requests WHERE request_id = ?", [request_id])["state"].to_list() == ["pending"]
     assert q("SELECT count(*) AS n FROM deletions")["n"][0] == 0
     assert set(q("SELECT status FROM samples WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [ids])["status"]) == {"forgotten"}
-    report = audit.verify(memory)
+    report = memory.audit.verify()
     assert not report.ok
     assert any(request_id in p and "pending" in p for p in report.problems), report.problems
 
@@ -576,7 +576,7 @@ def test_killed_mid_erasure_the_memory_still_searches_then_resumed(mem, sources,
     assert live.operation == "forget" and live.version == 3
     v1 = after.layout.absolute(after.ledger.query("SELECT path FROM index_versions WHERE version = 1")["path"][0])
     assert faiss_ids(v1) & gone                                   # ... its bytes not (all) erased yet
-    assert any("v000001" in p and "forgotten vector" in p for p in audit.verify(after).problems)
+    assert any("v000001" in p and "forgotten vector" in p for p in after.audit.verify().problems)
     # Searching still works (each file checked as it will be once erased) and finds none of them.
     _, index = after.live_index()
     assert not set(index_ids(index).tolist()) & gone and index.ntotal == len(pre["live"]["ids"] - gone)
@@ -610,7 +610,7 @@ def test_killed_after_the_index_purge_then_the_same_command_again(crashed_after_
     after = copy_home(home, tmp_path / "home", encoder)
     ids = sandal_ids(sources)
     assert_pending_and_blocked(after, SANDAL.request_id, ids)
-    problems = audit.verify(after).problems
+    problems = after.audit.verify().problems
     assert any("embeddings/" in p and "forgotten embedding" in p for p in problems), problems
     assert any("images/" in p and "image of a forgotten sample" in p for p in problems), problems
 
@@ -651,10 +651,10 @@ def test_killed_between_erasing_names_and_the_proof_a_retry_finishes(mem, source
 
     after = Memory(mem.layout.root, encoder=encoder)
     assert [n for n in names if n.encode() in stored_bytes(after.layout.root)] == []  # zeroed before the crash
-    assert not audit.verify(after).ok                             # ... but the ledger still points at them
+    assert not after.audit.verify().ok                             # ... but the ledger still points at them
     after.resume_forgetting()
     assert vismem(after.layout.root, *SANDAL_ARGS).returncode == 0
-    report = audit.verify(after)
+    report = after.audit.verify()
     assert report.ok, report.problems
     kept = after.ledger.query("SELECT original_name(name_pos, name_len) AS n FROM sample_sources"
                               " WHERE name_pos IS NOT NULL")["n"].to_list()
@@ -762,7 +762,7 @@ def forgotten_home(base_home, tmp_path_factory, encoder, sources) -> Path:
     memory.forget(ForgetRequest(requested_by="bob", reason="licence withdrawn", category="license",
                                 sample_ids=[sid(pngs(sources["A"] / "Bag")[0]), sid(pngs(sources["B"] / "Trouser")[0])]))
     assert memory.ledger.query("SELECT count(*) AS n FROM deletions")["n"][0] == 8
-    assert audit.verify(memory).ok
+    assert memory.audit.verify().ok
     return home
 
 
@@ -817,7 +817,7 @@ def test_tampered_deletions_are_detected(fmem, how):
     tamper, says = TAMPERING[how]
     tamper(fmem)
 
-    report = audit.verify(fmem)
+    report = fmem.audit.verify()
 
     assert not report.ok
     assert any(re.search(says, p) for p in report.problems), report.problems
@@ -852,7 +852,7 @@ def test_a_forgotten_vector_put_back_into_a_retained_file_is_found(fmem, base_ho
     index.add_with_ids(vector[None, :].astype(np.float32), np.array([vid], dtype=np.int64))
     faiss.write_index(index, str(retained))
 
-    report = audit.verify(fmem)
+    report = fmem.audit.verify()
 
     rel = fmem.layout.relative(retained)
     assert any(p.startswith(rel) and f"id {vid}" in p for p in report.problems), report.problems
@@ -869,7 +869,7 @@ def test_a_forgotten_vector_written_back_into_its_hole_is_found(fmem, base_home)
         f.seek(int(holes.patches[0].offsets[0]))
         f.write(index_vectors(before)[0].tobytes())
 
-    report = audit.verify(fmem)
+    report = fmem.audit.verify()
 
     assert report.problems == [f"{fmem.layout.relative(retained)} has holes whose bytes were not erased"]
 
@@ -881,7 +881,7 @@ def test_a_forgotten_image_dropped_back_into_the_store_is_found(fmem, sources):
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(src.read_bytes())
 
-    report = audit.verify(fmem)
+    report = fmem.audit.verify()
 
     rel = fmem.layout.relative(target)
     assert report.problems == [f"{rel} is the image of a forgotten sample"]

@@ -146,7 +146,7 @@ def test_forgetting_from_a_delta_erases_in_the_delta_only_its_vectors(memory):
     assert not file_ids(memory, erased.path) & set(victims)
     # Only the three vectors and their ids changed, in place: at most 3 x (4 d + 8) bytes.
     assert 0 < changed_bytes(before, delta) <= 3 * (4 * D + 8)
-    assert memory.index_consistency()["ok"] and audit.verify(memory).ok
+    assert memory.index_consistency()["ok"] and memory.audit.verify().ok
 
 
 def test_a_file_shared_by_retained_versions_is_erased_once(memory):
@@ -165,7 +165,7 @@ def test_a_file_shared_by_retained_versions_is_erased_once(memory):
     rewrites = memory.ledger.query("SELECT version, old_path, new_path, n_removed FROM index_rewrites ORDER BY version")
     assert set(rewrites["old_path"]) == set(rewrites["new_path"]) == {base.path} and set(rewrites["n_removed"]) == {2}
     assert all(not file_ids(memory, f.path) & set(victim) for v in versions for f in v.files)
-    assert audit.verify(memory).ok and memory.index_consistency()["ok"]
+    assert memory.audit.verify().ok and memory.index_consistency()["ok"]
     assert files_on_disk(memory) == before
 
 
@@ -231,7 +231,7 @@ def test_ivf_base_with_a_delta(tmp_path):
     _, top = memory.search(vectors, 1)
     assert (np.sort(top[:, 0]) == new_ids).mean() > 0.95   # approximate: nearly all find themselves
     memory.forget(ForgetRequest(requested_by="test", reason="ivf", sample_ids=samples_of(memory, new_ids[:5])))
-    assert audit.verify(memory).ok and memory.index_consistency()["ok"]
+    assert memory.audit.verify().ok and memory.index_consistency()["ok"]
     # After compaction the base is one IVF file again, searched memory-mapped.
     memory.compact(retain=1)
     assert memory.indexes.live().deltas == () and os.path.exists(memory.layout.absolute(memory.indexes.live().path))
@@ -272,7 +272,7 @@ def test_forgetting_one_vector_erases_it_in_its_shard(sharded):
     assert live.files[1].path == before.files[1].path and live.files[1].sha256 != before.files[1].sha256
     assert (live.files[1].n_vectors, live.files[1].holes) == (8191, 1)
     assert victim not in file_ids(sharded, live.files[1].path)
-    assert audit.verify(sharded).ok and sharded.index_consistency()["ok"]
+    assert sharded.audit.verify().ok and sharded.index_consistency()["ok"]
     # A small add then goes into a delta beside the shards, and a rebuild writes shards afresh, without holes.
     assert add_set(sharded, 100, "late", seed=3).files[-1].role == "delta"
     rebuilt = sharded.rebuild()

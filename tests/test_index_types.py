@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from benchmarks.synthetic import QueryVectors, build_memory, clustered_vectors, insert_vectors
-from vismem_assets import pruning
 from vismem_assets.forgetting import ForgetRequest
 from vismem_assets.index_store import index_ids
-from vismem_assets.index_types import IndexPolicy, IndexTypeError, build, nlist_for, pq_bytes_for, recall
+from vismem_assets.index_kinds.ivf import nlist_for, pq_bytes_for, recall
+from vismem_assets.index_types import IndexPolicy, IndexTypeError, build
 from vismem_assets.settings import Settings, SettingsError
 from vismem_assets.memory import Memory
 
@@ -152,8 +152,7 @@ def test_forgetting_leaves_no_trace_in_ivf_versions(tmp_path, kind):
     assert memory.index_consistency()["ok"]
     _, found = memory.search(np.random.default_rng(0).standard_normal((100, D)).astype(np.float32), 50)
     assert not np.isin(gone, found).any()
-    from vismem_assets.audit import verify
-    audit = verify(memory)
+    audit = memory.audit.verify()
     assert audit.ok, audit.problems
 
 
@@ -182,8 +181,8 @@ def test_reliability_on_an_ivf_memory_equals_the_flat_one(tmp_path):
     flat = build_memory(tmp_path / "flat", 6_000, QueryVectors(D), index_policy=IndexPolicy(kind="flat"))
     ivf = build_memory(tmp_path / "ivf", 6_000, QueryVectors(D), index_policy=IndexPolicy(kind="ivf-flat", recall_floor=0.5))
     assert ivf.indexes.live().index_type.startswith("IVF")
-    a, _ = pruning.reliability(flat, 10)
-    b, _ = pruning.reliability(ivf, 10)
+    a, _ = flat.pruning.reliability(10)
+    b, _ = ivf.pruning.reliability(10)
     assert np.array_equal(a.vector_ids, b.vector_ids) and np.array_equal(a.v, b.v)
     assert 0 < ivf.novelty_threshold() < 2
 
@@ -197,7 +196,7 @@ def anon():
 m = Memory(sys.argv[1], encoder=QueryVectors(int(sys.argv[2])))
 q = np.ones((8, m.encoder.dim), np.float32)
 m.search(q, 5)  # warm: imports, ledger, thread pool, OpenBLAS's buffers
-m._index_cache = m._searcher_cache = None
+m.index_changed()
 before = anon()
 m.search(q, 5)  # loads the live index again
 print(anon() - before)

@@ -14,7 +14,7 @@ import pytest
 
 from benchmarks.synthetic import clustered_vectors
 from vismem_assets import ivf_search
-from vismem_assets.index_types import fill, nlist_for, remove_ids, train_ivf, training_size
+from vismem_assets.index_kinds.ivf import IVF_FLAT, fill, nlist_for, train_ivf, training_size
 from vismem_assets.ivf_search import MIN_BATCH, MIN_BYTES, IVFSearcher, ivf_searcher
 
 D = 32
@@ -157,8 +157,8 @@ def test_empty_lists():
     _, probed = index.quantizer.search(queries, index.nprobe)
     assert (sizes == 0).sum() > nlist // 2 and (sizes[probed] == 0).any()
     assert_same(IVFSearcher(index, min_batch=1, min_bytes=0).search(queries, 50), index.search(queries, 50))
-    # forgetting empties lists too (the direct map finds the ids)
-    remove_ids(index, np.arange(N // 2, dtype=np.int64))
+    # forgetting empties lists too
+    IVF_FLAT.drop(index, np.arange(N // 2, dtype=np.int64))
     assert_same(IVFSearcher(index, min_batch=1, min_bytes=0).search(queries, 50), index.search(queries, 50))
 
 
@@ -247,7 +247,7 @@ def test_an_ivf_flat_memory_searches_through_the_list_batched_searcher(tmp_path)
     _, index = memory.live_index()
     queries = clustered_vectors(300, 64, seed=4)[0]
     sims, ids = memory.search(queries, 20)
-    assert isinstance(memory._searcher_cache[1], IVFSearcher) and memory._searcher_cache[0] is index
+    assert isinstance(memory.recall._searcher_cache[1], IVFSearcher) and memory.recall._searcher_cache[0] is index
     plain = faiss.read_index(str(memory.layout.absolute(memory.indexes.live().path)))
     ref_sims, ref_ids = plain.search(queries, 20)
     assert_same((sims, ids), (ref_sims, ref_ids))

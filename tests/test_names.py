@@ -60,12 +60,11 @@ def test_a_truncated_name_file_is_a_clear_error_not_a_silent_erasure(tmp_path):
 
 def test_the_audit_catches_a_truncated_name_file(tmp_path):
     from benchmarks.synthetic import QueryVectors, build_memory
-    from vismem_assets import audit
     memory = build_memory(tmp_path / "home", 300, QueryVectors(8))
-    assert audit.verify(memory).ok
+    assert memory.audit.verify().ok
     names = tmp_path / "home" / NAMES_FILE
     names.write_bytes(names.read_bytes()[:-5])
-    assert [p for p in audit.verify(memory).problems if "names.bin ends at byte" in p and "restore it" in p]
+    assert [p for p in memory.audit.verify().problems if "names.bin ends at byte" in p and "restore it" in p]
 
 
 def test_the_cli_away_from_the_home_says_where_to_start_instead_of_showing_no_names(tmp_path, monkeypatch):

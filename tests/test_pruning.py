@@ -3,6 +3,7 @@ after adding and forgetting sets, weight sets that classification honours, switc
 rolled back, and the experiments reachable from the CLI and Dagster."""
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,9 @@ from dagster import AssetKey, instance_for_test, materialize
 from vismem_assets import pruning
 from vismem_assets import reliability as rel_mod
 from vismem_assets.forgetting import ForgetRequest
+from vismem_assets.home import Layout
 from vismem_assets.index_store import index_ids, index_vectors
+from vismem_assets.ledger import Ledger
 from vismem_assets.memory import Memory
 
 
@@ -36,10 +39,10 @@ def copy_set(source, target, labels, n):
 def test_incremental_reliability_equals_a_full_pass_after_add_and_forget(tmp_path, encoder, fm_sets):
     memory = Memory(tmp_path / "home", encoder=encoder)
     memory.add(copy_set(fm_sets["train"], tmp_path / "a", ("Bag", "Coat", "Shirt", "Sneaker"), 6), progress=False)
-    first, run = pruning.reliability(memory, 5)
+    first, run = memory.pruning.reliability(5)
     assert run.mode == "full"
     memory.add(copy_set(fm_sets["more"], tmp_path / "b", ("Bag", "Coat", "Trouser"), 3), progress=False)
-    second, run = pruning.reliability(memory, 5)
+    second, run = memory.pruning.reliability(5)
     assert run.mode == "incremental" and run.base_version == 1
     assert run.n_requeried < run.n_samples  # only what could change was looked at again
     assert rel_mod.equal(second, full_pass(memory, 5))
@@ -48,10 +51,36 @@ def test_incremental_reliability_equals_a_full_pass_after_add_and_forget(tmp_pat
     runs = memory.ledger.query("SELECT index_version, mode FROM reliability_runs WHERE k = 5")
     live = memory.indexes.live().version
     assert runs.to_dicts() == [{"index_version": live, "mode": "incremental"}]
-    third, _ = pruning.reliability(memory, 5)
+    third, _ = memory.pruning.reliability(5)
     assert rel_mod.equal(third, full_pass(memory, 5))
     forgotten = memory.ledger.query("SELECT vector_id FROM samples WHERE status = 'forgotten'")["vector_id"]
     assert not np.isin(third.neighbors, forgotten.to_numpy()).any()
+
+
+def test_the_pruning_service_needs_only_what_it_is_given(tmp_path):
+    """A ledger, a layout, an encoder's id and slug, and two callables for the live index and its
+    vectors: no Memory, no encoder model, synthetic vectors."""
+    layout = Layout(tmp_path / "home").create()
+    ledger = Ledger(layout.ledger)
+    ids = np.arange(1, 41, dtype=np.int64)
+    vectors = np.random.default_rng(0).normal(size=(len(ids), 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with ledger.transaction() as s:
+        s.execute("INSERT INTO samples (sample_id, vector_id, label, image_set, status, added_at)"
+                  " SELECT 's' || i, i, CASE WHEN i % 2 = 0 THEN 'a' ELSE 'b' END, 'set', 'active', now()"
+                  " FROM range(1, 41) t(i)")
+    service = pruning.Pruning(ledger, layout, SimpleNamespace(id="enc", slug="enc"),
+                              live_index=lambda: (SimpleNamespace(version=1), "the index"),
+                              stored_vectors=lambda index: (ids, vectors))
+    rel, run = service.reliability(5)
+    labels = [pruning.label_code("a" if i % 2 == 0 else "b") for i in ids.tolist()]
+    assert run.mode == "full" and rel_mod.equal(rel, rel_mod.compute(ids, vectors, labels, 5))
+    stored, again = service.reliability(5)
+    assert again == run and rel_mod.equal(stored, rel)
+    assert (layout.root / "reliability" / "enc" / "v000001-k5.parquet").is_file()
+    assert service.activate("soft", None)["samples"] == len(ids)
+    assert service.active_mode() == ("soft", None)
+    assert service.rollback() is None and service.active_mode() is None
 
 
 @pytest.mark.slow
@@ -61,24 +90,24 @@ def test_weight_sets_are_honoured_switched_off_and_rolled_back(tmp_path, encoder
     query = sorted((fm_sets["test"] / "Shirt").glob("*.png"))[:3]
     plain = memory.classify(query, k=8, progress=False)
     assert all(n.pruning_factor == 1.0 for p in plain for n in p.neighbors)
-    info = pruning.activate(memory, "soft")
+    info = memory.pruning.activate("soft")
     assert info["pruning"] == "soft" and info["changed"] > 0
-    ids, w = pruning.weights(memory, "soft")
+    ids, w = memory.pruning.weights("soft")
     weight_of = dict(zip(ids.tolist(), w.tolist()))
     for p in memory.classify(query, k=8, progress=False):  # the active set, without asking
         for n in p.neighbors:
             assert n.pruning_factor == pytest.approx(weight_of[n.vector_id])
             assert n.weight == pytest.approx(n.pruning_factor / (2 + n.rank))
-    hard = pruning.activate(memory, "hard", 1)
-    excluded = [i for i, x in zip(*pruning.weights(memory, "hard", 1)) if x == 0]
+    hard = memory.pruning.activate("hard", 1)
+    excluded = [i for i, x in zip(*memory.pruning.weights("hard", 1)) if x == 0]
     assert hard["changed"] == len(excluded) > 0
     for p in memory.classify(query, k=8, progress=False):
         assert all(n.weight == 0 for n in p.neighbors if n.vector_id in excluded)
         assert all(n.vector_id in {x.vector_id for x in p.neighbors} for n in p.neighbors)  # excluded, not deleted
-    assert pruning.rollback(memory)["name"] == "soft"
-    assert pruning.active_mode(memory)[0] == "soft"
-    pruning.deactivate(memory)
-    assert pruning.active_mode(memory) is None
+    assert memory.pruning.rollback()["name"] == "soft"
+    assert memory.pruning.active_mode()[0] == "soft"
+    memory.pruning.deactivate()
+    assert memory.pruning.active_mode() is None
     assert [n.weight for n in memory.classify(query, k=8, progress=False)[0].neighbors] == \
         [n.weight for n in plain[0].neighbors]
     evaluation = memory.evaluate(fm_sets["test"], k_max=10, pruning=True, progress=False)
@@ -94,7 +123,7 @@ def test_prune_cli_dry_run_changes_nothing(tmp_path, encoder, fm_sets):
     memory = Memory(home, encoder=encoder)
     assert memory.ledger.query("SELECT count(*) AS n FROM weight_sets")["n"][0] == 0
     assert main(["--home", str(home), "prune", "--hard", "3"]) == 0
-    assert pruning.active_mode(Memory(home, encoder=encoder)) == ("hard", 3)
+    assert Memory(home, encoder=encoder).pruning.active_mode() == ("hard", 3)
 
 
 @pytest.mark.slow
@@ -114,7 +143,7 @@ def test_experiment_from_the_cli_and_from_dagster(tmp_path, encoder, monkeypatch
 
     monkeypatch.setenv("VISMEM_HOME", str(home))
     res._memory.cache_clear()
-    res._memory(str(home.resolve()), None)._encoder_choice = encoder
+    res._memory(str(home.resolve()), None).encoder_choice.use(encoder)
     with instance_for_test() as instance:
         result = materialize([experiments], partition_key="memory-scaling", instance=instance,
                              resources={"visual_memory": VisualMemory()},

@@ -24,7 +24,7 @@ from vismem_assets import reliability as rel_mod
 from vismem_assets.cli import main as cli_main
 from vismem_assets.forgetting import ForgetRequest
 from vismem_assets.memory import Memory
-from vismem_assets.relabel import EditError, RelabelRequest, WeightRequest, relabel, set_weights
+from vismem_assets.relabel import EditError, RelabelRequest, WeightRequest
 from vismem_assets.voting import vote_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def built(tmp_path_factory, encoder, fm_sets) -> Path:
     root = tmp_path_factory.mktemp("relabel")
     memory = Memory(root / "home", encoder=encoder)
     memory.add(copy_set(fm_sets["train"], root / "a", LABELS, 6), progress=False)
-    pruning.reliability(memory, 4)  # stored for v1 only: the base of v2's next incremental pass
+    memory.pruning.reliability(4)  # stored for v1 only: the base of v2's next incremental pass
     memory.add(copy_set(fm_sets["more"], root / "b", LABELS, 2), progress=False)
     copy_set(fm_sets["test"], root / "home" / "queries", LABELS, 3)  # a query set inside the home
     return root / "home"
@@ -93,7 +93,7 @@ def test_relabel_then_classify_votes_with_the_new_label_at_once(mem, fm_sets):
     (before,) = mem.classify([query], k=5, pruning="none", progress=False)
     assert before.label == "Bag"
     nearest = [n.sample_id for n in before.neighbors]
-    report = relabel(mem, RelabelRequest(sample_ids=nearest, to="Handbag", requested_by=WHO, reason=WHY))
+    report = mem.edits.relabel(RelabelRequest(sample_ids=nearest, to="Handbag", requested_by=WHO, reason=WHY))
     assert report.n_changed == len({*nearest}) and report.new_label
     # The same Memory object (as the Dagster resource keeps one): nothing it cached holds the old label.
     (after,) = mem.classify([query], k=5, pruning="none", progress=False)
@@ -106,16 +106,16 @@ def test_relabel_then_classify_votes_with_the_new_label_at_once(mem, fm_sets):
 def test_relabel_updates_reliability_incrementally_and_equals_a_full_recomputation(mem):
     live = mem.indexes.live().version
     assert live == 2
-    stored_before = {k: pruning.reliability(mem, k)[0] for k in (3, 5)}  # full passes, stored for v2
-    pruning.activate(mem, "soft")  # a stored weight set of v2 (k=10) follows the relabel too
+    stored_before = {k: mem.pruning.reliability(k)[0] for k in (3, 5)}  # full passes, stored for v2
+    mem.pruning.activate("soft")  # a stored weight set of v2 (k=10) follows the relabel too
     moved = ids_of(mem, "Shirt")[:3] + ids_of(mem, "Bag")[:1]
-    report = relabel(mem, RelabelRequest(sample_ids=moved, to="Coat", requested_by=WHO, reason=WHY))
+    report = mem.edits.relabel(RelabelRequest(sample_ids=moved, to="Coat", requested_by=WHO, reason=WHY))
 
     assert sorted((r["k"], r["index_version"]) for r in report.reliability) == [(3, 2), (5, 2), (10, 2)]
     vector_ids = mem.ledger.query("SELECT vector_id FROM samples WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))",
                                   [moved])["vector_id"].to_numpy()
     for k in (3, 5, 10):
-        stored, run = pruning.reliability(mem, k)
+        stored, run = mem.pruning.reliability(k)
         assert (run.mode, run.version) == ("full", 2)  # v2's stored pass, read back, not computed again
         assert rel_mod.equal(stored, full_pass(mem, k)), k
         rows = mem.ledger.query("SELECT vector_id, v FROM reliability WHERE index_version = 2 AND k = ?"
@@ -126,7 +126,7 @@ def test_relabel_updates_reliability_incrementally_and_equals_a_full_recomputati
         (entry,) = [r for r in report.reliability if r["k"] == k]
         assert entry["rows_recounted"] == int(touched.sum()) < len(stored)
     for k, before in stored_before.items():
-        assert not np.array_equal(before.v, pruning.reliability(mem, k)[0].v), k  # the relabel did move v
+        assert not np.array_equal(before.v, mem.pruning.reliability(k)[0].v), k  # the relabel did move v
     # The stored soft weight set is what the new v gives.
     soft = mem.ledger.query("SELECT vector_id, weight FROM sample_weights WHERE name = 'soft' AND index_version = 2"
                             " ORDER BY vector_id")
@@ -138,18 +138,18 @@ def test_relabel_updates_reliability_incrementally_and_equals_a_full_recomputati
            sorted([Path(p).name for p in paths] + ["v000001-k4.parquet"])
 
     # v1's statistics at k=4 still hold the old labels: as the base of v2's pass they are brought up to date.
-    rel4, run4 = pruning.reliability(mem, 4)
+    rel4, run4 = mem.pruning.reliability(4)
     assert (run4.mode, run4.base_version) == ("incremental", 1)
     assert rel_mod.equal(rel4, full_pass(mem, 4))
 
 
 def test_dry_runs_report_and_change_nothing(mem):
-    pruning.reliability(mem, 5)
+    mem.pruning.reliability(5)
     before = snapshot(mem)
-    report = relabel(mem, RelabelRequest(label="Shirt", to="Top", requested_by=WHO, reason=WHY), dry_run=True)
+    report = mem.edits.relabel(RelabelRequest(label="Shirt", to="Top", requested_by=WHO, reason=WHY), dry_run=True)
     assert (report.dry_run, report.change_id, report.n_changed) == (True, None, 8)
     assert report.per_old_value() == {"Shirt": 8} and report.reliability == []
-    weights = set_weights(mem, WeightRequest(sample_ids=ids_of(mem, "Bag")[:2], weight=0, requested_by=WHO,
+    weights = mem.edits.set_weights(WeightRequest(sample_ids=ids_of(mem, "Bag")[:2], weight=0, requested_by=WHO,
                                              reason=WHY), dry_run=True)
     assert (weights.dry_run, weights.n_changed, [c["old"] for c in weights.changes]) == (True, 2, [1.0, 1.0])
     rc, out, err = cli(mem.layout.root, "relabel", "--label", "Shirt", "--to", "Top", "--requested-by", WHO,
@@ -184,7 +184,7 @@ def test_unknown_forgotten_or_badly_named_targets_are_refused_and_nothing_change
     ]
     for request, message in refused:
         with pytest.raises(EditError, match=None) as caught:
-            relabel(mem, request)
+            mem.edits.relabel(request)
         assert message in str(caught.value), (request, str(caught.value))
     for request, message in [
         (WeightRequest(sample_ids=[shirt], weight=-1, requested_by=WHO, reason=WHY), "finite number >= 0"),
@@ -193,7 +193,7 @@ def test_unknown_forgotten_or_badly_named_targets_are_refused_and_nothing_change
         (WeightRequest(sample_ids=[shirt], weight=1, requested_by=WHO, reason=WHY), "already have weight 1"),
     ]:
         with pytest.raises(EditError) as caught:
-            set_weights(mem, request)
+            mem.edits.set_weights(request)
         assert message in str(caught.value), (request, str(caught.value))
     # From the command line: exit 2 and one line saying what is wrong.
     rc, out, err = cli(mem.layout.root, "relabel", "--label", "Sandal", "--to", "Coat", "--requested-by", WHO,
@@ -208,10 +208,10 @@ def test_unknown_forgotten_or_badly_named_targets_are_refused_and_nothing_change
 def test_label_history_and_the_label_changes_audit_query_say_who_why_old_and_new(mem, fm_sets):
     bag = sorted((mem.layout.root / "queries" / "Bag").glob("*.png"))  # test images, not stored: refused
     with pytest.raises(EditError, match="unknown image"):
-        relabel(mem, RelabelRequest(images=[str(bag[0])], to="Coat", requested_by=WHO, reason=WHY))
+        mem.edits.relabel(RelabelRequest(images=[str(bag[0])], to="Coat", requested_by=WHO, reason=WHY))
     stored_image = sorted((fm_sets["train"] / "Shirt").glob("*.png"))[0]  # in set a: found by its content
-    first = relabel(mem, RelabelRequest(images=[str(stored_image)], to="Coat", requested_by="alice", reason="a coat"))
-    second = relabel(mem, RelabelRequest(label="Bag", to="Handbag", requested_by="bob", reason="finer class"))
+    first = mem.edits.relabel(RelabelRequest(images=[str(stored_image)], to="Coat", requested_by="alice", reason="a coat"))
+    second = mem.edits.relabel(RelabelRequest(label="Bag", to="Handbag", requested_by="bob", reason="finer class"))
     assert first.n_changed == 1 and second.n_changed == 8
     history = mem.ledger.query("SELECT sample_id, old_label, label, requested_by, reason, kind, change_id, changed_at"
                                " FROM label_history WHERE kind = 'relabel' ORDER BY change_id, sample_id")
@@ -246,7 +246,7 @@ def test_a_user_weight_changes_the_vote_as_the_rule_says(mem, fm_sets):
     rank_w = vote_weights(np.zeros((1, 8)), "rank")[0]
     # One neighbour x 2.5: its vote is rank weight x pruning factor x user weight; no other moves.
     doubled = next(n for n in before.neighbors if n.label != before.label)
-    set_weights(mem, WeightRequest(sample_ids=[doubled.sample_id], weight=2.5, requested_by=WHO, reason=WHY))
+    mem.edits.set_weights(WeightRequest(sample_ids=[doubled.sample_id], weight=2.5, requested_by=WHO, reason=WHY))
     (after,) = mem.classify([query], k=8, pruning="none", progress=False)
     for b, a in zip(before.neighbors, after.neighbors):
         assert a.sample_id == b.sample_id
@@ -263,18 +263,18 @@ def test_a_user_weight_changes_the_vote_as_the_rule_says(mem, fm_sets):
     winner = before.label
     runner_up = max((lab for lab in before.scores if lab != winner), key=lambda lab: before.scores[lab])
     excluded = [n.sample_id for n in before.neighbors if n.label == winner]
-    set_weights(mem, WeightRequest(sample_ids=excluded, weight=0, requested_by=WHO, reason="mislabelled"))
+    mem.edits.set_weights(WeightRequest(sample_ids=excluded, weight=0, requested_by=WHO, reason="mislabelled"))
     (gone,) = mem.classify([query], k=8, pruning="none", progress=False)
     assert gone.scores.get(winner, 0.0) == 0.0 and gone.label == runner_up != winner
     # W = 1 undoes it: the vote is the one before.
-    set_weights(mem, WeightRequest(sample_ids=excluded + [doubled.sample_id], weight=1, requested_by=WHO, reason="undo"))
+    mem.edits.set_weights(WeightRequest(sample_ids=excluded + [doubled.sample_id], weight=1, requested_by=WHO, reason="undo"))
     (back,) = mem.classify([query], k=8, pruning="none", progress=False)
     assert back.label == before.label and back.scores == pytest.approx(before.scores)
 
     # The evaluation honours user weights as classify does: a class weighted 0 is never predicted.
     queries = mem.layout.root / "queries"
     assert mem.evaluate(queries, record=False).per_label.filter(label="Sneaker")["accuracy"][0] > 0
-    set_weights(mem, WeightRequest(sample_ids=ids_of(mem, "Sneaker"), weight=0, requested_by=WHO, reason=WHY))
+    mem.edits.set_weights(WeightRequest(sample_ids=ids_of(mem, "Sneaker"), weight=0, requested_by=WHO, reason=WHY))
     result = mem.evaluate(queries, record=False)
     assert result.per_label.filter(label="Sneaker")["accuracy"][0] == 0 and "Sneaker" not in result.predicted
 
@@ -318,7 +318,7 @@ def dagster_resources(home: Path, monkeypatch, encoder) -> dict:
     monkeypatch.setenv("VISMEM_HOME", str(home))
     monkeypatch.setenv("VISMEM_QUERY_SET", "queries")
     res._memory.cache_clear()
-    res._memory(str(home.resolve()), None)._encoder_choice = encoder
+    res._memory(str(home.resolve()), None).encoder_choice.use(encoder)
     return {"visual_memory": VisualMemory()}
 
 

@@ -166,19 +166,19 @@ def test_memory_search_matches_faiss_on_its_live_index(synthetic_memory):
         got = memory.search(q[:nq], k)
         assert got[0].shape == (nq, min(k, index.ntotal))
         assert_same_neighbours(got, index.search(q[:nq], min(k, index.ntotal)), vectors, q[:nq], id_to_row)
-    assert memory._searcher(index)[0] is memory._searcher_cache[1] is not None
+    assert memory.recall._searcher(index)[0] is memory.recall._searcher_cache[1] is not None
 
 
 def test_memory_searcher_follows_the_live_version(synthetic_memory):
     memory = synthetic_memory
     _, before = memory.live_index()
     q = memory.search(np.ones((1, before.d), np.float32) / np.sqrt(before.d), 5)
-    assert memory._searcher_cache[0] is before
+    assert memory.recall._searcher_cache[0] is before
     memory.rebuild()
     _, after = memory.live_index()
     assert after is not before
     again = memory.search(np.ones((1, after.d), np.float32) / np.sqrt(after.d), 5)
-    assert memory._searcher_cache[0] is after
+    assert memory.recall._searcher_cache[0] is after
     np.testing.assert_array_equal(q[1], again[1])
 
 

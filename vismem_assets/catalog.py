@@ -1,7 +1,13 @@
-"""The active samples of a memory, addressable by FAISS vector id."""
+"""The active samples of a memory, addressable by FAISS vector id (read from the ledger by
+`Session.labels.catalog()`)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from .ledger import Session
 
 
 class Catalog:
@@ -19,16 +25,9 @@ class Catalog:
                              else np.asarray(user_weights, np.float64))
 
     @classmethod
-    def query(cls, con) -> "Catalog":
-        """From the ledger, as numpy columns (a million samples: ~0.4 s; through Python rows, 2 s)."""
-        active = "FROM samples WHERE status = 'active' AND vector_id IS NOT NULL"
-        names = [name for (name,) in con.execute(f"SELECT DISTINCT label {active} ORDER BY label").fetchall()]
-        # Read with the labels, every time: a relabel or weight change counts from the next vote on.
-        cols = con.execute("SELECT vector_id, sample_id, image_path, dense_rank() OVER (ORDER BY label) - 1 AS code,"
-                           " coalesce((SELECT w.weight FROM user_weights w WHERE w.sample_id = samples.sample_id), 1.0)"
-                           f" AS user_weight {active} ORDER BY vector_id").fetchnumpy()
-        return cls(cols["vector_id"], cols["sample_id"], cols["image_path"], cols["code"], names,
-                   cols["user_weight"])
+    def query(cls, session: Session) -> Catalog:  # FACADE-WIRING: Memory.catalog() calls session.labels.catalog()
+        """From the ledger (the Labels group reads it)."""
+        return session.labels.catalog()
 
     @property
     def has_user_weights(self) -> bool:

@@ -211,23 +211,21 @@ def cmd_classify(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from . import pruning
-
     memory = _memory(args)
     if args.off:
-        pruning.deactivate(memory)
+        memory.pruning.deactivate()
         _print_json({"pruning": "none"}) if args.json else print("pruning switched off: every sample votes fully")
         return 0
     if args.rollback:
-        row = pruning.rollback(memory)
+        row = memory.pruning.rollback()
         _print_json({"active": row}) if args.json else print(
             f"rolled back to {row['name']} pruning (weights of index version {row['index_version']})" if row
             else "rolled back: no earlier weight set, pruning is off")
         return 0
     mode = "hard" if args.hard is not None else "soft"
     threshold = args.hard if args.hard is not None and args.hard > 0 else None
-    changes = pruning.plan(memory, mode, threshold)
-    result = None if args.dry_run else pruning.activate(memory, mode, threshold)
+    changes = memory.pruning.plan(mode, threshold)
+    result = None if args.dry_run else memory.pruning.activate(mode, threshold)
     if args.json:
         _print_json({"dry_run": args.dry_run, "pruning": mode, "per_label": changes.to_dicts(), "activated": result})
         return 0
@@ -250,15 +248,15 @@ def _edit_request(args, cls, **extra):
 
 def _after_edit(args, memory, report) -> dict | None:
     """The evaluation after an edit: with $VISMEM_QUERY_SET, run again and compared; else a hint."""
-    from .relabel import configured_query_set, reevaluate
+    from .evaluation import query_set_path
 
-    query_set = configured_query_set(memory)
+    query_set = query_set_path(memory.settings, memory.layout)
     if report.dry_run or args.no_eval or query_set is None:
         if not args.json and not report.dry_run:
             print("evaluate the memory again with `vismem eval QUERY_SET` (with VISMEM_QUERY_SET set, relabel and "
                   "weight do it themselves)")
         return None
-    result = reevaluate(memory, query_set)
+    result = memory.evaluating.again(query_set)
     if not args.json:
         before = "none before" if result["top1_before"] is None else f"{result['top1_before']:.4f} before"
         print(f"evaluation on {result['query_set']} ({result['vote']}): top-1 {result['top1']:.4f} now, {before}")
@@ -278,10 +276,10 @@ def _print_edit(args, report, what: str) -> None:
 
 
 def cmd_relabel(args) -> int:
-    from .relabel import RelabelRequest, relabel
+    from .relabel import RelabelRequest
 
     memory = _memory(args)
-    report = relabel(memory, _edit_request(args, RelabelRequest, to=args.to, label=args.label), dry_run=args.dry_run)
+    report = memory.edits.relabel(_edit_request(args, RelabelRequest, to=args.to, label=args.label), dry_run=args.dry_run)
     if not args.json:
         _print_edit(args, report, f"relabel to {args.to!r}")
         if report.new_label:
@@ -296,10 +294,10 @@ def cmd_relabel(args) -> int:
 
 
 def cmd_weight(args) -> int:
-    from .relabel import WeightRequest, set_weights
+    from .relabel import WeightRequest
 
     memory = _memory(args)
-    report = set_weights(memory, _edit_request(args, WeightRequest, weight=args.weight), dry_run=args.dry_run)
+    report = memory.edits.set_weights(_edit_request(args, WeightRequest, weight=args.weight), dry_run=args.dry_run)
     if not args.json:
         _print_edit(args, report, f"user weight {args.weight:g}")
         print("a neighbour's vote = strategy weight x pruning factor x user weight (0 excludes the sample)")
@@ -455,7 +453,7 @@ def _print_blas(blas: dict | None) -> None:
 def cmd_rebuild(args) -> int:
     memory = _memory(args)
     version = memory.rebuild()
-    report = memory.indexes.last_build
+    report = version.build
     if args.json:
         _print_json({**asdict(version), "build": report.to_dict() if report else None})
         return 0
@@ -503,9 +501,7 @@ def cmd_forget(args) -> int:
 
 
 def cmd_audit_verify(args) -> int:
-    from .audit import verify
-
-    report = verify(_memory(args))
+    report = _memory(args).audit.verify()
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -537,12 +533,11 @@ def cmd_audit_query(args) -> int:
 
 
 def cmd_audit_proof(args) -> int:
-    from .audit import proof
     from .forgetting import image_hash
 
     target = args.target
     sample_id = image_hash(target) if Path(target).is_file() else target
-    result = proof(_memory(args), sample_id)
+    result = _memory(args).audit.proof(sample_id)
     if args.json:
         _print_json(result)
         return 0 if result["present_nowhere"] else 1

@@ -35,21 +35,27 @@ class EmbeddingStore:
         process finds what is pending and embeds it: a concurrent add waits, then finds nothing
         left, instead of embedding the same images again. Re-entrant within a thread; a killed
         holder releases it with its process. Take it before the ledger lock, never inside a
-        ledger connection (its holder takes the ledger lock to record each part)."""
+        ledger connection (its holder takes the ledger lock to record each part). Yields whether
+        it had to wait for another holder (who may have embedded what the caller found pending)."""
         if getattr(self._held, "depth", 0):
             self._held.depth += 1
             try:
-                yield
+                yield False
             finally:
                 self._held.depth -= 1
             return
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / ".embed.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # waits for the other process's embedding to finish
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                waited = False
+            except BlockingIOError:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # waits for the other process's embedding to finish
+                waited = True
             self._held.depth = 1
             try:
-                yield
+                yield waited
             finally:
                 self._held.depth = 0
         finally:
@@ -71,6 +77,18 @@ class EmbeddingStore:
         with atomic_path(final) as tmp:
             write_part(frame, tmp)
         return self.layout.relative(final)
+
+    def drop_rows(self, path: str, sample_ids: set[str]) -> bool:
+        """Rewrite a part file (atomically, in place) without the rows of these samples, or
+        remove it when none is left; whether it still exists."""
+        final = self.layout.absolute(path)
+        frame = pl.read_parquet(final).filter(~pl.col("sample_id").is_in(list(sample_ids)))
+        if frame.is_empty():
+            final.unlink(missing_ok=True)
+            return False
+        with atomic_path(final) as tmp:
+            write_part(frame, tmp)
+        return True
 
     def read(self, paths: list[str], keep_vector_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(vector_ids, vectors) from the given part files, optionally only the listed ids."""

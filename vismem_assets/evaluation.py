@@ -1,16 +1,21 @@
 """Scoring retrieved neighbours against true labels: accuracy of every strategy for every k
 (with and without pruning weights), per-label accuracy, a reliability diagram and novelty
-rates — and recording them in the ledger as the memory's history."""
+rates. The ledger keeps them as the memory's history (evaluation_log.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from .catalog import Catalog
-from .ledger import insert_rows
 from .voting import DEFAULT_STRATEGY, accuracy_by_k, vote_all_k, vote_weights
+
+if TYPE_CHECKING:
+    from .home import Layout
+    from .settings import Settings
 
 DEFAULT_K = 20          # neighbours voting, unless asked otherwise
 CALIBRATION_BINS = 10
@@ -131,36 +136,6 @@ def reliability_diagram(confidence: np.ndarray, correct: np.ndarray, bins: int =
                                      "mean_confidence": pl.Float64, "accuracy": pl.Float64})
 
 
-def record(con, encoder_id: str, result: Evaluation) -> int:
-    """Write one evaluation (all its tables) in the caller's transaction; returns its id."""
-    acc, per, cal = result.accuracy, result.per_label, result.calibration
-    eval_id = con.execute("SELECT nextval('evaluation_id_seq')").fetchone()[0]
-    insert_rows(con, "evaluations", {
-        "evaluation_id": ("BIGINT", [eval_id] * len(acc)),
-        "encoder_id": ("VARCHAR", [encoder_id] * len(acc)),
-        "index_version": ("INTEGER", [result.index_version] * len(acc)),
-        "query_set": ("VARCHAR", [result.query_set] * len(acc)),
-        "strategy": ("VARCHAR", acc["strategy"].to_list()),
-        "k": ("INTEGER", acc["k"].to_list()),
-        "accuracy": ("DOUBLE", acc["accuracy"].to_list()),
-        "n_queries": ("INTEGER", [result.n_queries] * len(acc)),
-        "pruning": ("VARCHAR", acc["pruning"].to_list()),
-    }, created_at="now()")
-    insert_rows(con, "evaluation_labels", {
-        "evaluation_id": ("BIGINT", [eval_id] * len(per)),
-        "label": ("VARCHAR", per["label"].to_list()),
-        "strategy": ("VARCHAR", per["strategy"].to_list()),
-        "k": ("INTEGER", per["k"].to_list()),
-        "n_queries": ("INTEGER", per["n_queries"].to_list()),
-        "accuracy": ("DOUBLE", per["accuracy"].to_list()),
-        "pruning": ("VARCHAR", per["pruning"].to_list()),
-    })
-    insert_rows(con, "evaluation_calibration", {
-        "evaluation_id": ("BIGINT", [eval_id] * len(cal)),
-        **{c: ("INTEGER" if c == "n_queries" else "DOUBLE", cal[c].to_list()) for c in cal.columns}})
-    if result.novelty:
-        n = result.novelty
-        con.execute("INSERT INTO evaluation_novelty VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [eval_id, n["distance"], n["percentile"], n["n_known"], n["flagged_known"],
-                     n["n_unseen"], n["flagged_unseen"]])
-    return eval_id
+def query_set_path(settings: Settings, layout: Layout) -> Path | None:
+    """The settings' query set (absolute, or relative to the memory home), or None: leave-one-out."""
+    return layout.root / settings.query_set if settings.query_set else None

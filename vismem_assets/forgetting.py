@@ -1,4 +1,4 @@
-"""Forgetting with proof.
+"""Forgetting with proof: the `Forgetting` service.
 
 A request is accepted in one transaction (its samples become 'forgotten', so their hashes
 are blocked at once), then every trace is removed — erased in place from every index file of
@@ -6,8 +6,13 @@ the live and retained versions (the live index moving to a new version) and from
 embedding part (erasure.py), images, quarantine copies, pruning weights — and only then are the
 hash-chained `deletions` rows written and the request marked applied. A crash anywhere leaves
 the request 'pending'; running it again (or `apply_pending`) finishes it, since each step is
-idempotent. Finally the ledger file itself is rewritten, because DuckDB keeps old bytes (a
-redacted file name) in its file after an UPDATE or DELETE.
+idempotent. File names are erased in names.bin (names.py), outside DuckDB, which would keep
+the old bytes of a redacted name in its file.
+
+`Forgetting` gets what it uses: the memory's layout and ledger, the index policy (to open every
+encoder's index store), the current encoder's index store and a way to recompute its pruning
+statistics. Its results are return values: a report names the new live index versions, so a
+caller holding the live index loaded knows to drop it.
 """
 from __future__ import annotations
 
@@ -18,15 +23,22 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import polars as pl
 
-from . import erasure, near_copies, store
+from . import erasure, near_copies, pruning, store
 from .atomic import atomic_path
 from .embeddings import write_part
+from .home import Layout
+from .imagesets import read_bounded
 from .index_store import GENESIS, IndexStore
-from .ledger import insert_rows, to_frame
+from .index_types import IndexPolicy
+from .ledger import Ledger
+
+if TYPE_CHECKING:
+    from .ledger import Session
 
 CATEGORIES = ("gdpr", "license", "quality", "bias", "other")
 NO_LABEL = "(no label)"   # per_label's key for quarantined files that arrived without a label
@@ -114,6 +126,11 @@ class ForgetReport:
     def n_samples(self) -> int:
         return len(self.samples)
 
+    @property
+    def live_index_changed(self) -> bool:
+        """A live index moved to a new version: whoever holds it loaded drops it."""
+        return bool(self.index_versions)
+
     def per_label(self) -> dict[str, int]:
         """Samples per label; a quarantined file that came without one counts as NO_LABEL."""
         out: dict[str, int] = {}
@@ -129,43 +146,10 @@ class ForgetReport:
 def image_hash(path: str | Path) -> str:
     """The sha256 of a file's bytes, read as ingest reads them: a regular file of at most
     MAX_BYTES (a FIFO would block, /dev/zero never ends; neither could be a stored image)."""
-    from .imagesets import read_bounded
-
     try:
         return hashlib.sha256(read_bounded(path)).hexdigest()
     except OSError as exc:  # RefusedFile (not a regular file, too large) says why in its text
         raise ForgetError(f"cannot read {path} to find its content hash: {exc.strerror or exc}") from exc
-
-
-def resolve(memory, request: ForgetRequest) -> pl.DataFrame:
-    """The samples a request names, or a clear error if it names something the memory never had."""
-    request.validate()
-    q = memory.ledger.query
-    kind, target = request.target_kind, request.target()
-    columns = "SELECT sample_id, vector_id, label, image_set, status FROM samples"
-    if kind in ("sample", "image"):
-        found = q(f"{columns} WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [target])
-        missing = sorted(set(target) - set(found["sample_id"]))
-        if missing:
-            what = "sample id" if kind == "sample" else "image (by content hash)"
-            names = missing if kind == "sample" else [p for p in request.images if image_hash(p) in missing]
-            raise ForgetError(f"unknown {what}: {', '.join(map(str, names[:5]))}"
-                              f"{' …' if len(names) > 5 else ''}; nothing was changed")
-        return found
-    if kind == "label":
-        found = q(f"{columns} WHERE label = ?", [request.label])
-        if found.is_empty():
-            labels = q("SELECT DISTINCT label FROM samples WHERE status = 'active' AND label IS NOT NULL"
-                       " ORDER BY 1")["label"].to_list()
-            raise ForgetError(f"no sample has label {request.label!r} (labels: {', '.join(labels) or 'none yet'}); "
-                              f"nothing was changed{_did_you_mean(request.label, labels)}")
-        return found
-    # Quarantined files of the set count too: their bytes sit in quarantine/ and their names in the ledger.
-    found = q(f"{columns} WHERE image_set = ? OR sample_id IN (SELECT sample_id FROM sample_sources WHERE image_set = ?"
-              " UNION SELECT sample_id FROM quarantine WHERE image_set = ?)", [request.image_set] * 3)
-    if found.is_empty():
-        raise ForgetError(f"unknown image set {request.image_set!r}; nothing was changed")
-    return found
 
 
 def _did_you_mean(name: str, known: list[str]) -> str:
@@ -175,88 +159,6 @@ def _did_you_mean(name: str, known: list[str]) -> str:
     return f". Did you mean {by_lower[close[0]]!r}?" if close else ""
 
 
-def check_request(memory, request: ForgetRequest) -> ForgetReport:
-    """What a request would forget, changing nothing (a dry run), or a ForgetError that says what
-    to fix: a missing field, a label, set, sample or image the memory never held, or nothing left
-    to forget. Run it before launching work that would otherwise fail half-way (a Dagster run)."""
-    request.validate()
-    report = forget(memory, request, dry_run=True)
-    if not report.samples and not report.already_applied:
-        raise ForgetError("every sample this request names is already forgotten; nothing to do")
-    return report
-
-
-def forget(memory, request: ForgetRequest, dry_run: bool = False) -> ForgetReport:
-    t0 = time.perf_counter()
-    found = resolve(memory, request)
-    state = memory.ledger.query("SELECT state FROM forget_requests WHERE request_id = ?", [request.request_id])
-    if len(state):  # accepted before (a retry after a crash): report what the request itself named
-        found = found.filter(pl.col("sample_id").is_in(memory.ledger.query(
-            "SELECT sample_id FROM forget_targets WHERE request_id = ?", [request.request_id])["sample_id"].to_list()))
-        todo = found
-    else:
-        todo = found.filter(pl.col("status") != "forgotten")
-    report = ForgetReport(request.request_id, dry_run, todo.select("sample_id", "label", "image_set", "status").to_dicts())
-    if len(state) and state["state"][0] == "applied":
-        report.already_applied = True
-        return report
-    if dry_run:
-        return report
-    if todo.is_empty() and not len(state):
-        raise ForgetError("every sample this request names is already forgotten; nothing to do")
-    # Hashed before the transaction (reading images needs no lock) and before any byte is erased.
-    phashes = None if len(state) else _perceptual_hashes(memory, todo["sample_id"].to_list())
-    with memory.ledger.transaction() as con:
-        if not len(state):
-            con.execute(
-                "INSERT INTO forget_requests VALUES (?, ?, ?, ?, ?, ?, ?, now(), NULL, 'pending', ?)",
-                [request.request_id, request.requested_by, request.reason, request.category, request.external_ref,
-                 request.target_kind, json.dumps(request.target()), len(todo)])
-            con.execute("INSERT INTO forget_targets SELECT ?, unnest(?::VARCHAR[]), unnest(?::BIGINT[])",
-                        [request.request_id, todo["sample_id"].to_list(), todo["vector_id"].to_list()])
-            # From here on the hashes are blocked: ingest refuses them, search never returns them.
-            con.execute("UPDATE samples SET status = 'forgotten' WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))",
-                        [todo["sample_id"].to_list()])
-            insert_rows(con, "blocklist_phashes", {
-                "sample_id": ("VARCHAR", todo["sample_id"].to_list()),
-                "request_id": ("VARCHAR", [request.request_id] * len(todo)),
-                "algorithm": ("VARCHAR", [near_copies.ALGORITHM] * len(todo)),
-                "phash": ("VARCHAR", phashes[0]),
-                "note": ("VARCHAR", phashes[1]),
-            }, on_conflict="ON CONFLICT DO NOTHING", created_at="now()")
-    accepted = round(time.perf_counter() - t0, 4)
-    finished = apply_pending(memory, only=request.request_id)[request.request_id]
-    report.index_versions, report.versions_rewritten = finished.index_versions, finished.versions_rewritten
-    report.files_removed, report.phases = finished.files_removed, {"accept": accepted, **finished.phases}
-    report.seconds = time.perf_counter() - t0
-    return report
-
-
-def _perceptual_hashes(memory, sample_ids: list[str]) -> tuple[list[str | None], list[str]]:
-    """(hashes, notes) in the order of `sample_ids`: each one's perceptual hash (near_copies.py),
-    from its stored image or its quarantine copy, so that near-copies stay out once the bytes
-    are gone; None, with the reason in its note, where there is no picture to hash."""
-    from .imagesets import read_bounded
-
-    rows = memory.ledger.query(
-        "SELECT s.sample_id, coalesce(s.image_path, (SELECT min(q.stored_path) FROM quarantine q"
-        " WHERE q.sample_id = s.sample_id)) AS path FROM samples s WHERE s.sample_id IN (SELECT unnest(?::VARCHAR[]))",
-        [sample_ids])
-    where = dict(rows.iter_rows())
-    hashes, notes = [], []
-    for sample_id in sample_ids:
-        data = None
-        if where.get(sample_id):
-            try:
-                data = read_bounded(memory.layout.absolute(where[sample_id]))
-            except OSError:
-                data = None  # (a crash's leftovers may lack it: the note says nothing was hashed)
-        phash, note = near_copies.try_hash_bytes(data)
-        hashes.append(phash)
-        notes.append(note)
-    return hashes, notes
-
-
 @dataclass
 class Applied:
     index_versions: list[str]
@@ -264,59 +166,9 @@ class Applied:
     files_removed: int
     phases: dict[str, float]
 
-
-def apply_pending(memory, only: str | None = None) -> dict[str, Applied]:
-    """Finish accepted requests (all pending ones, or one): purge every trace, then chain the
-    proof. Each one's `phases`: seconds erasing in the index files, in the embedding files,
-    deleting image files, erasing file names, writing the proof (and the pruning statistics,
-    the manifests, the ledger's commit), and marking the request applied. Without `only`, the
-    file names a set's forget left behind (before forgetting a set took its quarantined files'
-    names too) are erased as well."""
-    pending = memory.ledger.query(
-        "SELECT request_id FROM forget_requests WHERE state = 'pending'" + (" AND request_id = ?" if only else "")
-        + " ORDER BY requested_at", [only] if only else [])
-    done = {}
-    for request_id in pending["request_id"]:
-        clock = _Phases()
-        with memory.ledger.connect() as con:  # one writer: nothing else changes the memory meanwhile
-            targets = to_frame(con.execute(
-                "SELECT t.sample_id, t.vector_id, s.image_path FROM forget_targets t JOIN samples s USING (sample_id)"
-                " WHERE t.request_id = ?", [request_id]))
-            vector_ids = np.sort(targets["vector_id"].drop_nulls().to_numpy().astype(np.int64))
-            new_versions = clock("indexes", _purge_indexes, memory, vector_ids, request_id)
-            rewritten = _rewritten_versions(con, request_id)
-            removed = clock("embeddings", _purge_embeddings, memory, con, targets)
-            removed += clock("image_files", _purge_files, memory, targets)
-            clock("names", _erase_names, memory, con, request_id)
-            clock("proof", _prove, memory, con, request_id, vector_ids)
-        # Applied only now: a crash before this leaves the request pending, and a retry finishes it.
-        clock("finish", _mark_applied, memory, request_id)
-        done[request_id] = Applied(new_versions, rewritten, removed, clock.seconds)
-    if only is None:
-        _erase_left_set_names(memory)
-    return done
-
-
-def _erase_left_set_names(memory) -> list[str]:
-    """Applied image_set requests whose quarantine rows still name a file (applied by a vismem
-    that forgot only the set's samples): their names and copies go now. Returns those requests."""
-    with memory.ledger.connect() as con:
-        left = [r for (r,) in con.execute("SELECT request_id FROM forget_requests WHERE state = 'applied'"
-                                          " AND target_kind = 'image_set' ORDER BY requested_at").fetchall()
-                if con.execute("SELECT count(*) FROM quarantine WHERE (name_pos IS NOT NULL OR stored_path IS NOT NULL)"
-                               f" AND {SET_QUARANTINE}", [r]).fetchone()[0]]
-        for request_id in left:
-            _erase_names(memory, con, request_id)  # (its samples' names are erased already: only the set's rows)
-            with memory.ledger.transaction():
-                con.execute("UPDATE quarantine SET name_pos = NULL, name_len = NULL, stored_path = NULL"
-                            f" WHERE {SET_QUARANTINE}", [request_id])
-    return left
-
-
-def _mark_applied(memory, request_id: str) -> None:
-    with memory.ledger.transaction() as con:
-        con.execute("UPDATE forget_requests SET state = 'applied', applied_at = (SELECT max(applied_at)"
-                    " FROM deletions WHERE request_id = ?) WHERE request_id = ?", [request_id, request_id])
+    @property
+    def live_index_changed(self) -> bool:
+        return bool(self.index_versions)
 
 
 class _Phases:
@@ -337,205 +189,297 @@ class _Phases:
             self._mark = now
 
 
-def _prove(memory, con, request_id: str, vector_ids: np.ndarray) -> None:
-    """What is left once every trace is gone: pruning statistics without them, the hash-chained
-    deletions rows, and every live version's manifest carrying the new chain head."""
-    con.execute("DELETE FROM sample_weights WHERE vector_id IN (SELECT unnest(?::BIGINT[]))", [vector_ids.tolist()])
-    memory._index_cache = None
-    _forget_in_reliability(memory, con)
-    _chain(con, request_id)
-    for store in _index_stores(memory, con):  # every version written from now on carries the new head
-        live = store.live()
-        if live is not None:
-            store.refresh_manifest(live, con)
+class Forgetting:
+    def __init__(self, layout: Layout, ledger: Ledger, index_policy: IndexPolicy,
+                 current_index: Callable[[], IndexStore], refresh_reliability: Callable[[int], Any]):
+        """`current_index`: the index store of the memory's encoder (called only when a forget is
+        applied: it may load the encoder); `refresh_reliability(k)`: recompute and store its
+        pruning statistics at k for its live version (pruning.reliability)."""
+        self.layout, self.ledger, self.index_policy = layout, ledger, index_policy
+        self.current_index = current_index
+        self.refresh_reliability = refresh_reliability
 
+    # ---- requests ------------------------------------------------------------------------------
 
-def _forget_in_reliability(memory, con) -> None:
-    """Pruning statistics that counted the forgotten samples go: the newest ones are brought to
-    the new live version (the forgotten rows removed, their neighbours re-queried), the rest deleted."""
-    from . import pruning
+    def resolve(self, request: ForgetRequest) -> pl.DataFrame:
+        """The samples a request names, or a clear error if it names something the memory never had."""
+        request.validate()
+        kind, target = request.target_kind, request.target()
+        with self.ledger.connect() as s:
+            if kind in ("sample", "image"):
+                found = s.forgetting.samples_by_id(target)
+            elif kind == "label":
+                found = s.forgetting.samples_by_label(request.label)
+                labels = s.forgetting.active_labels() if found.is_empty() else []
+            else:
+                # Quarantined files of the set count too: their bytes sit in quarantine/ and their names in the ledger.
+                found = s.forgetting.samples_of_set(request.image_set)
+        if kind in ("sample", "image"):
+            missing = sorted(set(target) - set(found["sample_id"]))
+            if missing:
+                what = "sample id" if kind == "sample" else "image (by content hash)"
+                names = missing if kind == "sample" else [p for p in request.images if image_hash(p) in missing]
+                raise ForgetError(f"unknown {what}: {', '.join(map(str, names[:5]))}"
+                                  f"{' …' if len(names) > 5 else ''}; nothing was changed")
+        elif found.is_empty() and kind == "label":
+            raise ForgetError(f"no sample has label {request.label!r} (labels: {', '.join(labels) or 'none yet'}); "
+                              f"nothing was changed{_did_you_mean(request.label, labels)}")
+        elif found.is_empty():
+            raise ForgetError(f"unknown image set {request.image_set!r}; nothing was changed")
+        return found
 
-    stored = to_frame(con.execute("SELECT encoder_id, index_version, k, path FROM reliability_runs"))
-    keep = set()
-    if memory.indexes.live() is not None:
-        for k in stored.filter(pl.col("encoder_id") == memory.encoder.id)["k"].unique().to_list():
-            pruning.reliability(memory, k)
-            keep.add((memory.encoder.id, memory.indexes.live().version, k))
-    for row in stored.iter_rows(named=True):
-        if (row["encoder_id"], row["index_version"], row["k"]) not in keep:
-            memory.layout.absolute(row["path"]).unlink(missing_ok=True)
-            con.execute("DELETE FROM reliability_runs WHERE encoder_id = ? AND index_version = ? AND k = ?",
-                        [row["encoder_id"], row["index_version"], row["k"]])
-            con.execute("DELETE FROM reliability WHERE encoder_id = ? AND index_version = ? AND k = ?",
-                        [row["encoder_id"], row["index_version"], row["k"]])
+    def check(self, request: ForgetRequest) -> ForgetReport:
+        """What a request would forget, changing nothing (a dry run), or a ForgetError that says what
+        to fix: a missing field, a label, set, sample or image the memory never held, or nothing left
+        to forget. Run it before launching work that would otherwise fail half-way (a Dagster run)."""
+        request.validate()
+        report = self.forget(request, dry_run=True)
+        if not report.samples and not report.already_applied:
+            raise ForgetError("every sample this request names is already forgotten; nothing to do")
+        return report
 
+    def forget(self, request: ForgetRequest, dry_run: bool = False) -> ForgetReport:
+        """Accept the request (its samples blocked at once), then apply it (apply_pending)."""
+        t0 = time.perf_counter()
+        found = self.resolve(request)
+        with self.ledger.connect() as s:
+            state = s.forgetting.request_state(request.request_id)
+            named = s.forgetting.target_ids(request.request_id) if state is not None else None
+        if named is not None:  # accepted before (a retry after a crash): report what the request itself named
+            found = found.filter(pl.col("sample_id").is_in(named))
+            todo = found
+        else:
+            todo = found.filter(pl.col("status") != "forgotten")
+        report = ForgetReport(request.request_id, dry_run, todo.select("sample_id", "label", "image_set", "status").to_dicts())
+        if state == "applied":
+            report.already_applied = True
+            return report
+        if dry_run:
+            return report
+        if todo.is_empty() and state is None:
+            raise ForgetError("every sample this request names is already forgotten; nothing to do")
+        # Hashed before the transaction (reading images needs no lock) and before any byte is erased.
+        phashes = None if state is not None else self._perceptual_hashes(todo["sample_id"].to_list())
+        with self.ledger.transaction() as s:
+            if state is None:
+                # From here on the hashes are blocked: ingest refuses them, search never returns them.
+                s.forgetting.accept(request, request.target(), todo, *phashes, near_copies.ALGORITHM)
+        accepted = round(time.perf_counter() - t0, 4)
+        finished = self.apply_pending(only=request.request_id)[request.request_id]
+        report.index_versions, report.versions_rewritten = finished.index_versions, finished.versions_rewritten
+        report.files_removed, report.phases = finished.files_removed, {"accept": accepted, **finished.phases}
+        report.seconds = time.perf_counter() - t0
+        return report
 
-def _index_stores(memory, con) -> list[IndexStore]:
-    rows = con.execute("SELECT encoder_id, slug, dim FROM encoders ORDER BY encoder_id").fetchall()
-    return [IndexStore(memory.layout, memory.ledger, encoder_id, slug, dim, policy=memory.index_policy) for encoder_id, slug, dim in rows]
+    def _perceptual_hashes(self, sample_ids: list[str]) -> tuple[list[str | None], list[str]]:
+        """(hashes, notes) in the order of `sample_ids`: each one's perceptual hash (near_copies.py),
+        from its stored image or its quarantine copy, so that near-copies stay out once the bytes
+        are gone; None, with the reason in its note, where there is no picture to hash."""
+        with self.ledger.connect() as s:
+            where = s.forgetting.image_paths(sample_ids)
+        hashes, notes = [], []
+        for sample_id in sample_ids:
+            data = None
+            if where.get(sample_id):
+                try:
+                    data = read_bounded(self.layout.absolute(where[sample_id]))
+                except OSError:
+                    data = None  # (a crash's leftovers may lack it: the note says nothing was hashed)
+            phash, note = near_copies.try_hash_bytes(data)
+            hashes.append(phash)
+            notes.append(note)
+        return hashes, notes
 
+    # ---- applying them -------------------------------------------------------------------------
 
-def _purge_indexes(memory, vector_ids: np.ndarray, request_id: str) -> list[str]:
-    """Erase the vectors in place from every index file of every version that holds them;
-    returns the new live versions ("slug:version")."""
-    new_versions = []
-    with memory.ledger.connect() as con:
-        for store in _index_stores(memory, con):
-            version = store.erase(vector_ids, request_id)
-            if version is not None:
-                new_versions.append(f"{store.root.name}:{version.version}")
-            store.remove_unreferenced_files()
-    return new_versions
+    def apply_pending(self, only: str | None = None) -> dict[str, Applied]:
+        """Finish accepted requests (all pending ones, or one): purge every trace, then chain the
+        proof. Each one's `phases`: seconds erasing in the index files, in the embedding files,
+        deleting image files, erasing file names, writing the proof (and the pruning statistics,
+        the manifests, the ledger's commit), and marking the request applied. Without `only`, the
+        file names a set's forget left behind (before forgetting a set took its quarantined files'
+        names too) are erased as well."""
+        with self.ledger.connect() as s:
+            pending = s.forgetting.pending_requests(only)
+        done = {}
+        for request_id in pending:
+            clock = _Phases()
+            with self.ledger.connect() as s:  # one writer: nothing else changes the memory meanwhile
+                targets = s.forgetting.targets(request_id)
+                vector_ids = np.sort(targets["vector_id"].drop_nulls().to_numpy().astype(np.int64))
+                new_versions = clock("indexes", self._purge_indexes, vector_ids, request_id)
+                rewritten = s.forgetting.rewritten_versions(request_id)
+                removed = clock("embeddings", self._purge_embeddings, s, targets)
+                removed += clock("image_files", self._purge_files, targets)
+                clock("names", self._erase_names, s, request_id)
+                clock("proof", self._prove, s, request_id, vector_ids)
+            # Applied only now: a crash before this leaves the request pending, and a retry finishes it.
+            clock("finish", self._mark_applied, request_id)
+            done[request_id] = Applied(new_versions, rewritten, removed, clock.seconds)
+        if only is None:
+            self._erase_left_set_names()
+        return done
 
+    def _erase_left_set_names(self) -> list[str]:
+        """Applied image_set requests whose quarantine rows still name a file (applied by a vismem
+        that forgot only the set's samples): their names and copies go now. Returns those requests."""
+        with self.ledger.connect() as s:
+            left = s.forgetting.applied_set_requests_with_names()
+            for request_id in left:
+                self._erase_names(s, request_id)  # (its samples' names are erased already: only the set's rows)
+                with self.ledger.transaction() as tx:
+                    tx.forgetting.clear_set_quarantine_names(request_id)
+        return left
 
-def _purge_embeddings(memory, con, targets: pl.DataFrame) -> int:
-    """Erase the rows in place from each embedding part that holds them (erasure.py), or, for a
-    part not laid out for that (written before it), rewrite the part without them. Parts no
-    ledger row names (a crash between a rewrite and its record, or after it) go first."""
-    sample_ids = targets["sample_id"].to_list()
-    vectors = targets.drop_nulls("vector_id").sort("vector_id")  # each vector id with its sample, to check the rows
-    vector_ids, their_samples = vectors["vector_id"].to_numpy().astype(np.int64), vectors["sample_id"].to_list()
-    referenced = {p for (p,) in con.execute("SELECT DISTINCT path FROM embeddings").fetchall()}
-    stray = [p for p in memory.layout.root.glob("embeddings/*/*/part-*.parquet")
-             if memory.layout.relative(p) not in referenced]
-    for path in stray:  # (parts are written under the ledger lock, which this process holds)
-        path.unlink()
-    parts = dict(con.execute("SELECT DISTINCT e.path, c.dim FROM embeddings e JOIN encoders c USING (encoder_id)"
-                             " WHERE e.sample_id IN (SELECT unnest(?::VARCHAR[]))", [sample_ids]).fetchall())
-    present = [p for p in parts if memory.layout.absolute(p).exists()]
-    metadata: dict[str, list[dict]] = {}
-    if present:  # every footer in one query
-        rows = to_frame(con.execute("SELECT * FROM parquet_metadata(?::VARCHAR[])",
-                                    [[str(memory.layout.absolute(p)) for p in present]]))
-        for row in rows.to_dicts():
-            metadata.setdefault(memory.layout.relative(Path(row["file_name"])), []).append(row)
-    forgotten = pl.Series(sample_ids, dtype=pl.String)
-    moved, erased = {}, {}
-    for rel in present:
-        path = memory.layout.absolute(rel)
-        try:
-            erased[path] = erasure.part_holes(path, metadata[rel], vector_ids, their_samples, parts[rel])
-        except erasure.LayoutError:
-            keep = pl.read_parquet(path).filter(~pl.col("sample_id").is_in(forgotten.implode()))
-            moved[rel] = None
-            if len(keep):
-                new = path.with_name(f"part-{uuid.uuid4().hex[:16]}.parquet")
-                with atomic_path(new) as tmp:
-                    write_part(keep, tmp)
-                moved[rel] = memory.layout.relative(new)
-    erasure.apply(erased)
-    with memory.ledger.transaction():
-        con.execute("DELETE FROM embeddings WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [sample_ids])
-        for old, new in moved.items():
-            if new:
-                con.execute("UPDATE embeddings SET path = ? WHERE path = ?", [new, old])
-    for old in moved:
-        memory.layout.absolute(old).unlink(missing_ok=True)
-    # Cached query embeddings are vectors too.
-    for cache in memory.layout.root.glob("embeddings/*/_queries.parquet"):
-        frame = pl.read_parquet(cache)
-        keep = frame.filter(~pl.col("sample_id").is_in(forgotten.implode()))
-        if len(keep) < len(frame):
-            with atomic_path(cache) as tmp:
-                write_part(keep, tmp)
-    return len(parts) + len(stray)
+    def _mark_applied(self, request_id: str) -> None:
+        with self.ledger.transaction() as s:
+            s.forgetting.mark_applied(request_id)
 
+    def _index_stores(self, s: Session) -> list[IndexStore]:
+        """Every encoder's index store: a forget erases from all of them."""
+        return [IndexStore(self.layout, self.ledger, encoder_id, slug, dim, policy=self.index_policy)
+                for encoder_id, slug, dim in s.forgetting.encoders()]
 
-def _purge_files(memory, targets: pl.DataFrame) -> int:
-    """Every file holding a forgotten sample's bytes: its stored image and quarantine copies, and
-    what crashed writes left (the `.<name>.tmp` of a killed store write beside it, a dead ingest's
-    staged copy, a temp embedding part). A file counts if the sample id is anywhere in its name
-    or, for a file not named the store's way, if its bytes hash to it (store.holds_sample). Each
-    folder is listed once (a glob per sample compiled a pattern each time: seconds for thousands)."""
-    layout = memory.layout
-    wanted = set(targets["sample_id"].to_list())
-    found = {layout.absolute(p) for p in targets["image_path"].drop_nulls()}
-    for folder in {layout.images / sid[:2] for sid in wanted} | {layout.quarantine}:
-        found |= {p for p in (folder.iterdir() if folder.is_dir() else ()) if p.is_file() and store.holds_sample(p, wanted)}
-    found |= {p for p in store.walk(store.staging_root(layout)) if store.holds_sample(p, wanted)}
-    found |= {p for p in store.embedding_leftovers(layout) if store.mentions(p, wanted)}
-    removed = 0
-    for path in found:
-        if path.exists():
+    def _purge_indexes(self, vector_ids: np.ndarray, request_id: str) -> list[str]:
+        """Erase the vectors in place from every index file of every version that holds them;
+        returns the new live versions ("slug:version")."""
+        new_versions = []
+        with self.ledger.connect() as s:
+            for index_store in self._index_stores(s):
+                version = index_store.erase(vector_ids, request_id)
+                if version is not None:
+                    new_versions.append(f"{index_store.root.name}:{version.version}")
+                index_store.remove_unreferenced_files()
+        return new_versions
+
+    def _purge_embeddings(self, s: Session, targets: pl.DataFrame) -> int:
+        """Erase the rows in place from each embedding part that holds them (erasure.py), or, for a
+        part not laid out for that (written before it), rewrite the part without them. Parts no
+        ledger row names (a crash between a rewrite and its record, or after it) go first."""
+        layout = self.layout
+        sample_ids = targets["sample_id"].to_list()
+        vectors = targets.drop_nulls("vector_id").sort("vector_id")  # each vector id with its sample, to check the rows
+        vector_ids, their_samples = vectors["vector_id"].to_numpy().astype(np.int64), vectors["sample_id"].to_list()
+        referenced = s.forgetting.embedding_paths()
+        stray = [p for p in layout.root.glob("embeddings/*/*/part-*.parquet") if layout.relative(p) not in referenced]
+        for path in stray:  # (parts are written under the ledger lock, which this process holds)
             path.unlink()
-            removed += 1
-    return removed
+        parts = s.forgetting.embedding_parts_of(sample_ids)
+        present = [p for p in parts if layout.absolute(p).exists()]
+        metadata: dict[str, list[dict]] = {}
+        if present:  # every footer in one query
+            rows = s.forgetting.parquet_footers([str(layout.absolute(p)) for p in present])
+            for row in rows.to_dicts():
+                metadata.setdefault(layout.relative(Path(row["file_name"])), []).append(row)
+        forgotten = pl.Series(sample_ids, dtype=pl.String)
+        moved, erased = {}, {}
+        for rel in present:
+            path = layout.absolute(rel)
+            try:
+                erased[path] = erasure.part_holes(path, metadata[rel], vector_ids, their_samples, parts[rel])
+            except erasure.LayoutError:
+                keep = pl.read_parquet(path).filter(~pl.col("sample_id").is_in(forgotten.implode()))
+                moved[rel] = None
+                if len(keep):
+                    new = path.with_name(f"part-{uuid.uuid4().hex[:16]}.parquet")
+                    with atomic_path(new) as tmp:
+                        write_part(keep, tmp)
+                    moved[rel] = layout.relative(new)
+        erasure.apply(erased)
+        with self.ledger.transaction() as tx:
+            tx.forgetting.drop_embeddings(sample_ids, moved)
+        for old in moved:
+            layout.absolute(old).unlink(missing_ok=True)
+        # Cached query embeddings are vectors too.
+        for cache in layout.root.glob("embeddings/*/_queries.parquet"):
+            frame = pl.read_parquet(cache)
+            keep = frame.filter(~pl.col("sample_id").is_in(forgotten.implode()))
+            if len(keep) < len(frame):
+                with atomic_path(cache) as tmp:
+                    write_part(keep, tmp)
+        return len(parts) + len(stray)
 
+    def _purge_files(self, targets: pl.DataFrame) -> int:
+        """Every file holding a forgotten sample's bytes: its stored image and quarantine copies, and
+        what crashed writes left (the `.<name>.tmp` of a killed store write beside it, a dead ingest's
+        staged copy, a temp embedding part). A file counts if the sample id is anywhere in its name
+        or, for a file not named the store's way, if its bytes hash to it (store.holds_sample). Each
+        folder is listed once (a glob per sample compiled a pattern each time: seconds for thousands)."""
+        layout = self.layout
+        wanted = set(targets["sample_id"].to_list())
+        found = {layout.absolute(p) for p in targets["image_path"].drop_nulls()}
+        for folder in {layout.images / sid[:2] for sid in wanted} | {layout.quarantine}:
+            found |= {p for p in (folder.iterdir() if folder.is_dir() else ()) if p.is_file() and store.holds_sample(p, wanted)}
+        found |= {p for p in store.walk(store.staging_root(layout)) if store.holds_sample(p, wanted)}
+        found |= {p for p in store.embedding_leftovers(layout) if store.mentions(p, wanted)}
+        removed = 0
+        for path in found:
+            if path.exists():
+                path.unlink()
+                removed += 1
+        return removed
 
-def _rewritten_versions(con, request_id: str) -> list[str]:
-    """Every retained version this request rewrote, in this attempt or one a crash interrupted."""
-    return [f"{slug}:{version}" for slug, version in con.execute(
-        "SELECT e.slug, r.version FROM index_rewrites r JOIN encoders e USING (encoder_id)"
-        " WHERE r.request_id = ? ORDER BY e.slug, r.version", [request_id]).fetchall()]
+    def _erase_names(self, s: Session, request_id: str) -> int:
+        """A file name can itself be personal data: its bytes are zeroed in the name file (the
+        ledger's references to them go with the proof, so a crash between finds them again).
+        Forgetting a set also takes the names (and any stored copy) of every file it quarantined."""
+        positions, lengths = s.forgetting.target_name_spans(request_id)
+        for pos, n, stored in s.forgetting.set_quarantine_names(request_id):
+            if pos is not None:
+                positions.append(pos)
+                lengths.append(n)
+            if stored:
+                self.layout.absolute(stored).unlink(missing_ok=True)
+        return self.ledger.names.erase(positions, lengths)
 
+    # ---- the proof -----------------------------------------------------------------------------
 
-def _chain(con, request_id: str) -> None:
-    """Append the deletions rows (hash-chained; once per request) and redact names."""
-    if con.execute("SELECT count(*) FROM deletions WHERE request_id = ?", [request_id]).fetchone()[0]:
-        _redact(con, request_id)  # a retry after a crash: the proof is written, finish the rest
-        return
-    rewritten = _rewritten_versions(con, request_id)
-    with_rows = to_frame(con.execute(
-        "SELECT t.sample_id, s.label, r.requested_by, r.reason, r.category, r.external_ref, r.requested_at"
-        " FROM forget_targets t JOIN samples s USING (sample_id) JOIN forget_requests r USING (request_id)"
-        " WHERE t.request_id = ? ORDER BY t.sample_id", [request_id]))
-    prev, seq = con.execute("SELECT row_hash, seq FROM deletions ORDER BY seq DESC LIMIT 1").fetchone() or (GENESIS, 0)
-    applied_at = con.execute("SELECT now()::TIMESTAMP").fetchone()[0]
-    versions = json.dumps(rewritten)
-    rows = []
-    for row in with_rows.iter_rows(named=True):
-        seq += 1
-        fields = {"seq": seq, "request_id": request_id, **row, "applied_at": applied_at, "versions_rewritten": versions}
-        fields["prev_hash"] = prev
-        fields["row_hash"] = prev = row_hash(prev, fields)
-        rows.append(fields)
-    columns = {"seq": "BIGINT", "request_id": "VARCHAR", "sample_id": "VARCHAR", "label": "VARCHAR",
-               "requested_by": "VARCHAR", "reason": "VARCHAR", "category": "VARCHAR", "external_ref": "VARCHAR",
-               "requested_at": "TIMESTAMP", "applied_at": "TIMESTAMP", "versions_rewritten": "VARCHAR",
-               "prev_hash": "VARCHAR", "row_hash": "VARCHAR"}
-    con.begin()
-    try:
-        insert_rows(con, "deletions", {name: (sqltype, [r[name] for r in rows]) for name, sqltype in columns.items()})
-        _redact(con, request_id)
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
+    def _prove(self, s: Session, request_id: str, vector_ids: np.ndarray) -> None:
+        """What is left once every trace is gone: pruning statistics without them, the hash-chained
+        deletions rows, and every live version's manifest carrying the new chain head."""
+        s.forgetting.drop_weights(vector_ids)
+        self._forget_in_reliability(s)
+        self._chain(s, request_id)
+        for index_store in self._index_stores(s):  # every version written from now on carries the new head
+            live = index_store.live()
+            if live is not None:
+                index_store.refresh_manifest(live, s)
 
+    def _forget_in_reliability(self, s: Session) -> None:
+        """Pruning statistics that counted the forgotten samples go: the newest ones are brought to
+        the new live version (the forgotten rows removed, their neighbours re-queried), the rest deleted."""
+        stored = s.forgetting.reliability_runs()
+        keep = set()
+        current = self.current_index()
+        if current.live() is not None:
+            for k in stored.filter(pl.col("encoder_id") == current.encoder_id)["k"].unique().to_list():
+                self.refresh_reliability(k)
+                keep.add((current.encoder_id, current.live().version, k))
+        for row in stored.iter_rows(named=True):
+            if (row["encoder_id"], row["index_version"], row["k"]) not in keep:
+                self.layout.absolute(row["path"]).unlink(missing_ok=True)
+                s.forgetting.drop_reliability_run(row["encoder_id"], row["index_version"], row["k"])
 
-_TARGETS = "SELECT sample_id FROM forget_targets WHERE request_id = ?"
-# The quarantine rows of the image set an image_set request forgets, as the set was when the
-# request was accepted (none for other requests; a later add of the set brings new files), those
-# without a sample id too: a file whose bytes could not be read still left its name.
-SET_QUARANTINE = ("EXISTS (SELECT 1 FROM forget_requests r WHERE r.request_id = ? AND r.target_kind = 'image_set'"
-                  " AND quarantine.image_set = json_extract_string(r.target, '$[0]')"
-                  " AND quarantine.quarantined_at <= r.requested_at)")
-
-
-def _erase_names(memory, con, request_id: str) -> int:
-    """A file name can itself be personal data: its bytes are zeroed in the name file (the
-    ledger's references to them go with the proof, so a crash between finds them again).
-    Forgetting a set also takes the names (and any stored copy) of every file it quarantined."""
-    positions, lengths = memory.ledger.names.spans_of(con, _TARGETS, [request_id])
-    for pos, n, stored in con.execute(f"SELECT name_pos, name_len, stored_path FROM quarantine WHERE {SET_QUARANTINE}",
-                                      [request_id]).fetchall():
-        if pos is not None:
-            positions.append(pos)
-            lengths.append(n)
-        if stored:
-            memory.layout.absolute(stored).unlink(missing_ok=True)
-    return memory.ledger.names.erase(positions, lengths)
-
-
-def _redact(con, request_id: str) -> None:
-    """Only the hash and the label stay: no reference to a name, no stored path."""
-    con.execute(f"UPDATE samples SET name_pos = NULL, name_len = NULL, image_path = NULL WHERE sample_id IN ({_TARGETS})",
-                [request_id])
-    con.execute(f"UPDATE sample_sources SET name_pos = NULL, name_len = NULL WHERE sample_id IN ({_TARGETS})", [request_id])
-    con.execute(f"UPDATE quarantine SET name_pos = NULL, name_len = NULL, stored_path = NULL WHERE sample_id IN ({_TARGETS})",
-                [request_id])
-    con.execute(f"UPDATE quarantine SET name_pos = NULL, name_len = NULL, stored_path = NULL WHERE {SET_QUARANTINE}",
-                [request_id])
+    def _chain(self, s: Session, request_id: str) -> None:
+        """Append the deletions rows (hash-chained; once per request) and redact names."""
+        if s.forgetting.has_deletions(request_id):
+            s.forgetting.redact(request_id)  # a retry after a crash: the proof is written, finish the rest
+            return
+        rewritten = s.forgetting.rewritten_versions(request_id)
+        with_rows = s.forgetting.proof_fields(request_id)
+        prev, seq = s.forgetting.chain_tail() or (GENESIS, 0)
+        applied_at = s.forgetting.now()
+        versions = json.dumps(rewritten)
+        rows = []
+        for row in with_rows.iter_rows(named=True):
+            seq += 1
+            fields = {"seq": seq, "request_id": request_id, **row, "applied_at": applied_at, "versions_rewritten": versions}
+            fields["prev_hash"] = prev
+            fields["row_hash"] = prev = row_hash(prev, fields)
+            rows.append(fields)
+        with self.ledger.transaction() as tx:
+            tx.forgetting.append_deletions(rows)
+            tx.forgetting.redact(request_id)
 
 
 HASHED_FIELDS = ("seq", "request_id", "sample_id", "label", "requested_by", "reason", "category", "external_ref",
@@ -543,5 +487,6 @@ HASHED_FIELDS = ("seq", "request_id", "sample_id", "label", "requested_by", "rea
 
 
 def row_hash(prev_hash: str, fields: dict) -> str:
+    """A deletions row's hash: its predecessor's hash and its own hashed fields."""
     canonical = json.dumps([fields[k] for k in HASHED_FIELDS], default=str, separators=(",", ":"))
     return hashlib.sha256((prev_hash + canonical).encode()).hexdigest()

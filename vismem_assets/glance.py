@@ -46,22 +46,33 @@ def labels_old_and_new(indexes: IndexStore, catalog: Catalog, version: IndexVers
         return [], sorted(now)
     before = labels_held(indexes, catalog, version.parent_version)
     if before is None:  # the parent's files are gone: what the version held, less what it added
-        added = indexes.ledger.query("SELECT vector_id FROM index_deltas WHERE encoder_id = ? AND version = ?"
-                                     " AND change = 'add'", [indexes.encoder_id, version.version])["vector_id"]
+        with indexes.ledger.connect() as session:
+            added = session.overview.added_in(indexes.encoder_id, version.version)
         held = indexes.ids(version)
-        before = _labels_of(catalog, held[~np.isin(held, added.to_numpy())])
+        before = _labels_of(catalog, held[~np.isin(held, added)])
     return sorted(now & before), sorted(now - before)
 
 
 def memory_figures(ledger: Ledger, live: IndexVersion | None) -> dict[str, int]:
     """The memory's size: active samples, labels, forgotten vectors still present as holes in the
     live version's files (until a compaction), forget requests accepted but not yet applied."""
-    counts = ledger.query(
-        "SELECT count(*) AS samples, count(DISTINCT label) AS labels FROM samples WHERE status = 'active'").row(0)
-    pending = ledger.query("SELECT count(*) AS n FROM forget_requests WHERE state = 'pending'")["n"][0]
-    return {"samples": int(counts[0]), "labels": int(counts[1]),
+    with ledger.connect() as session:
+        sizes = session.overview.sizes()
+    return {"samples": sizes["samples"], "labels": sizes["labels"],
             "holes": sum(f.holes for f in live.files) if live is not None else 0,
-            "pending_forgets": int(pending)}
+            "pending_forgets": sizes["pending_forgets"]}
+
+
+def arrived_samples(ledger: Ledger, ingest_id: str) -> pl.DataFrame:
+    """label, image_path of the active samples an ingest brought, by label."""
+    with ledger.connect() as session:
+        return session.overview.arrived(ingest_id)
+
+
+def index_lineage(ledger: Ledger, encoder_id: str, limit: int = 20) -> pl.DataFrame:
+    """The newest index versions of an encoder, newest first: operation, parent, type, size."""
+    with ledger.connect() as session:
+        return session.overview.lineage(encoder_id, limit)
 
 
 def build_reason(ledger: Ledger, version: IndexVersion) -> str:
@@ -69,14 +80,12 @@ def build_reason(ledger: Ledger, version: IndexVersion) -> str:
     its parent's type (and its recorded reason, with the vector count of that build) until the
     next compaction builds afresh: said so, with the version's own count."""
     reason = version.build_reason or f"{version.index_type}: no build report recorded"
-    rows = ledger.query("SELECT version, parent_version, build_report IS NOT NULL AS built FROM index_versions"
-                        " WHERE encoder_id = ?", [version.encoder_id])
-    lineage = {r["version"]: r for r in rows.iter_rows(named=True)}
+    with ledger.connect() as session:
+        builds = session.overview.builds(version.encoder_id)
     built, seen = version.version, set()
-    while built in lineage and not lineage[built]["built"] and lineage[built]["parent_version"] is not None \
-            and built not in seen:
+    while built in builds and not builds[built][1] and builds[built][0] is not None and built not in seen:
         seen.add(built)
-        built = lineage[built]["parent_version"]
+        built = builds[built][0]
     if built == version.version:
         return reason
     article = "an" if version.operation[:1] in "aeiou" else "a"

@@ -1,12 +1,13 @@
 """Versioned FAISS indexes. A version is a list of files under `indexes/<encoder>/`: its base
 (one file, or shards) and zero or more delta files, each immutable, each readable with plain
-`faiss.read_index`, ids = samples.vector_id; the ledger records every file's sha256. Which index
-type a base is (exact flat, IVF-Flat, IVF-SQ8, IVF-PQ) and what its build measured is in
-index_types.py.
+`faiss.read_index`, ids = samples.vector_id; the ledger records every file's sha256. Which kind
+of index a base is (exact flat, IVF-Flat, ...) is the policy's choice (index_types.py); what
+differs between kinds (building, ids, searching, byte layout) each kind says (index_kinds/):
+nothing here depends on which it is.
 
-* A build (first add, rebuild, compaction) writes the base: `v<version>.faiss`, and for an
-  exact index past `shard_mib` more shards `v<version>.s<j>.faiss`, so that forgetting one
-  vector rewrites one shard, not the whole memory. An IVF base is one file (its lists).
+* A build (first add, rebuild, compaction) writes the base: `v<version>.faiss`, and, where its
+  kind splits it (an exact index past `shard_mib`), more shards `v<version>.s<j>.faiss`, so that
+  forgetting one vector rewrites one shard, not the whole memory. An IVF base is one file.
 * An add of a few vectors writes only them, as an exact delta file `v<version>.delta.faiss`;
   the new version is the parent's files plus that one. Once the deltas would pass the policy's
   share of the base (`delta_fraction`, 10%) or number (`max_deltas`), an add folds them and the
@@ -25,10 +26,9 @@ completed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import faiss
@@ -38,11 +38,13 @@ from . import erasure
 from .atomic import atomic_path, write_bytes_atomic
 from .encoders.base import EncoderMismatchError
 from .home import Layout
-from .index_types import BuildReport, IndexPolicy, build, describe, flat_index, index_ids, kind_of, new_flat_index
-from .ledger import Ledger
+from .index_kinds import BuildReport, Searcher, kind_described, kind_for
+from .index_kinds.flat import flat_index
+from .index_types import IndexPolicy, build
+from .ledger import Ledger, Session
 
 __all__ = ["IndexStore", "IndexVersion", "IndexFile", "IndexIntegrityError", "held_ids", "index_ids", "index_vectors",
-           "new_flat_index"]
+           "searcher_of"]
 GENESIS = "0" * 64  # prev_hash of the first deletion
 
 
@@ -78,6 +80,7 @@ class IndexVersion:
     recall_measured_at: int | None = None   # the version whose build measured that recall
     build_reason: str | None = None
     files: tuple[IndexFile, ...] = ()   # base first, then deltas
+    build: BuildReport | None = field(default=None, compare=False)  # of the build that wrote it (an add or forget: none)
 
     def __post_init__(self):
         if not self.files:  # a version from before delta files: its one file
@@ -85,8 +88,10 @@ class IndexVersion:
 
     @classmethod
     def from_row(cls, row: dict) -> "IndexVersion":
+        """From its ledger row (ledger/indexes.py)."""
         files = tuple(IndexFile(**f) for f in json.loads(row.pop("files") or "[]"))
-        return cls(**row, files=files)
+        report = row.pop("build_report")
+        return cls(**row, files=files, build=BuildReport(**json.loads(report)) if report else None)
 
     @property
     def base(self) -> tuple[IndexFile, ...]:
@@ -101,27 +106,29 @@ def manifest_path(index_path: Path) -> Path:
     return Path(index_path).with_suffix(".json")
 
 
-def chain_head(con) -> tuple[str, int]:
+def chain_head(session: Session) -> tuple[str, int]:
     """(row_hash of the last deletion, number of deletions): what every manifest records."""
-    row = con.execute("SELECT row_hash, seq FROM deletions ORDER BY seq DESC LIMIT 1").fetchone()
-    return (row[0], int(row[1])) if row else (GENESIS, 0)
+    return session.indexes.last_deletion() or (GENESIS, 0)
 
 
 def sha256_file(path: Path) -> str:
     return erasure.sha256_patched(path)
 
 
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """The vector ids an index holds, in storage order, holes (id -1) included."""
+    return kind_for(index).ids(index)
+
+
 def index_vectors(index: faiss.Index, copy: bool = True) -> np.ndarray:
-    """The stored vectors of a flat index, in id-map order: a copy, safe after the index goes, or
-    (`copy=False`) a view valid while it lives. An approximate index holds no exact vectors:
-    read them from the embedding files instead."""
-    if kind_of(index) != "flat":
-        raise TypeError(f"a {describe(index)} index holds no exact vectors; read them from the embedding files")
-    if index.ntotal == 0:
-        return np.empty((0, index.d), np.float32)
-    flat = faiss.downcast_index(faiss.downcast_index(index).index)
-    view = faiss.rev_swig_ptr(flat.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
-    return view.copy() if copy else view
+    """The stored vectors of an exact index, in the order of its ids: a copy, safe after the
+    index goes, or (`copy=False`) a view valid while it lives. An approximate index holds no
+    exact vectors: read them from the embedding files instead."""
+    kind = kind_for(index)
+    vectors = kind.exact_vectors(index)
+    if vectors is None:
+        raise TypeError(f"a {kind.describe(index)} index holds no exact vectors; read them from the embedding files")
+    return vectors.copy() if copy else vectors
 
 
 def held_ids(index: faiss.Index) -> np.ndarray:
@@ -130,26 +137,21 @@ def held_ids(index: faiss.Index) -> np.ndarray:
     return ids[ids != erasure.HOLE_ID]
 
 
+def searcher_of(index: faiss.Index) -> tuple[Searcher, int]:
+    """What searches a loaded index (its kind's searcher: exact over a flat index's own
+    vectors, list by list for IVF-Flat, ...), and how many holes it holds (a mapped index keeps
+    them; its searcher skips them)."""
+    holes = index.ntotal - len(held_ids(index))
+    return kind_for(index).searcher(index, holes), holes
+
+
 def _without(index: faiss.Index, unfinished: np.ndarray) -> faiss.Index:
-    """The index (read whole) without its holes and without these ids, where it has any. An IVF
-    index drops its hash-table direct map for that (it only removes listed ids, and holes share
-    one id), and gets it back rebuilt from the lists."""
+    """The index (read whole) without its holes and without these ids, where it has any."""
     ids = index_ids(index)
     gone = (ids == erasure.HOLE_ID) | np.isin(ids, unfinished)
-    if not gone.any():
-        return index
-    selector = faiss.IDSelectorBatch(np.unique(ids[gone]))
-    ivf = faiss.extract_index_ivf(index) if kind_of(index) != "flat" else None
-    if ivf is not None:
-        ivf.set_direct_map_type(faiss.DirectMap.NoMap)
-    index.remove_ids(selector)
-    if ivf is not None:
-        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    if gone.any():
+        kind_for(index).drop(index, np.unique(ids[gone]))
     return index
-
-
-def nprobe_of(index) -> int | None:
-    return faiss.extract_index_ivf(index).nprobe if kind_of(index) != "flat" else None
 
 
 def file_name(version: int, position: int, role: str) -> str:
@@ -160,10 +162,6 @@ def file_name(version: int, position: int, role: str) -> str:
     return f"v{version:06d}.faiss" if position == 0 else f"v{version:06d}.s{position:03d}.faiss"
 
 
-_COLUMNS = ("encoder_id, version, path, sha256, parent_version, operation, n_vectors, n_added, n_removed, status,"
-            " index_type, nprobe, recall_at_10, recall_at_100, recall_measured_at, build_reason, files")
-
-
 class IndexStore:
     def __init__(self, layout: Layout, ledger: Ledger, encoder_id: str, encoder_slug: str, dim: int,
                  policy: IndexPolicy | None = None):
@@ -171,19 +169,15 @@ class IndexStore:
         self.encoder_id, self.dim = encoder_id, dim
         self.root = layout.indexes(encoder_slug)
         self.policy = policy or IndexPolicy()
-        self.last_build: BuildReport | None = None  # what the latest build here chose and measured
 
     def live(self) -> IndexVersion | None:
-        rows = self.ledger.query(
-            f"SELECT {_COLUMNS} FROM index_versions WHERE encoder_id = ? AND status = 'live'", [self.encoder_id]
-        )
-        return IndexVersion.from_row(rows.row(0, named=True)) if len(rows) else None
+        with self.ledger.connect() as s:
+            row = s.indexes.live(self.encoder_id)
+        return IndexVersion.from_row(row) if row else None
 
     def versions(self) -> list[IndexVersion]:
-        rows = self.ledger.query(
-            f"SELECT {_COLUMNS} FROM index_versions WHERE encoder_id = ? ORDER BY version", [self.encoder_id]
-        )
-        return [IndexVersion.from_row(r) for r in rows.iter_rows(named=True)]
+        with self.ledger.connect() as s:
+            return [IndexVersion.from_row(row) for row in s.indexes.versions(self.encoder_id)]
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -201,18 +195,22 @@ class IndexStore:
             raise FileNotFoundError(f"no index for encoder {self.encoder_id} yet: add an image set first (vismem add)")
         unfinished = self._unfinished_forgets()
         first, mapped = self._read(version.files[0], version, unfinished, mmap=mmap and len(version.files) == 1)
-        if len(version.files) == 1:
-            return version, first if mapped else _without(first, unfinished)
-        # An exact index is gathered into one fresh flat index (one copy of each file's vectors);
-        # an IVF base gets the deltas' vectors assigned to its lists.
-        index = new_flat_index(self.dim) if kind_of(first) == "flat" else _without(first, unfinished)
-        for file in version.files:
-            part = first if file is version.files[0] else self._read(file, version, unfinished)[0]
-            if part is not index and part.ntotal:
+        index = first if mapped else _without(first, unfinished)
+        # The other files (an exact base's shards, the deltas: exact files) have their vectors
+        # added to the first: an exact index grows, an IVF one assigns them to its lists.
+        for file in version.files[1:]:
+            part = self._read(file, version, unfinished)[0]
+            if part.ntotal:
                 ids = index_ids(part)
                 keep = (ids != erasure.HOLE_ID) & ~np.isin(ids, unfinished)
                 index.add_with_ids(index_vectors(part, copy=False)[keep], ids[keep])
         return version, index
+
+    def load_for_search(self, version: IndexVersion | None = None) -> tuple[IndexVersion, faiss.Index]:
+        """`load`, memory-mapped where the version's kind is searched from the file's pages (IVF:
+        a search touches a few lists, and processes share the pages), read whole otherwise."""
+        version = version or self.live()
+        return self.load(version, mmap=version is not None and kind_described(version.index_type).map_for_search)
 
     def ids(self, version: IndexVersion | None = None) -> np.ndarray:
         """The vector ids a version holds (holes aside), without reading its vectors: each file
@@ -255,9 +253,8 @@ class IndexStore:
 
     def _unfinished_forgets(self) -> np.ndarray:
         """Vector ids of forget requests accepted but not yet applied (a crash mid-way)."""
-        rows = self.ledger.query("SELECT t.vector_id FROM forget_targets t JOIN forget_requests r USING (request_id)"
-                                 " WHERE r.state = 'pending' AND t.vector_id IS NOT NULL")
-        return rows["vector_id"].to_numpy().astype(np.int64) if len(rows) else np.empty(0, np.int64)
+        with self.ledger.connect() as s:
+            return s.indexes.unfinished_forget_ids()
 
     # ---- writing versions --------------------------------------------------------------------
 
@@ -265,18 +262,17 @@ class IndexStore:
         """A new version = the live one plus these vectors: O(new) work. Few of them (see the
         module docstring) go into a delta file of their own; otherwise the parent's files and
         these are folded into a new base of the parent's type (an IVF index assigns them to
-        its trained lists). The first version of a memory is built by the policy, like a rebuild."""
+        its trained lists). The first version of a memory is built by the policy, like a rebuild
+        (then the version carries its build report)."""
         self._check(vectors)
         vector_ids = np.asarray(vector_ids, np.int64)
-        with self.ledger.connect() as con:  # hold the ledger lock from reading the parent to recording the child
+        with self.ledger.connect() as s:  # hold the ledger lock from reading the parent to recording the child
             parent = self.live()
-            version = self._next_version(con)
+            version = self._next_version(s)
             if parent is None:
-                index, self.last_build = build(vector_ids, vectors, self.policy)
+                index, report = build(vector_ids, vectors, self.policy)
                 base = self._write_base(index, version)
-                return self._record(con, version, None, "add", base, index, base, added=vector_ids,
-                                    report=self.last_build)
-            self.last_build = None  # an add builds nothing: no build report of its own
+                return self._record(s, version, None, "add", base, index, base, added=vector_ids, report=report)
             present = np.isin(vector_ids, self.ids(parent))
             if present.any():
                 raise ValueError(f"{int(present.sum())} vector ids are already in index version {parent.version}")
@@ -284,22 +280,23 @@ class IndexStore:
             if (len(parent.deltas) < self.policy.max_deltas
                     and in_deltas <= self.policy.delta_fraction * sum(f.n_vectors for f in parent.base)):
                 delta = self._write(flat_index(vector_ids, vectors), file_name(version, 0, "delta"), "delta")
-                return self._record(con, version, parent, "add", (*parent.files, delta), None, [delta],
+                return self._record(s, version, parent, "add", (*parent.files, delta), None, [delta],
                                     added=vector_ids)
             _, index = self.load(parent)  # fold: base, deltas and the new vectors into a new base
             index.add_with_ids(np.ascontiguousarray(vectors, np.float32), vector_ids)
             base = self._write_base(index, version)
-            return self._record(con, version, parent, "add", base, index, base, added=vector_ids)
+            return self._record(s, version, parent, "add", base, index, base, added=vector_ids)
 
     def rebuild(self, vector_ids: np.ndarray, vectors: np.ndarray, operation: str = "rebuild") -> IndexVersion:
         """A new version built from scratch from the given vectors (the ledger + embeddings), of the
-        index type the policy chooses for its size (trained and recall-checked if approximate)."""
+        index type the policy chooses for its size (trained and recall-checked if approximate),
+        carrying what its build chose and measured (`version.build`)."""
         self._check(vectors)
-        index, self.last_build = build(np.asarray(vector_ids, np.int64), vectors, self.policy)
-        with self.ledger.connect() as con:
-            version = self._next_version(con)
+        index, report = build(np.asarray(vector_ids, np.int64), vectors, self.policy)
+        with self.ledger.connect() as s:
+            version = self._next_version(s)
             base = self._write_base(index, version)
-            return self._record(con, version, self.live(), operation, base, index, base, report=self.last_build)
+            return self._record(s, version, self.live(), operation, base, index, base, report=report)
 
     def erase(self, vector_ids: np.ndarray, request_id: str) -> IndexVersion | None:
         """Forget these vectors in every version, live and retained: each file holding some,
@@ -308,9 +305,8 @@ class IndexStore:
         purged, being the same bytes), or None if the live version held none. Running it again
         after a crash finishes the erasure the first attempt recorded."""
         vector_ids = np.unique(np.asarray(vector_ids, np.int64))
-        with self.ledger.connect() as con:  # one writer from finding the vectors to recording them
-            retry = con.execute("SELECT count(*) FROM index_erasures WHERE encoder_id = ? AND request_id = ?",
-                                [self.encoder_id, request_id]).fetchone()[0] > 0
+        with self.ledger.connect() as s:  # one writer from finding the vectors to recording them
+            retry = s.indexes.erasure_recorded(self.encoder_id, request_id)
             versions = [v for v in self.versions() if v.status != "purged"]
             files = {f.path: f for v in versions for f in v.files}
 
@@ -327,17 +323,17 @@ class IndexStore:
             holes = {path: found for path, (found, _) in located.items() if any(len(p) for p in found.patches)}
             live = None
             if holes and not retry:
-                live = self._record_erasure(con, versions, files, holes,
+                live = self._record_erasure(s, versions, files, holes,
                                             {path: located[path][1] for path in holes}, request_id)
             erasure.apply({self.layout.absolute(path): found for path, found in holes.items()})
             newest = {f.path: (v, f) for v in self.versions() if v.status != "purged" for f in v.files}
             for path in holes:
                 if path in newest:
-                    self._manifest(con, newest[path][1], newest[path][0], index_type=newest[path][0].index_type,
+                    self._manifest(s, newest[path][1], newest[path][0], index_type=newest[path][0].index_type,
                                    erased_for=request_id)
             return live
 
-    def _record_erasure(self, con, versions: list[IndexVersion], files: dict[str, IndexFile],
+    def _record_erasure(self, s: Session, versions: list[IndexVersion], files: dict[str, IndexFile],
                         holes: dict[str, erasure.Holes], digests: dict[str, str], request_id: str) -> IndexVersion | None:
         """Record, before a byte changes, what erasing `holes` makes of each file and version."""
         changed = {path: replace(files[path], sha256=digests[path], n_vectors=files[path].n_vectors - len(found),
@@ -346,31 +342,26 @@ class IndexStore:
         live = next((v for v in versions if v.status == "live"), None)
         with self.ledger.transaction():
             for path, found in holes.items():
-                con.execute("INSERT INTO index_erasures VALUES (?, ?, ?, ?, ?, ?, now())",
-                            [self.encoder_id, path, request_id, len(found), files[path].sha256, digests[path]])
+                s.indexes.record_erasure(self.encoder_id, path, request_id, len(found), files[path].sha256, digests[path])
             for v in versions:  # (the live one is superseded below, as it was written)
                 touched = [f for f in v.files if f.path in changed]
                 if v.status != "retained" or not touched:
                     continue
                 now = tuple(changed.get(f.path, f) for f in v.files)
-                con.execute("UPDATE index_versions SET path = ?, sha256 = ?, n_vectors = ?, files = ? WHERE encoder_id = ?"
-                            " AND version = ?", [now[0].path, now[0].sha256, sum(f.n_vectors for f in now), _json(now),
-                                                 self.encoder_id, v.version])
+                s.indexes.set_files(self.encoder_id, v.version, now[0].path, now[0].sha256,
+                                    sum(f.n_vectors for f in now), _json(now))
                 for f in touched:
-                    con.execute("INSERT INTO index_rewrites (encoder_id, version, request_id, old_sha256, new_sha256,"
-                                " n_removed, rewritten_at, old_path, new_path) VALUES (?, ?, ?, ?, ?, ?, now(), ?, ?)",
-                                [self.encoder_id, v.version, request_id, f.sha256, changed[f.path].sha256,
-                                 len(holes[f.path]), f.path, f.path])
+                    s.indexes.record_rewrite(self.encoder_id, v.version, request_id, f.sha256, changed[f.path].sha256,
+                                             len(holes[f.path]), f.path)
             if live is None or not any(f.path in changed for f in live.files):
                 return None
             # A shard or delta left with only holes drops out of the new version (the base stays).
             now = tuple(f for j, f in enumerate(changed.get(f.path, f) for f in live.files) if j == 0 or f.n_vectors)
             removed = np.concatenate([holes[f.path].vector_ids for f in live.files if f.path in holes])
-            version = self._next_version(con)
-            new = self._record(con, version, live, "forget", now, None, [], removed=removed)
-            con.execute("UPDATE index_versions SET status = 'purged', note = ? WHERE encoder_id = ? AND version = ?",
-                        [f"superseded by forget version {version}: the same files, erased in place", self.encoder_id,
-                         live.version])
+            version = self._next_version(s)
+            new = self._record(s, version, live, "forget", now, None, [], removed=removed)
+            s.indexes.purge(self.encoder_id, live.version,
+                            f"superseded by forget version {version}: the same files, erased in place")
             return new
 
     # ---- files no version names --------------------------------------------------------------
@@ -405,10 +396,9 @@ class IndexStore:
         return old
 
     def _purge(self, versions: list[IndexVersion], note: str) -> None:
-        with self.ledger.transaction() as con:
+        with self.ledger.transaction() as s:
             for v in versions:
-                con.execute("UPDATE index_versions SET status = 'purged', note = ? WHERE encoder_id = ? AND version = ?",
-                            [note, self.encoder_id, v.version])
+                s.indexes.purge(self.encoder_id, v.version, note)
         # Files go after the ledger says so: a crash here leaves only an orphan file.
         self._delete_unnamed([f.path for v in versions for f in v.files])
 
@@ -419,14 +409,13 @@ class IndexStore:
         body = {"encoder_id": self.encoder_id, "index_file": index_path.name, **fields}
         write_bytes_atomic(manifest_path(index_path), json.dumps(body, indent=2, default=str).encode())
 
-    def refresh_manifest(self, version: IndexVersion, con) -> None:
+    def refresh_manifest(self, version: IndexVersion, session: Session) -> None:
         """Bring the newest file's manifest of a version (and its ledger row) to the chain head."""
-        self._manifest(con, version.files[-1], version, index_type=version.index_type)
-        con.execute("UPDATE index_versions SET chain_head = ? WHERE encoder_id = ? AND version = ?",
-                    [chain_head(con)[0], self.encoder_id, version.version])
+        self._manifest(session, version.files[-1], version, index_type=version.index_type)
+        session.indexes.set_chain_head(self.encoder_id, version.version, chain_head(session)[0])
 
-    def _manifest(self, con, file: IndexFile, version: IndexVersion, **fields) -> None:
-        head, n_deletions = chain_head(con)
+    def _manifest(self, s: Session, file: IndexFile, version: IndexVersion, **fields) -> None:
+        head, n_deletions = chain_head(s)
         self.write_manifest(self.layout.absolute(file.path), version=version.version, sha256=file.sha256,
                             n_vectors=file.n_vectors, role=file.role, parent_version=version.parent_version,
                             operation=version.operation, chain_head=head, n_deletions=n_deletions,
@@ -440,14 +429,12 @@ class IndexStore:
                 f"vectors of shape {vectors.shape} cannot go into an index of encoder {self.encoder_id} (dimension {self.dim})"
             )
 
-    def _next_version(self, con) -> int:
+    def _next_version(self, s: Session) -> int:
         # Called with the ledger lock held, so no other write is under way: temp files here are
         # what a killed writer left behind.
         for stale in self.root.glob(".v*.faiss.*.tmp"):
             stale.unlink(missing_ok=True)
-        last = con.execute("SELECT coalesce(max(version), 0) FROM index_versions WHERE encoder_id = ?",
-                           [self.encoder_id]).fetchone()[0]
-        return last + 1
+        return s.indexes.next_version(self.encoder_id)
 
     def _write(self, index: faiss.Index, name: str, role: str = "base") -> IndexFile:
         final = self.root / name
@@ -456,16 +443,12 @@ class IndexStore:
         return IndexFile(self.layout.relative(final), sha256_file(final), int(index.ntotal), role)
 
     def _write_base(self, index: faiss.Index, version: int) -> tuple[IndexFile, ...]:
-        """An exact base in shards of about `shard_mib` (forgetting a vector rewrites its shard
-        only); an IVF base as one file (its inverted lists are one structure)."""
-        rows = max(1, (self.policy.shard_mib << 20) // (4 * self.dim))
-        if kind_of(index) != "flat" or index.ntotal <= rows:
-            return (self._write(index, file_name(version, 0, "base")),)
-        ids, vectors = index_ids(index), index_vectors(index, copy=False)
-        return tuple(self._write(flat_index(ids[s:s + rows], vectors[s:s + rows]), file_name(version, j, "base"))
-                     for j, s in enumerate(range(0, index.ntotal, rows)))
+        """A base in the files its kind splits it into: an exact one in shards of about
+        `shard_mib` (forgetting a vector rewrites its shard only), an IVF one whole."""
+        parts = kind_for(index).shards(index, self.policy.shard_mib << 20)
+        return tuple(self._write(part, file_name(version, j, "base")) for j, part in enumerate(parts))
 
-    def _record(self, con, version: int, parent: IndexVersion | None, operation: str, files: tuple[IndexFile, ...],
+    def _record(self, s: Session, version: int, parent: IndexVersion | None, operation: str, files: tuple[IndexFile, ...],
                 base_index: faiss.Index | None, written,
                 added: np.ndarray | None = None, removed: np.ndarray | None = None,
                 report: BuildReport | None = None) -> IndexVersion:
@@ -475,8 +458,11 @@ class IndexStore:
         nprobe stand). A build's
         `report` gives its measured recall; a version derived from its parent (add, forget) keeps
         the parent's, with the version that measured it."""
-        kind = describe(base_index) if base_index is not None else parent.index_type
-        nprobe = nprobe_of(base_index) if base_index is not None else parent.nprobe
+        if base_index is not None:
+            base_kind = kind_for(base_index)
+            kind, nprobe = base_kind.describe(base_index), base_kind.nprobe(base_index)
+        else:
+            kind, nprobe = parent.index_type, parent.nprobe
         if report is not None:
             approximate = report.kind != "flat"
             recall = (report.recall_at_10 if approximate else None, report.recall_at_100 if approximate else None,
@@ -490,28 +476,22 @@ class IndexStore:
         first = files[0]
         new = IndexVersion(self.encoder_id, version, first.path, first.sha256, parent.version if parent else None,
                            operation, sum(f.n_vectors for f in files), n_added, n_removed, "live",
-                           kind, nprobe, *recall, files=tuple(files))
-        head, _ = chain_head(con)
+                           kind, nprobe, *recall, files=tuple(files), build=report)
+        head, _ = chain_head(s)
         for file in written:
-            self._manifest(con, file, new, index_type=kind, nprobe=nprobe,
+            self._manifest(s, file, new, index_type=kind, nprobe=nprobe,
                            recall_at_10=recall[0], recall_at_100=recall[1], recall_measured_at=recall[2],
                            build=report.to_dict() if report and file == first else None)
         with self.ledger.transaction():
-            con.execute("UPDATE index_versions SET status = 'retained' WHERE encoder_id = ? AND status = 'live'",
-                        [self.encoder_id])
-            con.execute(
-                "INSERT INTO index_versions (encoder_id, version, path, sha256, parent_version, operation,"
-                " n_vectors, created_at, status, index_type, n_added, n_removed, chain_head, nprobe,"
-                " recall_at_10, recall_at_100, recall_measured_at, build_reason, build_report, files)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, now(), 'live', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [self.encoder_id, version, first.path, first.sha256, new.parent_version, operation, new.n_vectors,
-                 kind, n_added, n_removed, head, nprobe, *recall,
-                 json.dumps(report.to_dict()) if report else None, _json(files)],
-            )
+            s.indexes.record_version(
+                encoder_id=self.encoder_id, version=version, path=first.path, sha256=first.sha256,
+                parent_version=new.parent_version, operation=operation, n_vectors=new.n_vectors, index_type=kind,
+                n_added=n_added, n_removed=n_removed, chain_head=head, nprobe=nprobe, recall_at_10=recall[0],
+                recall_at_100=recall[1], recall_measured_at=recall[2], build_reason=recall[3],
+                build_report=json.dumps(report.to_dict()) if report else None, files=_json(files))
             for change, ids in (("add", added), ("remove", removed)):
                 if ids is not None and len(ids):
-                    con.execute("INSERT INTO index_deltas SELECT ?, ?, ?, unnest(?::BIGINT[])",
-                                [self.encoder_id, version, change, ids.tolist()])
+                    s.indexes.record_delta(self.encoder_id, version, change, ids)
         return new
 
 

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .atomic import fsync_dir
 
+if TYPE_CHECKING:
+    from .ledger import Session
+
 NAMES_FILE = "names.bin"
-# The tables whose rows name a file; a row's span is NULL once its sample is forgotten.
-NAMED_TABLES = ("samples", "sample_sources", "quarantine")
-_SPANS = " UNION ALL ".join(f"SELECT name_pos, name_len FROM {t}" for t in NAMED_TABLES)
 
 
 class NameFile:
@@ -40,17 +41,13 @@ class NameFile:
             self.path.touch()
             fsync_dir(self.path.parent)
 
-    def end(self, con) -> int:
-        """Where the names the ledger holds (committed or in this transaction) end."""
-        return int(con.execute(f"SELECT coalesce(max(name_pos + name_len), 0) FROM ({_SPANS})").fetchone()[0])
-
-    def append(self, con, names: list[str]) -> tuple[list[int], list[int]]:
+    def append(self, session: Session, names: list[str]) -> tuple[list[int], list[int]]:
         """Write names after the last one the ledger references, durably, before the ledger
         row that refers to them commits; (positions, lengths). Bytes past that end (a write whose
         transaction never committed) are dropped first."""
         encoded = [name_bytes(name) for name in names]
         lengths = [len(b) for b in encoded]
-        start = self.end(con)
+        start = session.forgetting.names_end()
         positions = (start + np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)])).tolist() if names else []
         self.ensure()
         with open(self.path, "r+b") as f:
@@ -78,13 +75,6 @@ class NameFile:
             os.close(fd)
         return int(sum(lengths))
 
-    def spans_of(self, con, sample_ids_sql: str, params: list) -> tuple[list[int], list[int]]:
-        """The spans of every name the samples selected by `sample_ids_sql` have, in every table."""
-        rows = con.execute(" UNION ALL ".join(
-            f"SELECT name_pos, name_len FROM {t} WHERE name_pos IS NOT NULL AND sample_id IN ({sample_ids_sql})"
-            for t in NAMED_TABLES), params * len(NAMED_TABLES)).fetchall()
-        return [r[0] for r in rows], [r[1] for r in rows]
-
     def read(self, pos: int, n: int) -> str:
         """The name for display: bytes that are not UTF-8 shown as \\xNN escapes."""
         with open(self.path, "rb") as f:
@@ -102,22 +92,3 @@ def shown_name(name: str) -> str:
     """A name printable anywhere (terminal, JSON, DuckDB, polars): bytes that are not UTF-8
     become \\xNN escapes (the SQL macro original_name() escapes such a name too, migration 008)."""
     return name_bytes(name).decode("utf-8", "backslashreplace")
-
-
-def move_names_out(con, names: NameFile) -> int:
-    """Migration 007's second half: the names a ledger held in `original_name` columns go to
-    the name file, and the columns go; the names moved. (Rows redacted by a forget before
-    keep no name.) Runs inside the migration's transaction: nothing in the file is referenced
-    until it commits, so a failed try's bytes are dropped by the next."""
-    moved = 0
-    for table in NAMED_TABLES:
-        rows = con.execute(f"SELECT rowid, original_name FROM {table}"
-                           " WHERE original_name IS NOT NULL AND original_name <> '[redacted]'").fetchall()
-        if rows:
-            positions, lengths = names.append(con, [name for _, name in rows])
-            con.execute(f"UPDATE {table} SET name_pos = m.pos, name_len = m.len FROM (SELECT unnest(?::BIGINT[]) AS id,"
-                        f" unnest(?::BIGINT[]) AS pos, unnest(?::INTEGER[]) AS len) m WHERE {table}.rowid = m.id",
-                        [[r for r, _ in rows], positions, lengths])
-            moved += len(rows)
-        con.execute(f"ALTER TABLE {table} DROP COLUMN original_name")
-    return moved

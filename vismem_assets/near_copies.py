@@ -37,10 +37,15 @@ kept for good, by design, so that the photo stays out.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from PIL import Image, ImageFilter
 
 from .imagesets import ImageRefused, decode_image
+
+if TYPE_CHECKING:
+    from .ledger import Session
 
 ALGORITHM = "phash-dct16-median3-64px-v1"   # stored per row: a changed algorithm is a new name
 HASH_SIDE = 16                 # 16x16 DCT coefficients: 256 bits
@@ -111,10 +116,9 @@ class NearCopyBlocklist:
         self.packed = pack(list(hashes))
 
     @classmethod
-    def load(cls, con) -> "NearCopyBlocklist":
-        rows = con.execute("SELECT sample_id, phash FROM blocklist_phashes WHERE phash IS NOT NULL AND algorithm = ?"
-                           " ORDER BY sample_id", [ALGORITHM]).fetchall()
-        return cls([r[0] for r in rows], [r[1] for r in rows])
+    def load(cls, session: Session) -> NearCopyBlocklist:
+        """The hashes the ledger keeps for this ALGORITHM."""
+        return cls(*session.forgetting.near_copy_hashes(ALGORITHM))
 
     def __len__(self) -> int:
         return len(self.sample_ids)

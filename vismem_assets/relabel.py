@@ -6,7 +6,7 @@ label, who, why and when (one `change_id` per request), and the stored reliabili
 index version (pruning statistics, per k) is updated incrementally: no neighbour list moves (the
 vectors are the same), so only the rows of the relabelled samples and of the samples whose top-k
 holds one are counted again (reliability.relabel; equal to a full pass). Classification reads
-labels from the ledger at every call (Catalog.query), so the next vote uses the new label.
+labels from the ledger at every call (the catalog), so the next vote uses the new label.
 
 Weights (`vismem weight`, the `set_weights` job, `inbox/weights/*.json`): a user weight W >= 0 per
 sample (none set: 1), kept in `user_weights` with every change in `weight_history`. The rule:
@@ -28,11 +28,16 @@ import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from .imagesets import LabelError, check_label, read_bounded
-from .ledger import insert_rows, to_frame
+from .pruning import relabel_stored
+
+if TYPE_CHECKING:
+    from .home import Layout
+    from .ledger import Ledger, Session
 
 SHOWN = 5  # ids named in an error before "…"
 
@@ -176,22 +181,18 @@ def _listed(items: list[str]) -> str:
     return ", ".join(items[:SHOWN]) + (" …" if len(items) > SHOWN else "")
 
 
-def _resolve(con, request, verb: str) -> pl.DataFrame:
+def _resolve(session: Session, request, verb: str) -> pl.DataFrame:
     """The active samples a request names (sample_id, vector_id, label), or an EditError naming
     what is unknown, forgotten or quarantined."""
-    columns = "SELECT sample_id, vector_id, label, status FROM samples"
+    labels = session.labels
     kind = request.target_kind
     if kind == "label":
-        found = to_frame(con.execute(f"{columns} WHERE label = ? AND status = 'active' ORDER BY sample_id",
-                                     [request.label]))
+        found = labels.active_of_label(request.label)
         if found.is_empty():
-            gone = con.execute("SELECT count(*) FROM samples WHERE label = ? AND status = 'forgotten'",
-                               [request.label]).fetchone()[0]
-            if gone:
+            if labels.n_forgotten_of_label(request.label):
                 raise EditError(f"every sample labelled {request.label!r} was forgotten: forgotten samples cannot be "
                                 f"{verb}; nothing was changed")
-            held = [x for (x,) in con.execute("SELECT DISTINCT label FROM samples WHERE status = 'active'"
-                                              " ORDER BY 1").fetchall()]
+            held = labels.active_labels()
             raise EditError(f"unknown label {request.label!r}: the memory holds {_listed(held) or 'no label yet'}; "
                             "nothing was changed")
         return found.drop("status")
@@ -199,8 +200,7 @@ def _resolve(con, request, verb: str) -> pl.DataFrame:
         wanted = {image_id(p): str(p) for p in request.images}
     else:
         wanted = {s.strip().lower(): s for s in request.sample_ids}
-    found = to_frame(con.execute(f"{columns} WHERE sample_id IN (SELECT unnest(?::VARCHAR[])) ORDER BY sample_id",
-                                 [list(wanted)]))
+    found = labels.samples_by_id(list(wanted))
     what = "sample id" if kind == "sample" else "image (by content hash)"
     missing = [wanted[s] for s in wanted if s not in set(found["sample_id"])]
     if missing:
@@ -214,118 +214,71 @@ def _resolve(con, request, verb: str) -> pl.DataFrame:
     return found.drop("status")
 
 
-# --- relabel ----------------------------------------------------------------------------------
+class Edits:
+    """Relabels and user weights, each checked against the ledger and applied in one transaction."""
 
-def relabel(memory, request: RelabelRequest, dry_run: bool = False) -> EditReport:
-    """Give the samples a request names the label `request.to` (see the module's docstring)."""
-    from . import pruning
+    def __init__(self, ledger: Ledger, layout: Layout):
+        self.ledger, self.layout = ledger, layout
 
-    request.validate()
-    if dry_run:
-        with memory.ledger.connect() as con:
-            return _relabel_plan(con, request, dry_run=True)
-    written: list[Path] = []
-    try:
-        with memory.ledger.transaction() as con:
-            report = _relabel_plan(con, request, dry_run=False)  # read again under the lock: what is there now
-            ids = [c["sample_id"] for c in report.changes]
-            con.execute("UPDATE samples SET label = ? WHERE status = 'active' AND sample_id IN"
-                        " (SELECT unnest(?::VARCHAR[]))", [request.to, ids])
-            insert_rows(con, "label_history", {
-                "sample_id": ("VARCHAR", ids),
-                "label": ("VARCHAR", [request.to] * len(ids)),
-                "old_label": ("VARCHAR", [c["old"] for c in report.changes]),
-                "reason": ("VARCHAR", [request.reason] * len(ids)),
-                "requested_by": ("VARCHAR", [request.requested_by] * len(ids)),
-                "change_id": ("VARCHAR", [report.change_id] * len(ids)),
-            }, changed_at="now()", kind="'relabel'")
-            update = pruning.relabel_stored(memory.layout, con, [c["vector_id"] for c in report.changes],
-                                            request.to, tag=report.change_id[:12])
-            written = update.written
-            report.reliability = update.runs
-    except BaseException:
-        for path in written:  # the ledger still names the files from before
+    def relabel(self, request: RelabelRequest, dry_run: bool = False) -> EditReport:
+        """Give the samples a request names the label `request.to` (see the module's docstring)."""
+        request.validate()
+        if dry_run:
+            with self.ledger.connect() as session:
+                return _relabel_plan(session, request, dry_run=True)
+        written: list[Path] = []
+        try:
+            with self.ledger.transaction() as session:
+                report = _relabel_plan(session, request, dry_run=False)  # read again under the lock: what is there now
+                session.labels.relabel(report.change_id, [c["sample_id"] for c in report.changes],
+                                       [c["old"] for c in report.changes], request.to,
+                                       requested_by=request.requested_by, reason=request.reason)
+                update = relabel_stored(self.layout, session, [c["vector_id"] for c in report.changes],
+                                        request.to, tag=report.change_id[:12])
+                written = update.written
+                report.reliability = update.runs
+        except BaseException:
+            for path in written:  # the ledger still names the files from before
+                path.unlink(missing_ok=True)
+            raise
+        for path in update.replaced:
             path.unlink(missing_ok=True)
-        raise
-    for path in update.replaced:
-        path.unlink(missing_ok=True)
-    for c in report.changes:
-        c.pop("vector_id")
-    return report
+        for c in report.changes:
+            c.pop("vector_id")
+        return report
+
+    def set_weights(self, request: WeightRequest, dry_run: bool = False) -> EditReport:
+        """Give the samples a request names the user weight `request.weight` (module docstring)."""
+        request.validate()
+        if dry_run:
+            with self.ledger.connect() as session:
+                return _weight_plan(session, request, dry_run=True)
+        with self.ledger.transaction() as session:
+            report = _weight_plan(session, request, dry_run=False)
+            session.labels.set_user_weights(report.change_id, [c["sample_id"] for c in report.changes],
+                                            [c["old"] for c in report.changes], request.weight,
+                                            requested_by=request.requested_by, reason=request.reason)
+        return report
 
 
-def _relabel_plan(con, request: RelabelRequest, dry_run: bool) -> EditReport:
-    found = _resolve(con, request, "relabelled")
+def _relabel_plan(session: Session, request: RelabelRequest, dry_run: bool) -> EditReport:
+    found = _resolve(session, request, "relabelled")
     change = found.filter(pl.col("label") != request.to)
     if change.is_empty():
         raise EditError(f"nothing to change: the {len(found)} sample(s) named are already labelled {request.to!r}")
-    held = con.execute("SELECT count(*) FROM samples WHERE status = 'active' AND label = ?",
-                       [request.to]).fetchone()[0]
+    held = session.labels.n_active_of_label(request.to)
     changes = [{"sample_id": r["sample_id"], "old": r["label"], "new": request.to,
                 **({} if dry_run else {"vector_id": r["vector_id"]})} for r in change.iter_rows(named=True)]
     return EditReport("relabel", dry_run, None if dry_run else uuid.uuid4().hex, changes,
                       unchanged=len(found) - len(change), new_label=held == 0)
 
 
-# --- weights ----------------------------------------------------------------------------------
-
-def set_weights(memory, request: WeightRequest, dry_run: bool = False) -> EditReport:
-    """Give the samples a request names the user weight `request.weight` (module docstring)."""
-    request.validate()
-    if dry_run:
-        with memory.ledger.connect() as con:
-            return _weight_plan(con, request, dry_run=True)
-    with memory.ledger.transaction() as con:
-        report = _weight_plan(con, request, dry_run=False)
-        ids = [c["sample_id"] for c in report.changes]
-        insert_rows(con, "weight_history", {
-            "change_id": ("VARCHAR", [report.change_id] * len(ids)),
-            "sample_id": ("VARCHAR", ids),
-            "old_weight": ("DOUBLE", [c["old"] for c in report.changes]),
-            "new_weight": ("DOUBLE", [request.weight] * len(ids)),
-            "requested_by": ("VARCHAR", [request.requested_by] * len(ids)),
-            "reason": ("VARCHAR", [request.reason] * len(ids)),
-        }, changed_at="now()")
-        insert_rows(con, "user_weights", {
-            "sample_id": ("VARCHAR", ids),
-            "weight": ("DOUBLE", [request.weight] * len(ids)),
-            "change_id": ("VARCHAR", [report.change_id] * len(ids)),
-        }, on_conflict="ON CONFLICT (sample_id) DO UPDATE SET weight = excluded.weight,"
-                       " change_id = excluded.change_id, set_at = excluded.set_at", set_at="now()")
-    return report
-
-
-def _weight_plan(con, request: WeightRequest, dry_run: bool) -> EditReport:
-    found = _resolve(con, request, "weighted")
-    current = dict(con.execute("SELECT sample_id, weight FROM user_weights WHERE sample_id IN"
-                               " (SELECT unnest(?::VARCHAR[]))", [found["sample_id"].to_list()]).fetchall())
+def _weight_plan(session: Session, request: WeightRequest, dry_run: bool) -> EditReport:
+    found = _resolve(session, request, "weighted")
+    current = session.labels.user_weights_of(found["sample_id"].to_list())
     changes = [{"sample_id": s, "old": current.get(s, 1.0), "new": request.weight}
                for s in found["sample_id"].to_list() if current.get(s, 1.0) != request.weight]
     if not changes:
         raise EditError(f"nothing to change: the {len(found)} sample(s) named already have weight {request.weight:g}")
     return EditReport("weight", dry_run, None if dry_run else uuid.uuid4().hex, changes,
                       unchanged=len(found) - len(changes))
-
-
-# --- the evaluation after an edit ---------------------------------------------------------------
-
-def configured_query_set(memory) -> Path | None:
-    """The settings' query_set ($VISMEM_QUERY_SET, relative to the memory home, as the Dagster
-    resource reads it), or None."""
-    chosen = memory.settings.query_set
-    return memory.layout.root / chosen if chosen else None
-
-
-def reevaluate(memory, query_set: Path) -> dict:
-    """Evaluate the live index on the query set again (recorded, so `evaluation_history` shows
-    it) and say how top-1 of the default vote moved from the last evaluation of that set."""
-    from .evaluation import DEFAULT_K
-    from .voting import DEFAULT_STRATEGY
-
-    before = memory.ledger.query(
-        "SELECT accuracy FROM evaluations WHERE query_set = ? AND strategy = ? AND k = ? AND pruning = 'none'"
-        " ORDER BY evaluation_id DESC LIMIT 1", [str(query_set), DEFAULT_STRATEGY, DEFAULT_K])
-    result = memory.evaluate(query_set, progress=False)
-    return {"query_set": str(query_set), "index_version": result.index_version, "vote": f"{DEFAULT_STRATEGY}, k={DEFAULT_K}",
-            "top1_before": float(before["accuracy"][0]) if len(before) else None, "top1": result.top1(),
-            "evaluation_id": result.evaluation_id}

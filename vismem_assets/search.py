@@ -274,3 +274,13 @@ def flat_searcher(index) -> FlatSearcher | None:
     top = faiss.downcast_index(index)
     inner = faiss.downcast_index(top.index) if isinstance(top, (faiss.IndexIDMap, faiss.IndexIDMap2)) else top
     return FlatSearcher.from_faiss(top) if is_flat_ip(inner) and top.ntotal > 0 else None
+
+
+class FaissSearcher:
+    """FAISS's own search of an index: for kinds with no faster searcher of their own."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(np.ascontiguousarray(queries, np.float32), k)

@@ -31,9 +31,13 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .atomic import fsync_dir
 from .home import Layout
+
+if TYPE_CHECKING:
+    from .ledger import Session
 
 STAGING = ".staging"
 _LOCK = ".lock"
@@ -156,13 +160,6 @@ def _remove_folder(folder: Path) -> None:
         pass
 
 
-def _named_among(con, relative: list[str]) -> set[str]:
-    return {p for (p,) in con.execute(
-        "SELECT image_path FROM samples WHERE image_path IN (SELECT unnest(?::VARCHAR[]))"
-        " UNION SELECT stored_path FROM quarantine WHERE stored_path IN (SELECT unnest(?::VARCHAR[]))",
-        [relative, relative]).fetchall()}
-
-
 def _try_lock(folder: Path) -> int | None | bool:
     """The locked descriptor of a dead ingest's folder; None while its ingest lives; False when
     the folder has no lock file any more (its clean-up was interrupted: nothing to undo)."""
@@ -195,10 +192,10 @@ def dead_folders(layout: Layout) -> list[Path]:
     return dead
 
 
-def clean_dead(layout: Layout, con) -> int:
+def clean_dead(layout: Layout, session: Session) -> int:
     """Remove the staging folders of dead ingests, and the files such an ingest moved into the
     store that no ledger row names (it died before its commit). Call under the ledger lock
-    (`con`): moves and their records happen under it. Returns the files removed from the store."""
+    (`session`): moves and their records happen under it. Returns the files removed from the store."""
     root = staging_root(layout)
     removed = 0
     for folder in sorted(root.iterdir()) if root.is_dir() else ():
@@ -213,7 +210,7 @@ def clean_dead(layout: Layout, con) -> int:
             listing = folder / _MOVING
             moved = listing.read_text(encoding="utf-8").split() if listing.exists() else []
             if moved:
-                named = _named_among(con, moved)
+                named = session.audit.stored_paths_among(moved)
                 for rel in moved:
                     path = layout.absolute(rel)
                     if rel not in named and path.is_file():
@@ -233,7 +230,7 @@ def walk(folder: Path):
             yield Path(top) / name
 
 
-def unnamed_files(layout: Layout, con) -> list[Path]:
+def unnamed_files(layout: Layout, session: Session) -> list[Path]:
     """Files under images/ and quarantine/ that no ledger row names, staging folders aside
     (see `dead_folders`): leftovers of a crash, such as the `.<name>.tmp` of a killed store
     write or a file a dead ingest moved in. Call under the ledger lock, so that no ingest is
@@ -241,15 +238,15 @@ def unnamed_files(layout: Layout, con) -> list[Path]:
     staging = staging_root(layout)
     found = {layout.relative(path): path for folder in (layout.images, layout.quarantine) for path in walk(folder)
              if not path.is_relative_to(staging)}
-    named = _named_among(con, list(found)) if found else set()
+    named = session.audit.stored_paths_among(list(found)) if found else set()
     return sorted(path for rel, path in found.items() if rel not in named)
 
 
-def sweep(layout: Layout, con) -> int:
+def sweep(layout: Layout, session: Session) -> int:
     """Remove what dead processes left in the store: dead staging folders (undoing their moves)
     and every file no ledger row names. Call under the ledger lock. Returns the files removed."""
-    removed = clean_dead(layout, con)
-    for path in unnamed_files(layout, con):
+    removed = clean_dead(layout, session)
+    for path in unnamed_files(layout, session):
         path.unlink(missing_ok=True)
         removed += 1
     return removed

@@ -22,7 +22,7 @@ import polars as pl
 from filelock import FileLock, Timeout
 
 from ..atomic import fsync_dir
-from ..names import NAMES_FILE, NameFile, move_names_out
+from ..names import NAMES_FILE, NameFile
 from .session import Session
 
 
@@ -61,7 +61,7 @@ def migrations() -> list[tuple[int, str, str]]:
 
 
 def _names_out_of_duckdb(ledger: Ledger, con: duckdb.DuckDBPyConnection) -> None:
-    if move_names_out(con, ledger.names):
+    if Session(con, ledger).forgetting.move_names_out(ledger.names):
         ledger._stale_bytes.touch()  # their old bytes leave with a fresh copy of the file (see connect)
 
 

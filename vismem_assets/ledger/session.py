@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .forgetting import ForgetRecords
     from .indexes import IndexVersions
     from .labels import Labels
+    from .overview import Overview
     from .pruning import PruningStats
     from .samples import Samples
 
@@ -30,9 +31,6 @@ class Session:
         """Raw SQL on this session's connection: for tests and tools that inspect the ledger.
         Core code calls a group's method instead (tests/test_layers.py holds that line)."""
         return self.con.execute(sql, params or [])
-
-    def __getattr__(self, name):  # RESTRUCTURE-SHIM: raw connection methods while callers move to groups
-        return getattr(self.con, name)
 
     # One group per family of tables, built on first use.
     @cached_property
@@ -74,6 +72,11 @@ class Session:
     def labels(self) -> Labels:
         from .labels import Labels
         return Labels(self)
+
+    @cached_property
+    def overview(self) -> Overview:
+        from .overview import Overview
+        return Overview(self)
 
 
 class Group:

@@ -1,0 +1,115 @@
+"""Recall: the k nearest stored vectors of query vectors, from the live index version, and the
+novelty threshold beyond which a query is unlike anything stored.
+
+It keeps the live index loaded (and its searcher) while that version stays live; whoever
+changes the live index in place (a forget's erasure) calls `invalidate`.
+"""
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from .catalog import Catalog
+from .embeddings import EmbeddingStore
+from .encoders import Encoder, EncoderMismatchError
+from .index_kinds import Searcher, kind_for
+from .index_store import IndexStore, IndexVersion, held_ids, searcher_of
+from .ledger import Ledger
+
+NOVELTY_PERCENTILE = 99.0
+NOVELTY_SAMPLE = 5000         # vectors whose nearest-neighbour distance estimates the threshold
+
+
+class Recall:
+    def __init__(self, ledger: Ledger, indexes: IndexStore, embeddings: EmbeddingStore, encoder: Encoder,
+                 read_only: bool = False):
+        """`read_only`: a novelty threshold is computed but not cached in the ledger."""
+        self.ledger = ledger
+        self.indexes = indexes
+        self.embeddings = embeddings
+        self.encoder = encoder
+        self.read_only = read_only
+        self._index_cache: tuple[tuple, IndexVersion, object] | None = None
+        self._searcher_cache: tuple[object, Searcher, int] | None = None  # (index, its searcher, its holes)
+
+    def invalidate(self) -> None:
+        """The live index changed in place: load it again on the next search."""
+        self._index_cache = self._searcher_cache = None
+
+    def live_index(self):
+        """(version, index) of the live version, cached while it stays live."""
+        live = self.indexes.live()
+        if live is None:
+            with self.ledger.connect() as s:
+                others = s.indexes.live_encoders()
+            hint = (f" This memory has indexes for: {', '.join(others)}; pass the encoder that built them"
+                    if others else " Add an image set first: vismem add SET_PATH")
+            raise FileNotFoundError(f"no index for encoder {self.encoder.id}.{hint}")
+        if self._index_cache is None or self._index_cache[0] != (live.version, live.sha256):
+            # Memory-mapped or read whole, as its kind is best searched (index_kinds/).
+            self._index_cache = ((live.version, live.sha256), *self.indexes.load_for_search(live))
+        return self._index_cache[1], self._index_cache[2]
+
+    def stored_vectors(self, index=None) -> tuple[np.ndarray, np.ndarray]:
+        """(vector ids, exact vectors) of the live index (or `index`): a flat index's own storage,
+        else (an approximate index keeps no exact vectors) read from the embedding files."""
+        if index is None:
+            _, index = self.live_index()
+        ids = held_ids(index)
+        exact = kind_for(index).exact_vectors(index)
+        if exact is not None:
+            return ids, exact.copy()
+        with self.ledger.connect() as s:
+            embedded = s.samples.embedded_active(self.encoder.id)
+        paths = embedded.filter(pl.col("vector_id").is_in(ids.tolist()))["path"].unique().to_list()
+        got_ids, vectors = self.embeddings.read(paths, ids)
+        if len(got_ids) != len(ids):
+            raise RuntimeError(f"the live index holds {len(ids)} vectors but the embedding files only {len(got_ids)}: "
+                               "run `vismem rebuild` to write a version from the ledger and embeddings")
+        return got_ids, vectors
+
+    def catalog(self) -> Catalog:
+        """Labels, sample ids, image paths and user weights of the active samples, by vector id."""
+        with self.ledger.connect() as s:
+            return Catalog.query(s)
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, vector_ids), each (n, min(k, N)), best first, by the live index's kind's
+        searcher: a flat index exactly by blocked matrix multiplication over its own stored
+        vectors (search.py; exact ties: lower position first); an IVF-Flat one list by list for
+        large batches (ivf_search.py); others by FAISS."""
+        if vectors.ndim != 2 or vectors.shape[1] != self.encoder.dim:
+            raise EncoderMismatchError(f"query vectors of shape {vectors.shape} do not match encoder {self.encoder.id}")
+        _, index = self.live_index()
+        searcher, holes = self._searcher(index)
+        k = max(1, min(k, index.ntotal - holes))
+        return searcher.search(vectors, k)
+
+    def _searcher(self, index) -> tuple[Searcher, int]:
+        """The searcher of the live index (its kind's) and its number of holes, cached with it:
+        it reads the index's own vectors or lists (no copy) and keeps that index alive while cached."""
+        if self._searcher_cache is None or self._searcher_cache[0] is not index:
+            self._searcher_cache = (index, *searcher_of(index))
+        return self._searcher_cache[1], self._searcher_cache[2]
+
+    def novelty_threshold(self, percentile: float = NOVELTY_PERCENTILE) -> float:
+        """Nearest-neighbour distance (1 - cosine) beyond which a query is 'unknown': that
+        percentile of the memory's own leave-one-out nearest-neighbour distances (estimated on
+        a sample of its vectors, cached per index version)."""
+        version, index = self.live_index()
+        with self.ledger.connect() as s:
+            cached = s.evaluations.novelty_threshold(self.encoder.id, version.version, percentile)
+        if cached is not None:
+            return cached
+        ids, vectors = self.stored_vectors(index)
+        if len(ids) < 2:
+            raise ValueError("a novelty threshold needs at least two samples in the memory")
+        pick = np.random.default_rng(version.version).choice(len(ids), min(len(ids), NOVELTY_SAMPLE), replace=False)
+        sims, nn = self.search(vectors[pick], 2)
+        nearest_other = np.where(nn[:, 0] == ids[pick], sims[:, 1], sims[:, 0])
+        distance = float(np.percentile(1.0 - nearest_other, percentile))
+        if self.read_only:  # a cache: computed again next time rather than written
+            return distance
+        with self.ledger.transaction() as s:
+            s.evaluations.record_novelty_threshold(self.encoder.id, version.version, percentile, distance, len(pick))
+        return distance

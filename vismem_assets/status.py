@@ -1,0 +1,45 @@
+"""Status: what a person asks a memory first (which encoder, how many of what, which index, how
+much disk, what a crash left pending), from the ledger and the home alone: no encoder is loaded."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import polars as pl
+
+from .blas import blas_report
+from .home import Layout
+from .index_types import IndexPolicy
+from .ivf_search import settings as ivf_search_settings
+from .ledger import Ledger
+
+
+def memory_status(layout: Layout, ledger: Ledger, encoder_spec: str, pending: dict, index_policy: IndexPolicy) -> dict:
+    """`pending`: what indexing.pending_work says for the memory's encoder."""
+    with ledger.connect() as s:
+        live = s.indexes.live_indexes()
+        encoders = s.encoders.listing()
+        samples = s.samples.count_by_status()
+        labels = s.samples.count_by_label()
+        image_sets = s.samples.count_image_sets()
+    return {
+        "home": str(layout.root),
+        "encoder": encoder_spec,
+        "encoders": encoders,
+        "samples": samples,
+        "labels": labels,
+        "image_sets": image_sets,
+        "pending": pending,  # left by a crash mid-add; the next add or rebuild finishes them
+        "live_indexes": live.with_columns(pl.col("created_at").cast(pl.String)).to_dicts(),
+        "disk_bytes": {d: _du(layout.root / d) for d in ("images", "embeddings", "indexes", "quarantine")}
+                      | {"ledger": _du(layout.ledger)},
+        "index_policy": asdict(index_policy),
+        "blas": blas_report(),
+        "ivf_search": ivf_search_settings(),
+    }
+
+
+def _du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
