@@ -65,7 +65,7 @@ def test_installed_wheel_adds_and_classifies_outside_the_checkout(wheel, tmp_pat
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VISMEM_", "PYTHON"))}
     where = _sh(python, "-c", "import vismem_assets.ledger as l; print(l.__file__); print(l.SQL_DIR)",
                 cwd=work, env=env).stdout.split()
-    assert where == [str(new_site / "vismem_assets" / "ledger.py"), str(new_site / "vismem_assets" / "sql")]
+    assert where == [str(new_site / "vismem_assets" / "ledger" / "__init__.py"), str(new_site / "vismem_assets" / "sql")]
 
     home, small = tmp_path / "home", tmp_path / "set" / "small"
     for label in ("Trouser", "Bag"):
