@@ -35,3 +35,21 @@ def fm_sets(tmp_path_factory) -> dict[str, Path]:
 def memory(tmp_path, encoder) -> Memory:
     """An empty memory in a temp home, using the session's already loaded encoder."""
     return Memory(tmp_path / "home", encoder=encoder)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One PostgreSQL server per test session (tests/postgres_server.py), stopped at its end."""
+    from postgres_server import PostgresServer
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server, request) -> str:
+    """A fresh database on the session's server, for one test's ledger."""
+    import re
+    import uuid
+    name = re.sub(r"\W", "_", request.node.name)[:40].lower() + "_" + uuid.uuid4().hex[:6]
+    return postgres_server.create_database(name)

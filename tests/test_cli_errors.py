@@ -16,7 +16,7 @@ import duckdb
 import pytest
 from PIL import Image
 
-from vismem_assets.ledger import duckdb_file as ledger_mod
+from vismem_assets.ledger import sql_files as ledger_mod
 from vismem_assets.cli import main
 from vismem_assets.ledger import AUDIT_DIR, Ledger
 from vismem_assets.memory import Memory

@@ -41,7 +41,7 @@ def test_wheel_holds_the_core_and_its_sql(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"vismem_assets"}  # no top-level benchmarks/ or dagster_project/
-    for folder in ("migrations", "audit"):
+    for folder in ("migrations", "audit", "postgres/migrations", "postgres/audit"):
         shipped = sorted(n.rsplit("/", 1)[1] for n in names if n.startswith(f"vismem_assets/sql/{folder}/"))
         assert shipped == sorted(p.name for p in (REPO / "sql" / folder).glob("*.sql")) and shipped
     # The package list in pyproject is written by hand: every module of the core must be in it.

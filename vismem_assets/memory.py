@@ -26,7 +26,7 @@ from .index_store import IndexStore, IndexVersion, held_ids
 from .index_types import IndexPolicy
 from .indexing import Indexing, pending_work
 from .ingest import AddReport, Ingest, IngestReport
-from .ledger import Ledger
+from .ledger import open_ledger
 from .pruning import Pruning
 from .recall import NOVELTY_PERCENTILE, Recall
 from .relabel import Edits
@@ -48,7 +48,8 @@ class Memory:
         # nothing is created in it; a change is then refused by the ledger with a clear reason.
         self.read_only = layout.read_only()
         self.layout = layout if self.read_only else layout.create()
-        self.ledger = Ledger(self.layout.ledger, lock_timeout=settings.lock_timeout, read_only=self.read_only)
+        self.ledger = open_ledger(self.layout.ledger, settings.ledger_url, lock_timeout=settings.lock_timeout,
+                                  read_only=self.read_only)
         self.encoder_choice = EncoderChoice(self.ledger, encoder, self.read_only)
         self.index_policy = index_policy or IndexPolicy.from_settings(settings)
         self.ingestion = Ingest(self.layout, self.ledger)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -19,6 +20,14 @@ from . import blas
 from .home import DEFAULT_HOME
 
 PREFIX = "VISMEM_"
+
+
+def redact_url(url: str) -> str:
+    """A URL without its password, for messages and `vismem status`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 class SettingsError(ValueError):
@@ -32,6 +41,9 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(DEFAULT_HOME), description="memory home (--home overrides)")
     lock_timeout: float = Field(600.0, gt=0, description="seconds a writer waits for the ledger lock")
+    ledger_url: str | None = Field(None, pattern=r"^postgres(ql)?://", description=(
+        "PostgreSQL ledger (postgresql://user:password@host:port/db), for a cluster; unset: the DuckDB file "
+        "in the home"))
     index_type: Literal["auto", "flat", "ivf-flat", "ivf-sq8", "ivf-pq"] = Field(
         "auto", description="index type builds write; auto: exact below ivf_from vectors, IVF-Flat above")
     ivf_from: int = Field(200_000, ge=1, description="auto: IVF-Flat from this many vectors")
@@ -83,6 +95,8 @@ class Settings(BaseSettings):
     def table(self) -> list[tuple[str, str, str]]:
         """(variable, effective value, description) per setting, for `vismem status`."""
         values = self.model_dump(mode="json")
+        if values.get("ledger_url"):
+            values["ledger_url"] = redact_url(values["ledger_url"])  # status prints it: never the password
         return [(PREFIX + name.upper(), "" if values[name] is None else str(values[name]), field.description or "")
                 for name, field in type(self).model_fields.items()]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from .duckdb_file import to_frame
+from .base import to_frame
 from .forgetting import QUARANTINE_NAMED, SET_QUARANTINE
 from .session import Group
 
@@ -81,7 +81,7 @@ class AuditRecords(Group):
         return [(r, name, self.con.execute(f"SELECT count(*) FROM quarantine WHERE {QUARANTINE_NAMED}"
                                            f" AND {SET_QUARANTINE}", [r]).fetchone()[0])
                 for r, name in self.con.execute(
-                    "SELECT request_id, json_extract_string(target, '$[0]') FROM forget_requests"
+                    "SELECT request_id, CAST(target AS JSON) ->> 0 FROM forget_requests"
                     " WHERE state = 'applied' AND target_kind = 'image_set' ORDER BY 1").fetchall()]
 
     # ---- one sample ------------------------------------------------------------------------------

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
-import threading
 import time
 from contextlib import contextmanager
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,41 +20,9 @@ from filelock import FileLock, Timeout
 
 from ..atomic import fsync_dir
 from ..names import NAMES_FILE, NameFile
+from .base import LedgerBase, ReadOnlyLedger, to_frame
 from .session import Session
-
-
-def _sql_dir() -> Path:
-    """The schema and audit queries: a wheel carries them as package data (vismem_assets/sql);
-    a checkout reads the repo's top-level sql/, the files the duckdb CLI runs."""
-    packaged = resources.files("vismem_assets") / "sql"
-    if packaged.is_dir():
-        return Path(str(packaged))  # an installed package lies on disk: Path(...).glob() works
-    return Path(__file__).resolve().parents[2] / "sql"
-
-
-SQL_DIR = _sql_dir()
-MIGRATIONS_DIR = SQL_DIR / "migrations"
-AUDIT_DIR = SQL_DIR / "audit"
-
-
-class LedgerLockTimeout(TimeoutError):
-    pass
-
-
-class ReadOnlyLedger(PermissionError):
-    """A change was asked of a ledger opened read-only (its memory home is not writable)."""
-
-
-def migrations() -> list[tuple[int, str, str]]:
-    """(version, name, sql) of every file `NNN_name.sql`, in order."""
-    found = []
-    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
-        m = re.fullmatch(r"(\d+)_(.+)\.sql", path.name)
-        if m:
-            found.append((int(m.group(1)), m.group(2), path.read_text()))
-    if not found:
-        raise FileNotFoundError(f"no ledger migrations in {MIGRATIONS_DIR}: is the checkout or installation complete?")
-    return found
+from .sql_files import migrations, named_query
 
 
 def _names_out_of_duckdb(ledger: Ledger, con: duckdb.DuckDBPyConnection) -> None:
@@ -71,38 +36,10 @@ MIGRATION_HOOKS: dict[int, Callable[[Ledger, duckdb.DuckDBPyConnection], None]] 
 }
 
 
-def audit_queries() -> list[str]:
-    return sorted(p.stem for p in AUDIT_DIR.glob("*.sql") if p.is_file())
-
-
-def named_query(name: str) -> str:
-    """The SQL of an audit query, by its exact name in sql/audit/. The name is matched against
-    the listing, never joined onto a path: `../migrations/001_init` or an absolute path would
-    otherwise run any SQL file on the ledger."""
-    known = audit_queries()
-    if name not in known:
-        raise ValueError(f"no audit query {name!r}; known: {', '.join(known)}")
-    return (AUDIT_DIR / f"{name}.sql").read_text()
-
-
-def to_frame(cursor: duckdb.DuckDBPyConnection) -> pl.DataFrame:
-    """Result of the last execute as a polars frame (no pyarrow needed)."""
-    columns = [d[0] for d in cursor.description]
-    return pl.DataFrame(cursor.fetchall(), schema=columns, orient="row", infer_schema_length=None)
-
-
-def insert_rows(con, table: str, columns: dict[str, tuple[str, list]], on_conflict: str = "", **constants: str) -> None:
-    """Bulk insert: one statement of parallel unnest()s, plus SQL constants for the other columns."""
-    n = len(next(iter(columns.values()))[1])
-    if n == 0:
-        return
-    names = list(columns) + list(constants)
-    exprs = [f"unnest(?::{sqltype}[])" for sqltype, _ in columns.values()] + list(constants.values())
-    con.execute(f"INSERT INTO {table} ({', '.join(names)}) SELECT {', '.join(exprs)} {on_conflict}",
-                [values for _, values in columns.values()])
-
-
-class Ledger:
+class Ledger(LedgerBase):
+    """The DuckDB file (`ledger.duckdb` in the memory home)."""
+    dialect = "duckdb"
+    driver_error = duckdb.Error
     _POLL_S = 0.02  # how often a waiting process tries the lock again
 
     def __init__(self, path: Path, lock_timeout: float = 600.0, read_only: bool = False):
@@ -110,15 +47,11 @@ class Ledger:
         user's memory): connections open read-only under a shared lock (readers wait for a
         writer, not for each other), nothing is created, and a transaction is refused."""
         self.path = Path(path)
-        self.read_only = read_only
+        super().__init__(NameFile(self.path.with_name(NAMES_FILE)), lock_timeout, read_only)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self.lock_timeout = float(lock_timeout)  # settings.lock_timeout (VISMEM_LOCK_TIMEOUT) at the entry points
-        self._local = threading.local()
         # flock on the lock file, held per thread (filelock's default): two threads wait for each
         # other as two processes do; nested connections in one thread share the outer one.
         self._write_lock = FileLock(self.lock_path, mode=0o644, poll_interval=self._POLL_S)
-        self._migrated = False
-        self.names = NameFile(self.path.with_name(NAMES_FILE))
         # Written before a migration that moved names out commits, removed once the file is copied.
         self._stale_bytes = self.path.with_name(self.path.name + ".copy-pending")
 
@@ -165,19 +98,12 @@ class Ledger:
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
-    def _timeout(self) -> LedgerLockTimeout:
-        return LedgerLockTimeout(
-            f"the ledger {self.path} stayed locked for {self.lock_timeout:.0f} s by another "
-            "vismem process; wait for it to finish or raise VISMEM_LOCK_TIMEOUT")
+    def describe(self) -> str:
+        return str(self.path)
 
     @contextmanager
-    def connect(self) -> Iterator[Session]:
-        """A session under the exclusive lock (shared when read-only); nested calls in one
-        thread reuse it."""
-        outer = getattr(self._local, "session", None)
-        if outer is not None:
-            yield outer
-            return
+    def _session(self) -> Iterator[Session]:
+        """A connection under the exclusive lock (shared when read-only), migrated."""
         with self._lock(shared=self.read_only):
             con = self._open(read_only=self.read_only)
             try:
@@ -191,48 +117,9 @@ class Ledger:
                     self._copy_to_fresh_file()
                     self._stale_bytes.unlink()
                     con = self._open()
-                self._local.session = Session(con, self)
-                yield self._local.session
+                yield Session(con, self)
             finally:
-                self._local.session = None
                 con.close()
-
-    @contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """All or nothing: a crash or exception inside leaves the ledger as it was."""
-        self.check_writable()
-        outer = getattr(self._local, "session", None)
-        with self.connect() as session:
-            if outer is not None and getattr(self._local, "in_tx", False):
-                yield session
-                return
-            con = session.con
-            con.begin()
-            self._local.in_tx = True
-            try:
-                yield session
-                con.commit()
-            except BaseException:
-                try:
-                    con.rollback()
-                except duckdb.Error:
-                    # A commit that failed (a full disk) already ended the transaction: the error
-                    # to report is that one, not "no transaction is active".
-                    pass
-                raise
-            finally:
-                self._local.in_tx = False
-
-    def check_writable(self) -> None:
-        if self.read_only:
-            raise ReadOnlyLedger(
-                f"the memory home {self.path.parent} is not writable by this user: this command changes the memory "
-                "and needs write access there (classify, status, audit verify/query/proof work read-only)")
-
-    def query(self, sql: str, params: list | tuple | None = None) -> pl.DataFrame:
-        """Raw SQL, for tests and tools that inspect the file; the core uses the session's groups."""
-        with self.connect() as session:
-            return to_frame(session.con.execute(sql, params or []))
 
     def run_named(self, name: str, variables: dict[str, str] | None = None) -> pl.DataFrame:
         """An audit query from sql/audit/, its parameters set as DuckDB variables (as in the CLI),
@@ -325,7 +212,3 @@ class Ledger:
             os.fsync(f.fileno())
         os.replace(fresh, self.path)
         fsync_dir(self.path.parent)
-
-    def schema_version(self) -> int:
-        with self.connect() as session:
-            return session.con.execute("SELECT max(version) FROM schema_migrations").fetchone()[0]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .duckdb_file import to_frame
+from .base import to_frame
 from .session import Group
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from .duckdb_file import insert_rows, to_frame
+from .base import insert_rows, to_frame
 from .session import Group
 
 if TYPE_CHECKING:

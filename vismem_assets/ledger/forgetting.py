@@ -10,10 +10,11 @@ import datetime
 import json
 from typing import TYPE_CHECKING
 
+import duckdb
 import numpy as np
 import polars as pl
 
-from .duckdb_file import insert_rows, to_frame
+from .base import insert_rows, to_frame
 from .session import Group
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ _SAMPLE_COLUMNS = "SELECT sample_id, vector_id, label, image_set, status FROM sa
 # request was accepted (none for other requests; a later add of the set brings new files), those
 # without a sample id too: a file whose bytes could not be read still left its name.
 SET_QUARANTINE = ("EXISTS (SELECT 1 FROM forget_requests r WHERE r.request_id = ? AND r.target_kind = 'image_set'"
-                  " AND quarantine.image_set = json_extract_string(r.target, '$[0]')"
+                  " AND quarantine.image_set = (CAST(r.target AS JSON) ->> 0)"
                   " AND quarantine.quarantined_at <= r.requested_at)")
 # Quarantine rows that still name a file or hold a stored copy.
 QUARANTINE_NAMED = "(name_pos IS NOT NULL OR stored_path IS NOT NULL)"
@@ -151,8 +152,10 @@ class ForgetRecords(Group):
             " WHERE e.sample_id IN (SELECT unnest(?::VARCHAR[]))", [sample_ids]).fetchall())
 
     def parquet_footers(self, files: list[str]) -> pl.DataFrame:
-        """The row-group metadata of these parquet files (absolute paths), in one query."""
-        return to_frame(self.con.execute("SELECT * FROM parquet_metadata(?::VARCHAR[])", [files]))
+        """The row-group metadata of these parquet files (absolute paths), in one query. DuckDB
+        reads them in memory of its own, whichever database the ledger is."""
+        with duckdb.connect() as footers:
+            return to_frame(footers.execute("SELECT * FROM parquet_metadata(?::VARCHAR[])", [files]))
 
     def drop_embeddings(self, sample_ids: list[str], moved: dict[str, str | None]) -> None:
         """These samples' embedding rows go; rows of a rewritten part point at its new file."""
@@ -179,7 +182,8 @@ class ForgetRecords(Group):
 
     def names_end(self) -> int:
         """Where the names the ledger holds (committed or in this transaction) end in names.bin."""
-        return int(self.con.execute(f"SELECT coalesce(max(name_pos + name_len), 0) FROM ({_SPANS})").fetchone()[0])
+        return int(self.con.execute(f"SELECT coalesce(max(name_pos + name_len), 0) FROM ({_SPANS}) AS spans")
+                   .fetchone()[0])
 
     def target_name_spans(self, request_id: str) -> tuple[list[int], list[int]]:
         """(positions, lengths) of every name the request's samples have, in every table."""

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from .duckdb_file import to_frame
+from .base import to_frame
 from .session import Group
 
 # Erased entries (forgotten vectors' holes) a version's files hold until a compaction, from its `files` JSON.
-_HOLES = ("coalesce(list_sum(list_transform(json_transform(files, '[{\"holes\": \"BIGINT\"}]'),"
-          " lambda f: coalesce(f.holes, 0))), 0) AS holes")
+_HOLES = {
+    "duckdb": "coalesce(list_sum(list_transform(json_transform(files, '[{\"holes\": \"BIGINT\"}]'),"
+              " lambda f: coalesce(f.holes, 0))), 0) AS holes",
+    "postgres": "(SELECT coalesce(sum(coalesce((f ->> 'holes')::BIGINT, 0)), 0)::BIGINT"
+                " FROM json_array_elements(CAST(files AS JSON)) f) AS holes",
+}
 
 VERSION_COLUMNS = ("encoder_id, version, path, sha256, parent_version, operation, n_vectors, n_added, n_removed, status,"
                    " index_type, nprobe, recall_at_10, recall_at_100, recall_measured_at, build_reason, build_report,"
@@ -119,5 +123,5 @@ class IndexVersions(Group):
         """Every encoder's live version as status shows it (holes: erased entries until a compaction)."""
         return to_frame(self.con.execute(
             "SELECT encoder_id, version, n_vectors, index_type, nprobe, recall_at_10, recall_at_100,"
-            " recall_measured_at, build_reason, sha256, path, coalesce(json_array_length(files), 1) AS files,"
-            f" {_HOLES}, created_at FROM index_versions WHERE status = 'live' ORDER BY encoder_id"))
+            " recall_measured_at, build_reason, sha256, path, coalesce(json_array_length(CAST(files AS JSON)), 1) AS files,"
+            f" {_HOLES[self.session.ledger.dialect]}, created_at FROM index_versions WHERE status = 'live' ORDER BY encoder_id"))

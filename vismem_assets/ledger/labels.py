@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 
 from ..catalog import Catalog
-from .duckdb_file import insert_rows, to_frame
+from .base import insert_rows, to_frame
 from .session import Group
 
 _EDITABLE = "SELECT sample_id, vector_id, label, status FROM samples"

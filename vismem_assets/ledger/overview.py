@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from .duckdb_file import to_frame
+from .base import to_frame
 from .session import Group
 
 
@@ -30,7 +30,7 @@ class Overview(Group):
         """The newest index versions of an encoder: how each came from its parent, and its size."""
         return to_frame(self.con.execute(
             "SELECT version, parent_version, operation, status, index_type, n_vectors, n_added, n_removed,"
-            " recall_at_10, coalesce(json_array_length(files), 1) AS files, created_at FROM index_versions"
+            " recall_at_10, coalesce(json_array_length(CAST(files AS JSON)), 1) AS files, created_at FROM index_versions"
             " WHERE encoder_id = ? ORDER BY version DESC LIMIT ?", [encoder_id, limit]))
 
     def builds(self, encoder_id: str) -> dict[int, tuple[int | None, bool]]:

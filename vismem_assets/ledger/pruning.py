@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from .duckdb_file import insert_rows, to_frame
+from .base import insert_rows, to_frame
 from .session import Group
 
 
@@ -54,7 +54,11 @@ class PruningStats(Group):
         key = [run.encoder_id, run.index_version, run.k]
         self.con.execute("DELETE FROM reliability WHERE encoder_id = ? AND index_version = ? AND k = ?", key)
         self._insert_reliability(run.encoder_id, run.index_version, run.k, vector_ids, v)
-        self.con.execute("INSERT OR REPLACE INTO reliability_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+        self.con.execute("INSERT INTO reliability_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, now())"
+                         " ON CONFLICT (encoder_id, index_version, k) DO UPDATE SET mode = excluded.mode,"
+                         " base_version = excluded.base_version, n_samples = excluded.n_samples,"
+                         " n_requeried = excluded.n_requeried, seconds = excluded.seconds, path = excluded.path,"
+                         " created_at = excluded.created_at",
                          [*key, run.mode, run.base_version, run.n_samples, run.n_requeried, run.seconds, run.path])
 
     def update_reliability(self, encoder_id: str, version: int, k: int, path: str,
@@ -102,7 +106,9 @@ class PruningStats(Group):
                          [encoder_id, version, name])
         self._insert_weights(encoder_id, version, name, vector_ids, weights)
         self.deactivate_weight_sets(encoder_id)
-        self.con.execute("INSERT OR REPLACE INTO weight_sets VALUES (?, ?, ?, ?, TRUE, now())",
+        self.con.execute("INSERT INTO weight_sets VALUES (?, ?, ?, ?, TRUE, now())"
+                         " ON CONFLICT (encoder_id, index_version, name) DO UPDATE SET params = excluded.params,"
+                         " active = excluded.active, created_at = excluded.created_at",
                          [encoder_id, version, name, json.dumps(params)])
 
     def reactivate_weight_set(self, encoder_id: str, version: int, name: str) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from .duckdb_file import insert_rows, to_frame
+from .base import insert_rows, to_frame
 from .session import Group
 
 # Active samples of one encoder that have an embedding row: the memory's vectors.

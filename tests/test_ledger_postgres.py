@@ -1,0 +1,207 @@
+"""The ledger on PostgreSQL (issue 18): the same schema, groups, hash chain and audit queries as
+the DuckDB file, on a real server (tests/postgres_server.py, one per session).
+
+The life cycle runs twice on the same images, once per backend, and the two memories must
+agree: vector ids, index contents, predictions, proofs, audit queries.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psycopg2
+import pytest
+
+from vismem_assets.forgetting import ForgetRequest
+from vismem_assets.ledger import LedgerLockTimeout, audit_queries, migrations, open_ledger
+from vismem_assets.ledger.postgres import LedgerUnavailable, PostgresLedger, translate
+from vismem_assets.memory import Memory
+from vismem_assets.names import NAMES_FILE
+from vismem_assets.settings import Settings
+
+WHO = dict(requested_by="alice", reason="asked to be removed", category="gdpr")
+
+
+# ---- the adapter ---------------------------------------------------------------------------------
+
+def test_translate_leaves_quoted_text_and_comments_alone():
+    sql = "SELECT ?, 'it''s ? 50%', \"odd?col\" FROM t -- why? 100%\nWHERE x LIKE '%a' AND y = ? AND z % 2 = 0"
+    assert translate(sql, True) == ("SELECT %s, 'it''s ? 50%', \"odd?col\" FROM t -- why? 100%\n"
+                                    "WHERE x LIKE '%a' AND y = %s AND z %% 2 = 0")
+    assert translate("CREATE TABLE t (a DOUBLE, b DOUBLE PRECISION, c double)", False) == \
+        "CREATE TABLE t (a DOUBLE PRECISION, b DOUBLE PRECISION, c DOUBLE PRECISION)"
+    assert translate("SELECT 'DOUBLE' -- DOUBLE", False) == "SELECT 'DOUBLE' -- DOUBLE"
+
+
+# ---- schema and migrations -----------------------------------------------------------------------
+
+def columns(ledger) -> dict[str, list[str]]:
+    """{table: its column names in order}, from the backend's own catalog."""
+    frame = ledger.query("SELECT table_name, column_name FROM information_schema.columns"
+                         " WHERE table_schema IN ('main', 'public') ORDER BY table_name, ordinal_position")
+    out: dict[str, list[str]] = {}
+    for table, column in frame.iter_rows():
+        out.setdefault(table, []).append(column)
+    return out
+
+
+def test_a_new_postgres_ledger_has_the_duckdb_schema(pg_url, postgres_server, tmp_path):
+    pg = open_ledger(postgres_server.home_dir() / "h" / "ledger.duckdb", pg_url)
+    duck = open_ledger(tmp_path / "ledger.duckdb")
+    assert isinstance(pg, PostgresLedger) and pg.dialect == "postgres"
+    assert pg.schema_version() == duck.schema_version() == migrations()[-1][0]
+    assert columns(pg) == columns(duck)   # tables, views and every column, in order
+    assert "original_name" not in {c for cols in columns(pg).values() for c in cols}
+
+
+def test_the_deletions_chain_cannot_fork(pg_url, postgres_server, tmp_path):
+    for ledger in (open_ledger(postgres_server.home_dir() / "f" / "ledger.duckdb", pg_url),
+                   open_ledger(tmp_path / "ledger.duckdb")):
+        row = ("r", "s{}", "l", "alice", "why", None, None, "2026-01-01", "2026-01-01", "[]", "0" * 64, "h{}")
+        with ledger.transaction() as s:
+            s.execute("INSERT INTO deletions VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                      [v.format(1) if isinstance(v, str) else v for v in row])
+        with pytest.raises(ledger.driver_error, match="(?i)unique|duplicate"):
+            with ledger.transaction() as s:   # a second row after the same one: a fork
+                s.execute("INSERT INTO deletions VALUES (2, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                          [v.format(2) if isinstance(v, str) else v for v in row])
+        assert ledger.query("SELECT count(*) AS n FROM deletions")["n"][0] == 1
+
+
+# ---- one writer at a time --------------------------------------------------------------------------
+
+def test_a_second_writer_waits_for_the_first_then_times_out_clearly(pg_url, postgres_server):
+    home = postgres_server.home_dir() / "w"
+    first = PostgresLedger(pg_url, home)
+    second = PostgresLedger(pg_url, home, lock_timeout=0.5)
+    with first.transaction():
+        t0 = time.monotonic()
+        with pytest.raises(LedgerLockTimeout, match=r"stayed locked for 0 s .*VISMEM_LOCK_TIMEOUT"):
+            with second.connect():
+                pass
+        assert time.monotonic() - t0 >= 0.45
+    order: list[str] = []
+
+    def later():
+        with PostgresLedger(pg_url, home).transaction():
+            order.append("second")
+
+    with first.transaction():
+        thread = threading.Thread(target=later)
+        thread.start()
+        time.sleep(0.3)
+        order.append("first")
+    thread.join(10)
+    assert order == ["first", "second"]
+
+
+def test_readers_of_a_read_only_home_do_not_wait_for_the_writer(pg_url, postgres_server):
+    home = postgres_server.home_dir() / "r"
+    writer = PostgresLedger(pg_url, home)
+    writer.schema_version()   # created and migrated
+    reader = PostgresLedger(pg_url, home, read_only=True, lock_timeout=0.5)
+    with writer.transaction():
+        assert reader.schema_version() == migrations()[-1][0]
+
+
+def test_an_unreachable_server_is_a_clear_error(postgres_server, tmp_path):
+    url = f"postgresql://nobody:secret@127.0.0.1:{postgres_server.port + 1 if postgres_server.port < 65535 else 1}/x"
+    with pytest.raises(LedgerUnavailable, match=r"cannot reach the PostgreSQL ledger postgresql://nobody:\*\*\*@"
+                                                r".*VISMEM_LEDGER_URL") as e:
+        PostgresLedger(url, tmp_path).schema_version()
+    assert "secret" not in str(e.value)
+
+
+# ---- the life cycle on both backends ------------------------------------------------------------
+
+@pytest.fixture
+def twins(pg_url, postgres_server, encoder, tmp_path) -> tuple[Memory, Memory]:
+    """Two empty memories with the same encoder: one on the DuckDB file, one on PostgreSQL."""
+    duck = Memory(tmp_path / "duck", encoder=encoder, settings=Settings.from_env())
+    home = postgres_server.home_dir() / tmp_path.name
+    pg = Memory(home, encoder=encoder, settings=Settings.from_env(ledger_url=pg_url))
+    yield duck, pg
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def small_sets(fm_sets, root: Path) -> dict[str, Path]:
+    """Set A: 4 labels x 5 images plus a broken file (quarantined); set B: the same labels x 2."""
+    labels = ("Bag", "Trouser", "Sneaker", "Sandal")
+    sets = {}
+    for name, take in (("A", slice(0, 5)), ("B", slice(5, 7))):
+        for label in labels:
+            dest = root / name / label
+            dest.mkdir(parents=True)
+            for p in sorted((fm_sets["train"] / label).glob("*.png"))[take]:
+                shutil.copy(p, dest / p.name)
+        sets[name] = root / name
+    (sets["A"] / "Bag" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return sets
+
+
+def database_text(url: str) -> str:
+    """Every row of every table, as text."""
+    with psycopg2.connect(url) as con, con.cursor() as cur:
+        cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+                    " AND table_type = 'BASE TABLE'")
+        text = []
+        for (table,) in cur.fetchall():
+            cur.execute(f'SELECT coalesce(string_agg(t::text, chr(10)), \'\') FROM "{table}" t')
+            text.append(cur.fetchone()[0])
+    return "\n".join(text)
+
+
+@pytest.mark.slow
+def test_the_life_cycle_agrees_on_duckdb_and_postgres(twins, fm_sets, tmp_path):
+    duck, pg = twins
+    sets = small_sets(fm_sets, tmp_path / "sets")
+    queries = sorted((fm_sets["test"]).rglob("*.png"))[:20]
+    for memory in (duck, pg):
+        for name in ("A", "B"):
+            memory.add(sets[name], name=name, progress=False)
+
+    # The same samples with the same vector ids (arrival order), the same live index.
+    same = "SELECT sample_id, vector_id, label, status, image_set FROM samples ORDER BY sample_id"
+    a, b = pg.ledger.query(same), duck.ledger.query(same)
+    assert a.to_dicts() == b.to_dicts(), [(x[1], x[2], x[4], y[1], y[2], y[4]) for x, y in zip(a.rows(), b.rows()) if x[4] == "B"]
+    assert pg.status()["pending"] == duck.status()["pending"]
+    assert pg.indexes.live().n_vectors == duck.indexes.live().n_vectors == 28
+    assert pg.index_consistency() == duck.index_consistency()
+    assert [p.label for p in pg.classify(queries, progress=False)] == \
+        [p.label for p in duck.classify(queries, progress=False)]
+
+    # File names are in names.bin in the home, never in the database.
+    assert (pg.layout.root / NAMES_FILE).stat().st_size > 0
+    text = database_text(pg.ledger.url)
+    names = [p.name for p in (tmp_path / "sets").rglob("*.png")]
+    assert names and not [n for n in names if n in text]
+
+    # Forget the same samples in both: the same proofs (up to times), verify passes.
+    victims = sorted(duck.ledger.query("SELECT sample_id FROM samples WHERE label = 'Sandal' AND status = 'active'"
+                                       " ORDER BY sample_id LIMIT 3")["sample_id"].to_list())
+    for memory in (duck, pg):
+        memory.forget(ForgetRequest(sample_ids=victims, **WHO))
+        memory.forget(ForgetRequest(image_set="B", **WHO))
+        assert memory.audit.verify().ok, memory.audit.verify().problems
+    chain = "SELECT seq, request_id, sample_id, label, requested_by, reason, category FROM deletions ORDER BY seq"
+    assert len(pg.ledger.query(chain)) == 3 + 8 and pg.ledger.query(chain).equals(duck.ledger.query(chain))
+    assert pg.indexes.live().n_vectors == duck.indexes.live().n_vectors == 28 - 3 - 8
+    assert [p.label for p in pg.classify(queries, progress=False)] == \
+        [p.label for p in duck.classify(queries, progress=False)]
+    proof = pg.audit.proof(victims[0])
+    assert proof["status"] == "forgotten" and proof["present_nowhere"] and proof["requests"][0]["requested_by"] == "alice"
+
+    # Every audit query runs on both and says the same (times and the names' escaping aside).
+    for name in audit_queries():
+        params = {"sample_id": victims[0]} if name == "proof_of_forgetting" else {}
+        a, b = duck.ledger.run_named(name, params), pg.ledger.run_named(name, params)
+        assert a.columns == b.columns, name
+        # what, not when (the chain's hashes hash the times too)
+        kept = [c for c, dtype in a.schema.items() if not dtype.is_temporal() and not c.endswith("_hash")]
+        assert a.select(kept).to_dicts() == b.select(kept).to_dicts(), name
+    # The server reads set A's refused file's name from names.bin (original_name() in SQL).
+    assert pg.ledger.run_named("quarantined_files")["original_name"].to_list() == ["Bag/broken.png"]
