@@ -6,8 +6,12 @@ agree: vector ids, index contents, predictions, proofs, audit queries.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,12 +21,15 @@ import psycopg2
 import pytest
 
 from vismem_assets.forgetting import ForgetRequest
-from vismem_assets.ledger import LedgerLockTimeout, audit_queries, migrations, open_ledger
+from vismem_assets.ledger import SQL_DIR, LedgerLockTimeout, audit_queries, migrations, open_ledger
 from vismem_assets.ledger.postgres import LedgerUnavailable, PostgresLedger, translate
 from vismem_assets.memory import Memory
 from vismem_assets.names import NAMES_FILE
-from vismem_assets.settings import Settings
+from vismem_assets.settings import Settings, SettingsError
 
+from postgres_server import binaries
+
+REPO = Path(__file__).resolve().parent.parent
 WHO = dict(requested_by="alice", reason="asked to be removed", category="gdpr")
 
 
@@ -205,3 +212,84 @@ def test_the_life_cycle_agrees_on_duckdb_and_postgres(twins, fm_sets, tmp_path):
         assert a.select(kept).to_dicts() == b.select(kept).to_dicts(), name
     # The server reads set A's refused file's name from names.bin (original_name() in SQL).
     assert pg.ledger.run_named("quarantined_files")["original_name"].to_list() == ["Bag/broken.png"]
+
+
+# ---- the command line, psql, and tampering on the server ---------------------------------------
+
+def vismem(home: Path, url: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VISMEM_LEDGER_URL": url}
+    return subprocess.run([sys.executable, "-m", "vismem_assets.cli", "--home", str(home), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def pg_home(pg_url, postgres_server, fm_sets, tmp_path) -> tuple[Path, str, dict[str, Path]]:
+    """A memory on PostgreSQL with sets A and B added, and 3 Sandals then set B forgotten, by `vismem`."""
+    home = postgres_server.home_dir() / f"cli-{tmp_path.name}"
+    sets = small_sets(fm_sets, tmp_path / "sets")
+    for name in ("A", "B"):
+        done = vismem(home, pg_url, "add", str(sets[name]), "--name", name)
+        assert done.returncode == 0, done.stderr
+    sandals = sorted(str(p) for p in (sets["A"] / "Sandal").glob("*.png"))[:3]
+    for target in (["--image", *sandals], ["--set", "B"]):
+        done = vismem(home, pg_url, "forget", *target, "--requested-by", "alice", "--reason", "asked")
+        assert done.returncode == 0, done.stderr
+    yield home, pg_url, sets
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_vismem_commands_on_a_postgres_ledger(pg_home, fm_sets):
+    home, url, _ = pg_home
+    status = vismem(home, url, "status")
+    assert status.returncode == 0 and re.search(r"ledger: +postgresql://postgres@127\.0\.0\.1:\d+/", status.stdout)
+    assert not (home / "ledger.duckdb").exists()              # the server is the ledger, not a file here
+    assert json.loads(vismem(home, url, "status", "--json").stdout)["samples"] == {"active": 17, "forgotten": 11,
+                                                                                  "quarantined": 1}
+    queries = sorted(str(p) for p in (fm_sets["test"] / "Bag").glob("*.png"))[:3]
+    classified = vismem(home, url, "classify", *queries, "--json")
+    labels = [json.loads(line)["label"] for line in classified.stdout.splitlines()]   # JSON lines
+    assert classified.returncode == 0 and len(labels) == 3 and set(labels) <= {"Bag", "Trouser", "Sneaker", "Sandal"}
+    verify = vismem(home, url, "audit", "verify")
+    assert verify.returncode == 0, verify.stderr
+
+
+def test_settings_print_the_ledger_url_without_its_password(monkeypatch):
+    settings = Settings.from_env(ledger_url="postgresql://vismem:s3cret@db.example:5432/vismem")
+    shown = dict((name, value) for name, value, _ in settings.table())
+    assert shown["VISMEM_LEDGER_URL"] == "postgresql://vismem:***@db.example:5432/vismem"
+    monkeypatch.setenv("VISMEM_LEDGER_URL", "mysql://x@y/z")
+    with pytest.raises(SettingsError, match=r"VISMEM_LEDGER_URL='mysql://x@y/z': .*postgresql://user:password@host"):
+        Settings.from_env()
+
+
+@pytest.mark.slow
+def test_a_tampered_chain_on_the_server_fails_verify(pg_home):
+    home, url, _ = pg_home
+    with psycopg2.connect(url) as con, con.cursor() as cur:
+        cur.execute("UPDATE deletions SET requested_by = 'mallory' WHERE seq = 2")
+    verify = vismem(home, url, "audit", "verify")
+    assert verify.returncode == 1 and re.search(r"seq=2 .*row_hash does not match its content", verify.stderr), \
+        verify.stderr
+
+
+@pytest.mark.slow
+def test_every_audit_query_runs_in_psql(pg_home):
+    """The files in sql/audit/ (or their twins in sql/postgres/audit/) as a person runs them in psql,
+    parameters set with SET vismem.<name>."""
+    home, url, _ = pg_home
+    psql = shutil.which("psql") or str(binaries() / "psql")
+    for name in audit_queries():
+        sql = SQL_DIR / "postgres" / "audit" / f"{name}.sql"
+        sql = sql if sql.is_file() else SQL_DIR / "audit" / f"{name}.sql"
+        done = subprocess.run([psql, url, "-X", "-q", "-v", "ON_ERROR_STOP=1", "--csv",
+                               "-c", f"SET vismem.names_file = '{home / NAMES_FILE}'",
+                               "-c", "SET vismem.requested_by = 'alice'", "-f", str(sql)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, (name, done.stderr)
+        assert done.stdout.splitlines()[0].split(",") == \
+            PostgresLedger(url, home).run_named(name, {"requested_by": "alice"}).columns, name
+    quarantined = subprocess.run([psql, url, "-X", "-q", "-t", "-A", "-c",
+                                  f"SET vismem.names_file = '{home / NAMES_FILE}'", "-f",
+                                  str(SQL_DIR / "audit" / "quarantined_files.sql")], capture_output=True, text=True)
+    assert "Bag/broken.png" in quarantined.stdout, quarantined.stderr

@@ -394,7 +394,7 @@ def cmd_status(args) -> int:
     if args.json:
         _print_json(status)
         return 0
-    print(f"memory home: {status['home']}\nencoder:     {status['encoder']}")
+    print(f"memory home: {status['home']}\nledger:      {status['ledger']}\nencoder:     {status['encoder']}")
     print(f"samples:     {status['samples'] or 'none yet'}   image sets: {status['image_sets']}")
     print("pending:     {not_embedded} not embedded, {not_indexed} embedded but not indexed".format(**status["pending"])
           + ("  (a crash mid-add left them: `vismem rebuild` or the next add finishes them)" if

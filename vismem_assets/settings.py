@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from . import blas
@@ -41,7 +41,7 @@ class Settings(BaseSettings):
 
     home: Path = Field(Path(DEFAULT_HOME), description="memory home (--home overrides)")
     lock_timeout: float = Field(600.0, gt=0, description="seconds a writer waits for the ledger lock")
-    ledger_url: str | None = Field(None, pattern=r"^postgres(ql)?://", description=(
+    ledger_url: str | None = Field(None, description=(
         "PostgreSQL ledger (postgresql://user:password@host:port/db), for a cluster; unset: the DuckDB file "
         "in the home"))
     index_type: Literal["auto", "flat", "ivf-flat", "ivf-sq8", "ivf-pq"] = Field(
@@ -66,6 +66,14 @@ class Settings(BaseSettings):
                                       description="queries x d from which faiss flat search uses BLAS")
     git_url: str | None = Field(None, description="Dagster: asset code links open this hosted repository")
     git_branch: str = Field("main", description="Dagster: branch of git_url")
+
+    @field_validator("ledger_url")
+    @classmethod
+    def _postgres_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("the ledger is the DuckDB file in the home, or a postgresql://user:password@host:port/"
+                             "database URL; unset VISMEM_LEDGER_URL for the file")
+        return url
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

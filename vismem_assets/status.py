@@ -22,8 +22,10 @@ def memory_status(layout: Layout, ledger: Ledger, encoder_spec: str, pending: di
         samples = s.samples.count_by_status()
         labels = s.samples.count_by_label()
         image_sets = s.samples.count_image_sets()
+        ledger_bytes = s.overview.database_bytes()
     return {
         "home": str(layout.root),
+        "ledger": ledger.describe(),
         "encoder": encoder_spec,
         "encoders": encoders,
         "samples": samples,
@@ -32,7 +34,7 @@ def memory_status(layout: Layout, ledger: Ledger, encoder_spec: str, pending: di
         "pending": pending,  # left by a crash mid-add; the next add or rebuild finishes them
         "live_indexes": live.with_columns(pl.col("created_at").cast(pl.String)).to_dicts(),
         "disk_bytes": {d: _du(layout.root / d) for d in ("images", "embeddings", "indexes", "quarantine")}
-                      | {"ledger": _du(layout.ledger)},
+                      | {"ledger": _du(layout.ledger) if ledger_bytes is None else ledger_bytes},
         "index_policy": asdict(index_policy),
         "blas": blas_report(),
         "ivf_search": ivf_search_settings(),

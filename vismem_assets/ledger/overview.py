@@ -13,6 +13,12 @@ from .session import Group
 class Overview(Group):
     """Read-only figures across the tables, for people."""
 
+    def database_bytes(self) -> int | None:
+        """What the database takes on its server; None for the DuckDB file (its size is on disk here)."""
+        if self.session.ledger.dialect != "postgres":
+            return None
+        return int(self.con.execute("SELECT pg_database_size(current_database())").fetchone()[0])
+
     def sizes(self) -> dict[str, int]:
         """Active samples, their labels, and forget requests accepted but not yet applied."""
         samples, labels = self.con.execute(
