@@ -293,3 +293,32 @@ def test_every_audit_query_runs_in_psql(pg_home):
                                   f"SET vismem.names_file = '{home / NAMES_FILE}'", "-f",
                                   str(SQL_DIR / "audit" / "quarantined_files.sql")], capture_output=True, text=True)
     assert "Bag/broken.png" in quarantined.stdout, quarantined.stderr
+
+
+@pytest.mark.slow
+def test_two_adds_at_once_on_one_postgres_ledger_both_land(pg_url, postgres_server, fm_sets, tmp_path):
+    """Two `vismem add` processes at once: the advisory lock makes them take turns, nothing fails."""
+    home = postgres_server.home_dir() / f"two-{tmp_path.name}"
+    sets = small_sets(fm_sets, tmp_path / "sets")
+    env = {**os.environ, "VISMEM_LEDGER_URL": pg_url}
+    runs = [subprocess.Popen([sys.executable, "-m", "vismem_assets.cli", "--home", str(home), "add", str(sets[n]),
+                              "--name", n], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for n in ("A", "B")]
+    for run in runs:
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err
+    memory = Memory(home, settings=Settings.from_env(ledger_url=pg_url))
+    assert memory.ledger.query("SELECT count(*) AS n FROM samples WHERE status = 'active'")["n"][0] == 28
+    assert memory.indexes.live().n_vectors == 28 and memory.audit.verify().ok
+    ids = memory.ledger.query("SELECT vector_id FROM samples WHERE status = 'active' ORDER BY 1")["vector_id"]
+    assert ids.to_list() == list(range(1, 29))          # each id given once, none skipped
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_a_server_that_goes_away_is_a_clear_error_from_the_command_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "vismem_assets.cli", "--home", str(tmp_path / "h"), "status"],
+                          cwd=REPO, env={**os.environ, "VISMEM_LEDGER_URL": "postgresql://v:pw@127.0.0.1:1/vismem"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert re.search(r"cannot reach the PostgreSQL ledger postgresql://v:\*\*\*@127\.0\.0\.1:1/vismem: .*"
+                     r"scripts/cluster\.sh up", done.stderr), done.stderr

@@ -773,6 +773,8 @@ def _known_error(exc: BaseException) -> tuple[int, str] | None:
         return USAGE, _oneline(exc)
     if isinstance(exc, (TimeoutError, RuntimeError, duckdb.Error, OSError)):  # LedgerLockTimeout, integrity...
         return FAILED, _oneline(exc)
+    if type(exc).__module__.startswith("psycopg2"):  # the PostgreSQL ledger (psycopg2 loads only with one)
+        return FAILED, f"the PostgreSQL ledger failed: {_oneline(exc)}"
     return None
 
 
