@@ -18,7 +18,7 @@ from . import erasure, store
 from .forgetting import HASHED_FIELDS, row_hash
 from .home import Layout
 from .index_store import GENESIS
-from .ledger import Ledger
+from .ledger import LedgerBase
 from .near_copies import N_BYTES
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def check_chain(rows: pl.DataFrame, report: AuditReport) -> None:
 
 
 class Audit:
-    def __init__(self, layout: Layout, ledger: Ledger, pending: Callable[[], dict]):
+    def __init__(self, layout: Layout, ledger: LedgerBase, pending: Callable[[], dict]):
         """`pending()`: what the live index lacks, read exactly (Memory.pending(exact=True)): a dict
         with `not_embedded` and `not_indexed` counts; it may raise when the index is unreadable."""
         self.layout, self.ledger, self.pending = layout, ledger, pending

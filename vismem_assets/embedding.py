@@ -17,7 +17,7 @@ import polars as pl
 from .embeddings import EmbeddingStore
 from .encoders import Encoder
 from .home import Layout
-from .ledger import Ledger
+from .ledger import LedgerBase
 
 EMBED_CHUNK = 2048  # images per embedding part file: a crash loses at most one chunk of work
 
@@ -40,7 +40,7 @@ def encode(encoder: Encoder, store: EmbeddingStore, folder: str, images: Sequenc
 class Recorder:
     """The single writer of embedding rows for one encoder."""
 
-    def __init__(self, ledger: Ledger, store: EmbeddingStore, encoder_id: str):
+    def __init__(self, ledger: LedgerBase, store: EmbeddingStore, encoder_id: str):
         self.ledger = ledger
         self.store = store
         self.encoder_id = encoder_id
@@ -67,7 +67,7 @@ class Recorder:
 class Embedding:
     """What this memory's encoder has not embedded yet, embedded and recorded."""
 
-    def __init__(self, layout: Layout, ledger: Ledger, encoder: Encoder, store: EmbeddingStore):
+    def __init__(self, layout: Layout, ledger: LedgerBase, encoder: Encoder, store: EmbeddingStore):
         self.layout = layout
         self.ledger = ledger
         self.encoder = encoder

@@ -6,11 +6,11 @@ known without loading the model, for commands that only read (status, pending wo
 from __future__ import annotations
 
 from .encoders import DEFAULT_ENCODER, Encoder, load_encoder
-from .ledger import Ledger
+from .ledger import LedgerBase
 
 
 class EncoderChoice:
-    def __init__(self, ledger: Ledger, asked: str | Encoder | None, read_only: bool):
+    def __init__(self, ledger: LedgerBase, asked: str | Encoder | None, read_only: bool):
         self.ledger, self.asked, self.read_only = ledger, asked, read_only
         self.loaded: Encoder | None = asked if isinstance(asked, Encoder) else None
         self._recorded = False

@@ -20,13 +20,13 @@ from .evaluation import DEFAULT_K, Evaluation, score
 from .evaluation_log import EvaluationLog
 from .imagesets import CheckedImage, ImageSetError, check_source, read_image_set
 from .index_store import IndexStore
-from .ledger import Ledger
+from .ledger import LedgerBase
 from .recall import NOVELTY_PERCENTILE, Recall
 from .voting import DEFAULT_STRATEGY, STRATEGIES
 
 
 class Evaluating:
-    def __init__(self, ledger: Ledger, encoder: Encoder, embeddings: EmbeddingStore, indexes: IndexStore,
+    def __init__(self, ledger: LedgerBase, encoder: Encoder, embeddings: EmbeddingStore, indexes: IndexStore,
                  recall: Recall, pruning_weights: PruningWeights):
         self.ledger = ledger
         self.encoder = encoder

@@ -10,11 +10,11 @@ from .glance import accuracy_on, labels_held
 
 if TYPE_CHECKING:
     from .index_store import IndexStore
-    from .ledger import Ledger
+    from .ledger import LedgerBase
 
 
 class EvaluationLog:
-    def __init__(self, ledger: Ledger, encoder_id: str):
+    def __init__(self, ledger: LedgerBase, encoder_id: str):
         self.ledger = ledger
         self.encoder_id = encoder_id
 

@@ -35,7 +35,7 @@ from .home import Layout
 from .imagesets import read_bounded
 from .index_store import GENESIS, IndexStore
 from .index_types import IndexPolicy
-from .ledger import Ledger
+from .ledger import LedgerBase
 
 if TYPE_CHECKING:
     from .ledger import Session
@@ -190,7 +190,7 @@ class _Phases:
 
 
 class Forgetting:
-    def __init__(self, layout: Layout, ledger: Ledger, index_policy: IndexPolicy,
+    def __init__(self, layout: Layout, ledger: LedgerBase, index_policy: IndexPolicy,
                  current_index: Callable[[], IndexStore], refresh_reliability: Callable[[int], Any]):
         """`current_index`: the index store of the memory's encoder (called only when a forget is
         applied: it may load the encoder); `refresh_reliability(k)`: recompute and store its

@@ -9,7 +9,7 @@ import polars as pl
 
 from .catalog import Catalog
 from .index_store import IndexIntegrityError, IndexStore, IndexVersion
-from .ledger import Ledger
+from .ledger import LedgerBase
 
 
 def accuracy_on(per_label: pl.DataFrame, labels) -> float | None:
@@ -53,7 +53,7 @@ def labels_old_and_new(indexes: IndexStore, catalog: Catalog, version: IndexVers
     return sorted(now & before), sorted(now - before)
 
 
-def memory_figures(ledger: Ledger, live: IndexVersion | None) -> dict[str, int]:
+def memory_figures(ledger: LedgerBase, live: IndexVersion | None) -> dict[str, int]:
     """The memory's size: active samples, labels, forgotten vectors still present as holes in the
     live version's files (until a compaction), forget requests accepted but not yet applied."""
     with ledger.connect() as session:
@@ -63,19 +63,19 @@ def memory_figures(ledger: Ledger, live: IndexVersion | None) -> dict[str, int]:
             "pending_forgets": sizes["pending_forgets"]}
 
 
-def arrived_samples(ledger: Ledger, ingest_id: str) -> pl.DataFrame:
+def arrived_samples(ledger: LedgerBase, ingest_id: str) -> pl.DataFrame:
     """label, image_path of the active samples an ingest brought, by label."""
     with ledger.connect() as session:
         return session.overview.arrived(ingest_id)
 
 
-def index_lineage(ledger: Ledger, encoder_id: str, limit: int = 20) -> pl.DataFrame:
+def index_lineage(ledger: LedgerBase, encoder_id: str, limit: int = 20) -> pl.DataFrame:
     """The newest index versions of an encoder, newest first: operation, parent, type, size."""
     with ledger.connect() as session:
         return session.overview.lineage(encoder_id, limit)
 
 
-def build_reason(ledger: Ledger, version: IndexVersion) -> str:
+def build_reason(ledger: LedgerBase, version: IndexVersion) -> str:
     """Why the version has its index type, saying which build chose it. An add or a forget keeps
     its parent's type (and its recorded reason, with the vector count of that build) until the
     next compaction builds afresh: said so, with the version's own count."""

@@ -41,7 +41,7 @@ from .home import Layout
 from .index_kinds import BuildReport, Searcher, kind_described, kind_for
 from .index_kinds.flat import flat_index
 from .index_types import IndexPolicy, build
-from .ledger import Ledger, Session
+from .ledger import LedgerBase, Session
 
 __all__ = ["IndexStore", "IndexVersion", "IndexFile", "IndexIntegrityError", "held_ids", "index_ids", "index_vectors",
            "searcher_of"]
@@ -163,7 +163,7 @@ def file_name(version: int, position: int, role: str) -> str:
 
 
 class IndexStore:
-    def __init__(self, layout: Layout, ledger: Ledger, encoder_id: str, encoder_slug: str, dim: int,
+    def __init__(self, layout: Layout, ledger: LedgerBase, encoder_id: str, encoder_slug: str, dim: int,
                  policy: IndexPolicy | None = None):
         self.layout, self.ledger = layout, ledger
         self.encoder_id, self.dim = encoder_id, dim

@@ -13,14 +13,14 @@ import numpy as np
 from .embeddings import EmbeddingStore
 from .home import Layout
 from .index_store import IndexStore, IndexVersion
-from .ledger import Ledger, Session
+from .ledger import LedgerBase, Session
 from .store import sweep
 
 T = TypeVar("T")
 
 
 class Indexing:
-    def __init__(self, layout: Layout, ledger: Ledger, indexes: IndexStore, embeddings: EmbeddingStore,
+    def __init__(self, layout: Layout, ledger: LedgerBase, indexes: IndexStore, embeddings: EmbeddingStore,
                  encoder_id: str, embed_pending: Callable[[], int]):
         """`embed_pending`: embeds (and records) what the encoder has not embedded yet."""
         self.layout = layout
@@ -87,7 +87,7 @@ class Indexing:
                 "missing_from_index": missing[:20].tolist(), "not_in_ledger": extra[:20].tolist()}
 
 
-def pending_work(layout: Layout, ledger: Ledger, encoder_id: str | None, exact: bool = False) -> dict:
+def pending_work(layout: Layout, ledger: LedgerBase, encoder_id: str | None, exact: bool = False) -> dict:
     """Active samples the encoder has not embedded, and embedded ones its live index lacks: what
     a crash or kill -9 between ingest and index leaves behind, until the next add, rebuild or
     memory_index run finishes them. From the ledger alone, without loading the encoder; `exact`

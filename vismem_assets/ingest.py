@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 from .home import Layout
 from .image_store import ImageStore
 from .imagesets import CheckedImage, ImageSetError, SourceFile, check_set_name, check_source, read_image_set
-from .ledger import Ledger, Session
+from .ledger import LedgerBase, Session
 from .ledger.samples import NewSample, Refusal
 from .names import shown_name
 from .near_copies import NearCopyBlocklist
@@ -78,7 +78,7 @@ class _Screened:
 
 
 class Ingest:
-    def __init__(self, layout: Layout, ledger: Ledger):
+    def __init__(self, layout: Layout, ledger: LedgerBase):
         self.layout = layout
         self.ledger = ledger
         self.images = ImageStore(layout)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .encoders import Encoder
     from .home import Layout
     from .index_store import IndexVersion
-    from .ledger import Ledger, Session
+    from .ledger import LedgerBase, Session
 
 SOFT_K, HARD_K = rel_mod.SOFT_K, rel_mod.HARD_K
 HARD_PERCENTILE = 90         # default hard threshold: drop the least reliable tenth of the memory
@@ -50,7 +50,7 @@ class Pruning:
     """Reliability and pruning weight sets of one encoder's live index version. `live_index`
     gives (live version, its index); `stored_vectors(index)` the (vector ids, exact vectors) it holds."""
 
-    def __init__(self, ledger: Ledger, layout: Layout, encoder: Encoder, live_index: LiveIndex,
+    def __init__(self, ledger: LedgerBase, layout: Layout, encoder: Encoder, live_index: LiveIndex,
                  stored_vectors: StoredVectors):
         self.ledger, self.layout, self.encoder = ledger, layout, encoder
         self.live_index, self.stored_vectors = live_index, stored_vectors

@@ -14,14 +14,14 @@ from .embeddings import EmbeddingStore
 from .encoders import Encoder, EncoderMismatchError
 from .index_kinds import Searcher, kind_for
 from .index_store import IndexStore, IndexVersion, held_ids, searcher_of
-from .ledger import Ledger
+from .ledger import LedgerBase
 
 NOVELTY_PERCENTILE = 99.0
 NOVELTY_SAMPLE = 5000         # vectors whose nearest-neighbour distance estimates the threshold
 
 
 class Recall:
-    def __init__(self, ledger: Ledger, indexes: IndexStore, embeddings: EmbeddingStore, encoder: Encoder,
+    def __init__(self, ledger: LedgerBase, indexes: IndexStore, embeddings: EmbeddingStore, encoder: Encoder,
                  read_only: bool = False):
         """`read_only`: a novelty threshold is computed but not cached in the ledger."""
         self.ledger = ledger

@@ -37,7 +37,7 @@ from .pruning import relabel_stored
 
 if TYPE_CHECKING:
     from .home import Layout
-    from .ledger import Ledger, Session
+    from .ledger import LedgerBase, Session
 
 SHOWN = 5  # ids named in an error before "…"
 
@@ -217,7 +217,7 @@ def _resolve(session: Session, request, verb: str) -> pl.DataFrame:
 class Edits:
     """Relabels and user weights, each checked against the ledger and applied in one transaction."""
 
-    def __init__(self, ledger: Ledger, layout: Layout):
+    def __init__(self, ledger: LedgerBase, layout: Layout):
         self.ledger, self.layout = ledger, layout
 
     def relabel(self, request: RelabelRequest, dry_run: bool = False) -> EditReport:

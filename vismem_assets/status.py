@@ -11,10 +11,10 @@ from .blas import blas_report
 from .home import Layout
 from .index_types import IndexPolicy
 from .ivf_search import settings as ivf_search_settings
-from .ledger import Ledger
+from .ledger import LedgerBase
 
 
-def memory_status(layout: Layout, ledger: Ledger, encoder_spec: str, pending: dict, index_policy: IndexPolicy) -> dict:
+def memory_status(layout: Layout, ledger: LedgerBase, encoder_spec: str, pending: dict, index_policy: IndexPolicy) -> dict:
     """`pending`: what indexing.pending_work says for the memory's encoder."""
     with ledger.connect() as s:
         live = s.indexes.live_indexes()
