@@ -7,6 +7,7 @@
 #                               write $VISMEM_CLUSTER_DIR/cluster.env
 #   scripts/cluster.sh down     stop exactly what `up` started, by its pid files
 #   scripts/cluster.sh status   what runs: one line per process, its pid, alive or not
+#   scripts/cluster.sh running  exit status 0 if the cluster's daemon runs
 #   scripts/cluster.sh demo     the demo feed (dagster_project/demo.py) into the cluster's inbox
 #
 # Then `source .cluster/cluster.env` and `vismem ...` or `dagster ...` use this cluster.
@@ -209,6 +210,7 @@ case "${1:-}" in
   up) up ;;
   down) down ;;
   status) status ;;
+  running) alive daemon ;;
   demo) shift; demo "$@" ;;
-  *) die "usage: $0 up | down | status | demo [feed options]" ;;
+  *) die "usage: $0 up | down | status | running | demo [feed options]" ;;
 esac

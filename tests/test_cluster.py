@@ -1,0 +1,269 @@
+"""The cluster profile on one machine, with real processes: scripts/cluster.sh starts PostgreSQL,
+Redis, dagster-daemon, the webserver, two embedding workers and a ledger worker (Celery) in a
+temporary folder, on free ports, once for this module; the finalizer stops them, also when a test
+fails, and checks that nothing it started is left.
+
+Four image sets dropped in the inbox with _READY, and nothing else done, must become four
+successful ingest runs and a refresh; the encode steps ran in two worker processes at the same
+time, each loading the encoder once; no two steps that write the ledger overlapped; the ledger and
+the live index agree; and classify answers as a plain in-process memory of the same sets does.
+Everything is read back from the Dagster instance (on PostgreSQL) and the memory itself.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vismem_assets.fashion_mnist import write_image_folders
+from vismem_assets.memory import Memory
+from vismem_assets.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "scripts" / "cluster.sh"
+SETS = {"cluster-a": (0, 1, 2, 3), "cluster-b": (4, 5, 6, 7), "cluster-c": (0, 2, 4, 8), "cluster-d": (1, 3, 7, 9)}
+PER_SET = 40
+PIPELINE_S = 900
+LEDGER_STEPS = {"image_sets", "embeddings.plan_embedding", "embeddings.record_embeddings", "memory_index",
+                "pruning_weights", "evaluation"}
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """cluster.env's exports, as the shell would set them."""
+    out = subprocess.run(["bash", "-c", f"set -a; source {path}; env -0"], capture_output=True, check=True,
+                         env={"PATH": os.environ["PATH"]}).stdout.decode()
+    return dict(kv.split("=", 1) for kv in out.split("\0") if kv and kv.split("=", 1)[0].startswith(
+        ("VISMEM_", "DAGSTER_HOME")))
+
+
+@contextmanager
+def environment(values: dict[str, str]):
+    """os.environ with these values for the duration (the Dagster instance's config and the
+    settings read it when they are built), restored after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class Cluster:
+    def __init__(self, root: Path):
+        self.root = root
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("VISMEM_", "DAGSTER_"))}
+        self.env.update(VISMEM_CLUSTER_DIR=str(root), VISMEM_CLUSTER_PG_PORT=str(free_port()),
+                        VISMEM_CLUSTER_REDIS_PORT=str(free_port()), VISMEM_CLUSTER_WEB_PORT=str(free_port()))
+        self.exports: dict[str, str] = {}
+
+    def sh(self, command: str, timeout: float = 400) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(CLUSTER), command], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, cwd=REPO)
+
+    def logs(self, n: int = 40) -> str:
+        parts = []
+        for log in sorted((self.root / "logs").glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()[-n:]
+            parts.append(f"--- {log.name} ---\n" + "\n".join(lines))
+        return "\n".join(parts)
+
+    @property
+    def home(self) -> Path:
+        return Path(self.exports["VISMEM_HOME"])
+
+    def instance(self):
+        from dagster import DagsterInstance
+        with environment(self.exports):
+            return DagsterInstance.from_config(self.exports["DAGSTER_HOME"])
+
+    def settings(self) -> Settings:
+        """The memory's settings as a shell that sourced cluster.env has them (the ledger URL included)."""
+        with environment(self.exports):
+            return Settings.from_env()
+
+    def pids(self) -> list[int]:
+        files = list((self.root / "pids").glob("*.pid")) + [self.root / "redis" / "redis.pid"]
+        pids = [int(f.read_text().split()[0]) for f in files if f.exists()]
+        postmaster = self.root / "postgres" / "data" / "postmaster.pid"
+        if postmaster.exists():
+            pids.append(int(postmaster.read_text().split()[0]))
+        return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # Not under pytest's tmp_path (0700): the postgres user must enter the cluster's folder.
+    root = Path(tempfile.mkdtemp(prefix="vismem-cluster-"))
+    root.chmod(0o755)
+    cluster = Cluster(root)
+    try:
+        up = cluster.sh("up")
+        if up.returncode != 0:
+            pytest.fail(f"scripts/cluster.sh up failed ({up.returncode}):\n{up.stdout}\n{up.stderr}\n{cluster.logs()}")
+        cluster.exports = read_env_file(root / "cluster.env")
+        started = cluster.pids()
+        status = cluster.sh("status").stdout
+        assert len(started) == 7 and status.count(" alive") == 7, status  # 5 processes, Redis, PostgreSQL
+        yield cluster
+    finally:
+        started = cluster.pids()
+        down = cluster.sh("down", timeout=120)
+        deadline = time.monotonic() + 30
+        while any(alive(p) for p in started) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = [p for p in started if alive(p)]
+        shutil.rmtree(root, ignore_errors=True)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not left, f"scripts/cluster.sh down left processes running: {left}"
+
+
+def make_sets(root: Path) -> dict[str, Path]:
+    """Four sets of distinct Fashion-MNIST images (never one image in two sets)."""
+    used = np.empty(0, np.int64)
+    out = {}
+    for i, (name, classes) in enumerate(SETS.items()):
+        used = np.union1d(used, write_image_folders(root / name, "train", PER_SET, seed=50 + i, classes=classes,
+                                                    exclude=used))
+        out[name] = root / name
+    return out
+
+
+def steps(instance, run_id: str) -> dict[str, dict]:
+    """step key -> {start, end, status, metadata of its outputs} from the run's event log."""
+    from dagster import DagsterEventType
+
+    out: dict[str, dict] = {}
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is None or entry.step_key is None:
+            continue
+        step = out.setdefault(entry.step_key, {"metadata": {}})
+        if event.event_type == DagsterEventType.STEP_START:
+            step["start"] = entry.timestamp
+        elif event.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE):
+            step["end"], step["status"] = entry.timestamp, event.event_type.value
+        elif event.event_type == DagsterEventType.STEP_OUTPUT:
+            step["metadata"].update({k: v.value for k, v in event.step_output_data.metadata.items()})
+    return out
+
+
+def wait_for(what: str, probe, timeout: float, cluster: Cluster):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(3)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{cluster.logs()}")
+
+
+def test_sets_dropped_in_the_inbox_are_embedded_on_two_workers_and_recorded_by_one(cluster, encoder, fm_sets,
+                                                                                    tmp_path):
+    from dagster import AssetKey, DagsterRunStatus
+
+    sets = make_sets(tmp_path / "sets")
+    inbox = cluster.home / "inbox" / "sets"
+    inbox.mkdir(parents=True, exist_ok=True)
+    for name, folder in sets.items():  # copied whole, then marked ready, as a careful user would
+        shutil.copytree(folder, inbox / name)
+        (inbox / name / "_READY").touch()
+    total = PER_SET * len(SETS)
+    instance = cluster.instance()
+
+    def indexed():
+        failed = [r for r in instance.get_runs() if r.status == DagsterRunStatus.FAILURE]
+        if failed:
+            pytest.fail(f"run {failed[0].run_id} ({failed[0].job_name}) failed\n{cluster.logs()}")
+        event = instance.get_latest_materialization_event(AssetKey("evaluation"))
+        index = instance.get_latest_materialization_event(AssetKey("memory_index"))
+        runs = instance.get_runs()
+        busy = [r for r in runs if not r.is_finished]
+        return (event and index and index.asset_materialization.metadata["n_vectors"].value == total
+                and event.run_id == index.run_id and not busy and runs)
+
+    wait_for(f"the sensors to ingest, embed, index and evaluate {total} images", indexed, PIPELINE_S, cluster)
+
+    def quiet():  # the embeddings sensor may still request a refresh for the last events: let it settle
+        before = {r.run_id for r in instance.get_runs()}
+        time.sleep(25)  # more than two ticks of the sensors (10 s)
+        return indexed() and {r.run_id for r in instance.get_runs()} == before
+
+    wait_for("the sensors to settle (no new run for 25 s)", quiet, 300, cluster)
+
+    runs = instance.get_runs()
+    ingests = [r for r in runs if r.job_name == "ingest_image_set"]
+    assert sorted(r.tags["dagster/partition"] for r in ingests) == sorted(SETS)
+    assert all(r.status == DagsterRunStatus.SUCCESS for r in runs), [(r.job_name, r.status) for r in runs]
+    refreshes = [r for r in runs if r.job_name == "refresh_memory"]
+    assert refreshes and all(r.tags.get("dagster/sensor_name") == "embeddings_sensor" for r in refreshes)
+    assert {r.job_name for r in runs} == {"ingest_image_set", "refresh_memory"}  # no other action
+
+    # Every set was cut into encode steps for both workers; they ran in two processes at once.
+    all_steps = {(r.run_id, key): step for r in runs for key, step in steps(instance, r.run_id).items()}
+    encodes = [s for (_, key), s in all_steps.items() if key.startswith("embeddings.encode_part[")]
+    assert len(encodes) >= 2 * len(SETS) and all(s["status"] == "STEP_SUCCESS" for s in encodes)
+    assert sum(s["metadata"]["images"] for s in encodes) == total
+    pids = {s["metadata"]["pid"] for s in encodes}
+    assert len(pids) >= 2, pids
+    overlapping = [(a, b) for a in encodes for b in encodes if a["metadata"]["pid"] < b["metadata"]["pid"]
+                   and a["metadata"]["started_at"] < b["metadata"]["ended_at"]
+                   and b["metadata"]["started_at"] < a["metadata"]["ended_at"]]
+    assert overlapping, [(s["metadata"]["pid"], s["metadata"]["started_at"], s["metadata"]["ended_at"]) for s in encodes]
+    # The encoder was loaded once per worker process, not once per step.
+    loads = [s["metadata"]["pid"] for s in encodes if s["metadata"]["encoder_loaded_in_this_step"]]
+    assert len(loads) == len(set(loads)) <= len(pids), loads
+    # Recording ran apart from encoding: in the ledger worker, never in an embedding worker.
+    records = [s for (_, key), s in all_steps.items() if key == "embeddings.record_embeddings"]
+    assert len(records) == len(SETS) and not {s["metadata"]["pid"] for s in records} & pids
+    assert sum(s["metadata"]["embedded"] for s in records) == total
+
+    # No two steps that write the ledger ever ran at the same time, across all runs.
+    writers = sorted((s["start"], s["end"], key) for (_, key), s in all_steps.items() if key in LEDGER_STEPS)
+    assert len(writers) >= 3 * len(SETS) + 3 * len(refreshes)
+    for (s1, e1, k1), (s2, e2, k2) in zip(writers, writers[1:]):
+        assert e1 <= s2, f"{k1} [{s1}, {e1}] overlaps {k2} [{s2}, {e2}]"
+
+    # The ledger and the live index agree.
+    memory = Memory(cluster.home, encoder=encoder, settings=cluster.settings())
+    consistency = memory.index_consistency()
+    assert consistency["ok"] and consistency["n_index"] == consistency["n_ledger"] == total, consistency
+    assert memory.pending_embeddings().is_empty()
+
+    # The same sets in a plain in-process memory (the embedded default) classify alike.
+    plain = Memory(tmp_path / "plain", encoder=encoder, settings=Settings.from_env(home=str(tmp_path / "plain")))
+    for name, folder in sets.items():
+        plain.add(folder, name=name, progress=False)
+    queries = sorted(fm_sets["test"].rglob("*.png"))
+    ours = memory.classify(queries, k=20, progress=False)
+    theirs = plain.classify(queries, k=20, progress=False)
+    assert [p.label for p in ours] == [p.label for p in theirs]
+    assert np.allclose([p.confidence for p in ours], [p.confidence for p in theirs], atol=1e-5)
