@@ -88,4 +88,13 @@ class Deployment:
         return {"io_manager": FilesystemIOManager(base_dir=self.io_dir)}
 
 
+def ingest_runs_in_flight(instance) -> int:
+    """Runs of the ingest job queued or running: on the cluster their encode steps may be under way."""
+    from dagster import DagsterRunStatus, RunsFilter
+
+    statuses = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+                DagsterRunStatus.STARTED]
+    return len(instance.get_run_ids(RunsFilter(job_name="ingest_image_set", statuses=statuses)))
+
+
 DEPLOYMENT = Deployment.from_env()

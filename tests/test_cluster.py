@@ -11,24 +11,17 @@ Everything is read back from the Dagster instance (on PostgreSQL) and the memory
 """
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmarks.local_cluster import LocalCluster, steps
 from vismem_assets.fashion_mnist import write_image_folders
 from vismem_assets.memory import Memory
 from vismem_assets.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
-CLUSTER = REPO / "scripts" / "cluster.sh"
 SETS = {"cluster-a": (0, 1, 2, 3), "cluster-b": (4, 5, 6, 7), "cluster-c": (0, 2, 4, 8), "cluster-d": (1, 3, 7, 9)}
 PER_SET = 40
 PIPELINE_S = 900
@@ -38,111 +31,20 @@ LEDGER_STEPS = {"image_sets", "embeddings.plan_embedding", "embeddings.record_em
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """cluster.env's exports, as the shell would set them."""
-    out = subprocess.run(["bash", "-c", f"set -a; source {path}; env -0"], capture_output=True, check=True,
-                         env={"PATH": os.environ["PATH"]}).stdout.decode()
-    return dict(kv.split("=", 1) for kv in out.split("\0") if kv and kv.split("=", 1)[0].startswith(
-        ("VISMEM_", "DAGSTER_HOME")))
-
-
-@contextmanager
-def environment(values: dict[str, str]):
-    """os.environ with these values for the duration (the Dagster instance's config and the
-    settings read it when they are built), restored after."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-class Cluster:
-    def __init__(self, root: Path):
-        self.root = root
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("VISMEM_", "DAGSTER_"))}
-        self.env.update(VISMEM_CLUSTER_DIR=str(root), VISMEM_CLUSTER_PG_PORT=str(free_port()),
-                        VISMEM_CLUSTER_REDIS_PORT=str(free_port()), VISMEM_CLUSTER_WEB_PORT=str(free_port()))
-        self.exports: dict[str, str] = {}
-
-    def sh(self, command: str, timeout: float = 400) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(CLUSTER), command], env=self.env, capture_output=True, text=True,
-                              timeout=timeout, cwd=REPO)
-
-    def logs(self, n: int = 40) -> str:
-        parts = []
-        for log in sorted((self.root / "logs").glob("*.log")):
-            lines = log.read_text(errors="replace").splitlines()[-n:]
-            parts.append(f"--- {log.name} ---\n" + "\n".join(lines))
-        return "\n".join(parts)
-
-    @property
-    def home(self) -> Path:
-        return Path(self.exports["VISMEM_HOME"])
-
-    def instance(self):
-        from dagster import DagsterInstance
-        with environment(self.exports):
-            return DagsterInstance.from_config(self.exports["DAGSTER_HOME"])
-
-    def settings(self) -> Settings:
-        """The memory's settings as a shell that sourced cluster.env has them (the ledger URL included)."""
-        with environment(self.exports):
-            return Settings.from_env()
-
-    def pids(self) -> list[int]:
-        files = list((self.root / "pids").glob("*.pid")) + [self.root / "redis" / "redis.pid"]
-        pids = [int(f.read_text().split()[0]) for f in files if f.exists()]
-        postmaster = self.root / "postgres" / "data" / "postmaster.pid"
-        if postmaster.exists():
-            pids.append(int(postmaster.read_text().split()[0]))
-        return pids
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    # Not under pytest's tmp_path (0700): the postgres user must enter the cluster's folder.
-    root = Path(tempfile.mkdtemp(prefix="vismem-cluster-"))
-    root.chmod(0o755)
-    cluster = Cluster(root)
+    """Up once for the module; down in the finalizer, also when a test failed, and nothing left."""
+    cluster = LocalCluster()
     try:
-        up = cluster.sh("up")
-        if up.returncode != 0:
-            pytest.fail(f"scripts/cluster.sh up failed ({up.returncode}):\n{up.stdout}\n{up.stderr}\n{cluster.logs()}")
-        cluster.exports = read_env_file(root / "cluster.env")
-        started = cluster.pids()
+        try:
+            cluster.up()
+        except RuntimeError as exc:
+            pytest.fail(str(exc))
         status = cluster.sh("status").stdout
-        assert len(started) == 7 and status.count(" alive") == 7, status  # 5 processes, Redis, PostgreSQL
+        assert len(cluster.pids()) == 7 and status.count(" alive") == 7, status  # 5 processes, Redis, PostgreSQL
         yield cluster
     finally:
-        started = cluster.pids()
-        down = cluster.sh("down", timeout=120)
-        deadline = time.monotonic() + 30
-        while any(alive(p) for p in started) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = [p for p in started if alive(p)]
-        shutil.rmtree(root, ignore_errors=True)
-        assert down.returncode == 0, down.stdout + down.stderr
+        left = cluster.down()
         assert not left, f"scripts/cluster.sh down left processes running: {left}"
 
 
@@ -157,26 +59,7 @@ def make_sets(root: Path) -> dict[str, Path]:
     return out
 
 
-def steps(instance, run_id: str) -> dict[str, dict]:
-    """step key -> {start, end, status, metadata of its outputs} from the run's event log."""
-    from dagster import DagsterEventType
-
-    out: dict[str, dict] = {}
-    for entry in instance.all_logs(run_id):
-        event = entry.dagster_event
-        if event is None or entry.step_key is None:
-            continue
-        step = out.setdefault(entry.step_key, {"metadata": {}})
-        if event.event_type == DagsterEventType.STEP_START:
-            step["start"] = entry.timestamp
-        elif event.event_type in (DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE):
-            step["end"], step["status"] = entry.timestamp, event.event_type.value
-        elif event.event_type == DagsterEventType.STEP_OUTPUT:
-            step["metadata"].update({k: v.value for k, v in event.step_output_data.metadata.items()})
-    return out
-
-
-def wait_for(what: str, probe, timeout: float, cluster: Cluster):
+def wait_for(what: str, probe, timeout: float, cluster: LocalCluster):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = probe()
@@ -191,11 +74,8 @@ def test_sets_dropped_in_the_inbox_are_embedded_on_two_workers_and_recorded_by_o
     from dagster import AssetKey, DagsterRunStatus
 
     sets = make_sets(tmp_path / "sets")
-    inbox = cluster.home / "inbox" / "sets"
-    inbox.mkdir(parents=True, exist_ok=True)
-    for name, folder in sets.items():  # copied whole, then marked ready, as a careful user would
-        shutil.copytree(folder, inbox / name)
-        (inbox / name / "_READY").touch()
+    for name, folder in sets.items():  # copied whole, then marked ready
+        cluster.drop(folder, name)
     total = PER_SET * len(SETS)
     instance = cluster.instance()
 
