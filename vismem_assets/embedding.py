@@ -18,6 +18,7 @@ from .embeddings import EmbeddingStore
 from .encoders import Encoder
 from .home import Layout
 from .ledger import Ledger
+from .slices import even_slices
 
 EMBED_CHUNK = 2048  # images per embedding part file: a crash loses at most one chunk of work
 
@@ -48,15 +49,8 @@ def split_pending(pending: pl.DataFrame, image_set: str | None = None, parts: in
     images each, and at least `parts` tasks (as even as possible) when there are that many images,
     so that `parts` workers share even a small set. A task's folder is `image_set`, else the set of
     its first row (as embed_pending names its parts)."""
-    if parts < 1 or chunk < 1:
-        raise ValueError(f"parts ({parts}) and chunk ({chunk}) must be at least 1")
-    n = len(pending)
-    if n == 0:
-        return []
-    k = max(-(-n // chunk), min(parts, n))
-    bounds = [round(i * n / k) for i in range(k + 1)]
     tasks = []
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in even_slices(len(pending), parts, chunk):
         rows = pending.slice(start, stop - start)
         tasks.append(EncodeTask(image_set or rows["image_set"][0], rows["image_path"].to_list(),
                                 rows["sample_id"].to_list(), [int(v) for v in rows["vector_id"]]))
