@@ -56,7 +56,11 @@ def image_sets(context: AssetExecutionContext, visual_memory: VisualMemory) -> M
     name = context.partition_key
     t0 = time.perf_counter()
     report = memory.ingest(memory.layout.inbox_sets / name, name=name)
-    seconds = time.perf_counter() - t0
+    return MaterializeResult(metadata=ingest_metadata(context, memory, name, report, time.perf_counter() - t0))
+
+
+def ingest_metadata(context, memory, name: str, report, seconds: float) -> dict:
+    """What a person sees of an ingest (also the cluster's split ingest, ingest_anywhere.py)."""
     context.log.info(f"{name}: {report.added} added, {report.duplicates} duplicates, "
                      f"{len(report.quarantined)} quarantined, {report.blocked} blocked")
     arrived = arrived_samples(memory.ledger, report.ingest_id)
@@ -76,7 +80,7 @@ def image_sets(context: AssetExecutionContext, visual_memory: VisualMemory) -> M
         sheet = contact_sheet([memory.layout.absolute(p) for p in preview["image_path"]], preview["label"].to_list(),
                               memory.layout.root / "reports" / "image_sets" / f"{name}.png", title=name)
         metadata["preview"] = image_markdown(sheet, f"images of {name}")
-    return MaterializeResult(metadata=metadata)
+    return metadata
 
 
 @asset(partitions_def=image_set_partitions, deps=[image_sets], pool=LEDGER_POOL, group_name="visual_memory",

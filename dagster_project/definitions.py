@@ -13,7 +13,8 @@ from dagster import (
 from vismem_assets.settings import Settings
 
 from .assets import embeddings as embedded_embeddings
-from .assets import evaluation, experiments, image_sets, memory_index, pruning_weights
+from .assets import evaluation, experiments, memory_index, pruning_weights
+from .assets import image_sets as embedded_image_sets
 from .editing import (relabel_job, relabel_request_sensor, sample_labels, set_weights_job, user_weights,
                       weight_request_sensor)
 from .deployment import DEPLOYMENT
@@ -24,10 +25,11 @@ from .sensors import embeddings_sensor, forget_job, forget_request_sensor, image
 
 REPO = Path(__file__).resolve().parent.parent
 
-if DEPLOYMENT.cluster:  # encode steps on the embedding workers, one recording step (embedding_anywhere.py)
+if DEPLOYMENT.cluster:  # read and encode steps on the workers, one writing step each (*_anywhere.py)
     from .embedding_anywhere import cluster_embeddings as embeddings
-else:  # one step, in the run's one process
-    embeddings = embedded_embeddings
+    from .ingest_anywhere import cluster_image_sets as image_sets
+else:  # one step each, in the run's one process
+    embeddings, image_sets = embedded_embeddings, embedded_image_sets
 
 
 def _with_code_references(assets: list) -> list:

@@ -4,8 +4,8 @@ temporary folder, on free ports, once for this module; the finalizer stops them,
 fails, and checks that nothing it started is left.
 
 Four image sets dropped in the inbox with _READY, and nothing else done, must become four
-successful ingest runs and a refresh; the encode steps ran in two worker processes at the same
-time, each loading the encoder once; no two steps that write the ledger overlapped; the ledger and
+successful ingest runs and a refresh; the read and encode steps ran on the workers, the encode
+steps in two worker processes at the same time, each loading the encoder once; no two steps that write the ledger overlapped; the ledger and
 the live index agree; and classify answers as a plain in-process memory of the same sets does.
 Everything is read back from the Dagster instance (on PostgreSQL) and the memory itself.
 """
@@ -25,7 +25,7 @@ from vismem_assets.settings import Settings
 SETS = {"cluster-a": (0, 1, 2, 3), "cluster-b": (4, 5, 6, 7), "cluster-c": (0, 2, 4, 8), "cluster-d": (1, 3, 7, 9)}
 PER_SET = 40
 PIPELINE_S = 900
-LEDGER_STEPS = {"image_sets", "embeddings.plan_embedding", "embeddings.record_embeddings", "memory_index",
+LEDGER_STEPS = {"image_sets.register_ingest", "embeddings.plan_embedding", "embeddings.record_embeddings", "memory_index",
                 "pruning_weights", "evaluation"}
 
 pytestmark = pytest.mark.slow
@@ -121,6 +121,12 @@ def test_sets_dropped_in_the_inbox_are_embedded_on_two_workers_and_recorded_by_o
     # The encoder was loaded once per worker process, not once per step.
     loads = [s["metadata"]["pid"] for s in encodes if s["metadata"]["encoder_loaded_in_this_step"]]
     assert len(loads) == len(set(loads)) <= len(pids), loads
+    # Reading and decoding the files ran in read steps on the workers too, registering in one step.
+    reads = [s for (_, key), s in all_steps.items() if key.startswith("image_sets.read_files[")]
+    assert len(reads) >= 2 * len(SETS) and sum(s["metadata"]["files"] for s in reads) == total
+    assert len({s["metadata"]["pid"] for s in reads}) >= 2
+    registers = [s for (_, key), s in all_steps.items() if key == "image_sets.register_ingest"]
+    assert len(registers) == len(SETS) and sum(s["metadata"]["added"] for s in registers) == total
     # Recording ran apart from encoding: in the ledger worker, never in an embedding worker.
     records = [s for (_, key), s in all_steps.items() if key == "embeddings.record_embeddings"]
     assert len(records) == len(SETS) and not {s["metadata"]["pid"] for s in records} & pids

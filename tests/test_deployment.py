@@ -24,8 +24,9 @@ from dagster_project.definitions import defs
 job = defs.resolve_job_def("ingest_image_set")
 ops = {n.name: n.definition for n in job.graph.nodes}
 inner = {}
-if hasattr(ops["embeddings"], "node_defs"):
-    inner = {d.name: {"queue": d.tags.get("dagster-celery/queue"), "pool": d.pool} for d in ops["embeddings"].node_defs}
+for asset in ("image_sets", "embeddings"):
+    if hasattr(ops[asset], "node_defs"):
+        inner.update({d.name: {"queue": d.tags.get("dagster-celery/queue"), "pool": d.pool} for d in ops[asset].node_defs})
 print(json.dumps({"executor": job.executor_def.name, "refresh": defs.resolve_job_def("refresh_memory").executor_def.name,
                   "embeddings": inner, "io_manager": type(defs.resources.get("io_manager")).__name__}))
 """
@@ -59,15 +60,18 @@ def test_the_default_stays_in_process_and_the_cluster_profile_sends_steps_to_que
     assert cluster["executor"] == cluster["refresh"] == "vismem_celery"
     assert cluster["io_manager"] == "FilesystemIOManager"
     assert cluster["embeddings"] == {
+        "plan_ingest": {"queue": "vismem-embed", "pool": None},
+        "read_files": {"queue": "vismem-embed", "pool": None},                # runs anywhere, in parallel
+        "register_ingest": {"queue": "vismem-ledger", "pool": "vismem_ledger"},
         "plan_embedding": {"queue": "vismem-ledger", "pool": "vismem_ledger"},
         "encode_part": {"queue": "vismem-embed", "pool": None},          # runs anywhere, in parallel
         "record_embeddings": {"queue": "vismem-ledger", "pool": "vismem_ledger"}}
 
 
 @pytest.mark.slow
-def test_the_split_embeddings_asset_records_every_image_once_in_parts_for_each_worker(tmp_path, fm_sets, encoder):
-    from dagster_project.assets import image_sets
+def test_the_split_assets_read_and_embed_in_parts_for_each_worker_and_record_once(tmp_path, fm_sets, encoder):
     from dagster_project.embedding_anywhere import cluster_embeddings
+    from dagster_project.ingest_anywhere import cluster_image_sets as image_sets
     from dagster_project.resources import VisualMemory
     from vismem_assets.memory import Memory
 
@@ -83,6 +87,10 @@ def test_the_split_embeddings_asset_records_every_image_once_in_parts_for_each_w
         instance.add_dynamic_partitions("image_sets", ["split"])
         result = defs.resolve_job_def("ingest").execute_in_process(instance=instance, partition_key="split")
         assert result.success
+        reads = [e for e in result.all_events if e.is_successful_output and e.step_key.startswith("image_sets.read")]
+        assert len(reads) == 2 and sum(e.step_output_data.metadata["files"].value for e in reads) == n
+        registered = instance.get_latest_materialization_event(AssetKey("image_sets")).asset_materialization.metadata
+        assert registered["added"].value == registered["files"].value == n and registered["read_steps"].value == 2
         encodes = [e for e in result.all_events if e.is_successful_output and e.step_key.startswith("embeddings.encode")]
         assert len(encodes) == 2                                               # one per embedding worker (default 2)
         assert sum(e.step_output_data.metadata["images"].value for e in encodes) == n
@@ -95,5 +103,7 @@ def test_the_split_embeddings_asset_records_every_image_once_in_parts_for_each_w
         assert again.success
         latest = instance.get_latest_materialization_event(AssetKey("embeddings")).asset_materialization.metadata
         assert latest["embedded"].value == 0 and latest["vectors_in_set"].value == n
+        again_set = instance.get_latest_materialization_event(AssetKey("image_sets")).asset_materialization.metadata
+        assert again_set["added"].value == 0 and again_set["duplicates"].value == n   # re-adding adds nothing
     memory = Memory(home, encoder=encoder)
     assert memory.pending_embeddings().is_empty() and len(memory.embedding_files("split")) == 2
