@@ -130,7 +130,8 @@ def main(argv=None) -> int:
                   f"{m['encode_images_per_s']} | {m['encode_images_per_s'] / baseline['images_per_s']:.2f} | "
                   f"{m['run_wall_s']} | {m['steps_busy_s']} | {m['startup_s']} | {m['dispatch_mean_s']} |")
     print("\nThe `tiny` rows are the fixed cost: the run's own work is the steps' busy time; the rest of its wall "
-          "time is paid per step in sequence (ingest, plan, encode, record): a step waits in Redis and for a worker "
+          "time is paid per step in sequence (six: plan_ingest, read_files, register_ingest, plan_embedding, "
+          "encode_part, record_embeddings): a step waits in Redis and for a worker "
           "to load the job (dispatch), and the Celery executor looks at its tasks once a second "
           "(dagster-celery's TICK_SECONDS = 1), about 2 s a step in all. The run's process starting before RUN_START "
           "is not counted. On one 2-core machine two workers cannot beat one worker with both cores: they split the "

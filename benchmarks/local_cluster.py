@@ -78,8 +78,10 @@ class LocalCluster:
         """Start it; a RuntimeError with the script's output and the logs if it does not come up."""
         done = self.sh("up")
         if done.returncode != 0:
+            logs = self.logs()
+            left = self.down()  # what it did start goes again
             raise RuntimeError(f"scripts/cluster.sh up failed ({done.returncode}):\n{done.stdout}\n{done.stderr}\n"
-                               f"{self.logs()}")
+                               f"{logs}" + (f"\nand down left {left} running" if left else ""))
         self.exports = read_env_file(self.root / "cluster.env")
         return self
 

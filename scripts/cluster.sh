@@ -20,9 +20,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 SERVICES="$REPO/scripts/services.sh"
 VENV_BIN=${VISMEM_VENV_BIN:-$REPO/.venv/bin}
 
-CLUSTER_DIR=${VISMEM_CLUSTER_DIR:-$REPO/.cluster}
-mkdir -p "$CLUSTER_DIR"
-CLUSTER_DIR=$(cd "$CLUSTER_DIR" && pwd)
+CLUSTER_DIR=$(realpath -m "${VISMEM_CLUSTER_DIR:-$REPO/.cluster}")  # created by `up` only
 ENV_FILE="$CLUSTER_DIR/cluster.env"
 PIDS="$CLUSTER_DIR/pids"
 LOGS="$CLUSTER_DIR/logs"
@@ -119,6 +117,7 @@ up() {
   done
   [ -x "$VENV_BIN/dagster-celery" ] || die "$VENV_BIN/dagster-celery is missing: run make setup first"
   bash "$SERVICES" install || die "PostgreSQL and Redis are needed (see above), then run this again"
+  mkdir -p "$CLUSTER_DIR"
   # The postgres user must reach the cluster's folder: no private (0700) folder on the way.
   chmod 0755 "$CLUSTER_DIR"
   mkdir -p "$PIDS" "$LOGS"

@@ -76,6 +76,7 @@ pg_stop() {
   local dir=$1 bin
   [ -f "$dir/data/postmaster.pid" ] || return 0
   bin=$(pg_bin)
+  as_pg "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1 || return 0  # not running (a stale pid file)
   as_pg "$bin/pg_ctl" -D "$dir/data" -m fast -w -t 60 stop >/dev/null
 }
 

@@ -36,10 +36,10 @@ def cluster():
     """Up once for the module; down in the finalizer, also when a test failed, and nothing left."""
     cluster = LocalCluster()
     try:
-        try:
-            cluster.up()
-        except RuntimeError as exc:
-            pytest.fail(str(exc))
+        cluster.up()  # stops what it started if it fails
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
         status = cluster.sh("status").stdout
         assert len(cluster.pids()) == 7 and status.count(" alive") == 7, status  # 5 processes, Redis, PostgreSQL
         yield cluster
