@@ -1,5 +1,5 @@
 # The README's two commands are `make demo` and `make test`; both set everything up first.
-.PHONY: setup demo demo-headless test test-fast bench
+.PHONY: setup demo demo-headless test test-fast bench cluster-up cluster-down cluster-status cluster-demo
 
 setup:
 	@bash scripts/setup.sh
@@ -16,7 +16,9 @@ demo-headless: setup
 test-fast: setup
 	.venv/bin/python -m pytest -m "not slow" -q
 
-# The tests, then the benchmark suite at small sizes (about two minutes) so it cannot rot.
+# The tests (the cluster tests, marked slow, start PostgreSQL, Redis, the daemon and Celery workers
+# once, in a temporary folder, and stop them in a finalizer, also when a test fails), then the
+# benchmark suite at small sizes (about two minutes) so it cannot rot.
 test: setup
 	.venv/bin/python -m pytest
 	mkdir -p test-artifacts
@@ -25,3 +27,20 @@ test: setup
 # The full benchmark run behind benchmarks/RESULTS.md (long: N = 100,000 and 1,000,000).
 bench: setup
 	.venv/bin/vismem bench
+
+# The cluster profile on this machine (deploy/cluster/, scripts/cluster.sh): PostgreSQL, Redis,
+# dagster-daemon, the webserver (http://127.0.0.1:3100) and Celery workers under ./.cluster.
+# Then `source .cluster/cluster.env` for vismem and dagster commands on it.
+cluster-up: setup
+	bash scripts/cluster.sh up
+
+cluster-down:
+	bash scripts/cluster.sh down
+
+cluster-status:
+	bash scripts/cluster.sh status
+
+# The demo feed (three sets, then two new classes) into the cluster's inbox; starts it if it is down.
+cluster-demo: setup
+	@bash scripts/cluster.sh running || VISMEM_QUERY_SET=$${VISMEM_QUERY_SET:-queries/fashion-test} bash scripts/cluster.sh up
+	bash scripts/cluster.sh demo

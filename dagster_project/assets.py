@@ -31,6 +31,7 @@ from vismem_assets.glance import (accuracy_on, arrived_samples, build_reason, in
 from vismem_assets.plots import contact_sheet, plot_accuracy, plot_reliability_diagram
 from vismem_assets.voting import DEFAULT_STRATEGY
 
+from .deployment import DEPLOYMENT, ingest_runs_in_flight
 from .metadata import image_markdown, number, table, text
 from .resources import VisualMemory
 
@@ -55,7 +56,11 @@ def image_sets(context: AssetExecutionContext, visual_memory: VisualMemory) -> M
     name = context.partition_key
     t0 = time.perf_counter()
     report = memory.ingest(memory.layout.inbox_sets / name, name=name)
-    seconds = time.perf_counter() - t0
+    return MaterializeResult(metadata=ingest_metadata(context, memory, name, report, time.perf_counter() - t0))
+
+
+def ingest_metadata(context, memory, name: str, report, seconds: float) -> dict:
+    """What a person sees of an ingest (also the cluster's split ingest, ingest_anywhere.py)."""
     context.log.info(f"{name}: {report.added} added, {report.duplicates} duplicates, "
                      f"{len(report.quarantined)} quarantined, {report.blocked} blocked")
     arrived = arrived_samples(memory.ledger, report.ingest_id)
@@ -75,7 +80,7 @@ def image_sets(context: AssetExecutionContext, visual_memory: VisualMemory) -> M
         sheet = contact_sheet([memory.layout.absolute(p) for p in preview["image_path"]], preview["label"].to_list(),
                               memory.layout.root / "reports" / "image_sets" / f"{name}.png", title=name)
         metadata["preview"] = image_markdown(sheet, f"images of {name}")
-    return MaterializeResult(metadata=metadata)
+    return metadata
 
 
 @asset(partitions_def=image_set_partitions, deps=[image_sets], pool=LEDGER_POOL, group_name="visual_memory",
@@ -181,8 +186,14 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
                      "forget_seconds": table(pl.DataFrame({"step": list(report.phases),
                                                            "seconds": [round(v, 3) for v in report.phases.values()]}))}
         archive_request_file(config.forget.request_file, "applied")
-    # Samples of any set a killed run left unembedded are embedded before anything is folded in.
-    caught_up = memory.embed_pending(progress=False, on_chunk=lambda done, total: context.log.info(
+    # Samples of any set a killed run left unembedded are embedded before anything is folded in. On
+    # the cluster, encode steps take no lock: while an ingest run is in flight, what it planned is
+    # its own to record (and its embeddings' refresh folds it in), so none is encoded twice here.
+    in_flight = ingest_runs_in_flight(context.instance) if DEPLOYMENT.cluster else 0
+    if in_flight:
+        context.log.info(f"{in_flight} ingest run(s) in flight: what they planned is theirs to embed; "
+                         "folding in what is recorded")
+    caught_up = 0 if in_flight else memory.embed_pending(progress=False, on_chunk=lambda done, total: context.log.info(
         f"embedding what earlier runs left pending: {done}/{total}"))
     if caught_up:
         context.log.warning(f"embedded {caught_up} sample(s) an earlier run had left pending")

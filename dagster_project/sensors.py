@@ -14,7 +14,6 @@ from dagster import (
     SensorResult,
     SkipReason,
     define_asset_job,
-    in_process_executor,
     asset_sensor,
     config_mapping,
     sensor,
@@ -34,13 +33,16 @@ from .assets import (
     memory_index,
     pruning_weights,
 )
+from .deployment import DEPLOYMENT
 from .resources import VISUAL_MEMORY, VisualMemory
 
 READY_MARKER = "_READY"
 
 ingest_job = define_asset_job(
     "ingest_image_set", selection=[image_sets, embeddings],
-    executor_def=in_process_executor,  # both steps in one process: the model loads once per run
+    # The embedded default: both steps in one process, so the model loads once per run. The cluster
+    # profile: encode steps on the embedding workers, each loading the model once (deployment.py).
+    executor_def=DEPLOYMENT.executor(),
     description="Register an arrived image set and embed its new samples.",
 )
 

@@ -33,6 +33,10 @@ if [ ! -x /usr/bin/chromium ] && [ "${VISMEM_SKIP_BROWSER:-0}" != 1 ]; then
   fi
 fi
 
+# PostgreSQL and Redis, for the cluster profile (scripts/cluster.sh) and its tests: installed as
+# root where missing; otherwise services.sh says what to run, and the cluster tests fail saying so.
+bash scripts/services.sh install || true
+
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then

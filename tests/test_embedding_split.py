@@ -7,10 +7,13 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import polars as pl
+import pytest
 
-from vismem_assets.embedding import Recorder, encode
+from vismem_assets.embedding import Recorder, encode, encode_task, split_pending
 from vismem_assets.ledger import Ledger
+from vismem_assets.memory import Memory
 
 
 def small_set(src: Path, dst: Path, per_label: int = 3, labels: int = 2) -> Path:
@@ -75,3 +78,41 @@ def test_index_pending_with_nothing_to_embed_uses_one_connection_and_no_embeddin
     assert memory.index_pending() is None
     assert memory.embed_pending() == 0
     assert len(opened) == 2   # one each: the pending check shares the indexing connection
+
+
+def test_split_pending_cuts_tasks_of_at_most_chunk_and_at_least_parts():
+    pending = pl.DataFrame({"sample_id": [f"s{i}" for i in range(10)], "vector_id": list(range(10)),
+                            "image_path": [f"images/{i}" for i in range(10)], "image_set": ["a"] * 6 + ["b"] * 4})
+    assert split_pending(pending.head(0), "a", parts=4) == []
+    two = split_pending(pending, None, parts=2)
+    assert [len(t) for t in two] == [5, 5] and [t.folder for t in two] == ["a", "a"]   # the first row's set
+    assert sum((t.sample_ids for t in two), []) == pending["sample_id"].to_list()       # every row once, in order
+    assert [len(t) for t in split_pending(pending, "x", parts=1, chunk=4)] == [3, 4, 3]  # ceil(10 / 4) tasks
+    assert [len(t) for t in split_pending(pending, "x", parts=20)] == [1] * 10          # never an empty task
+    assert split_pending(pending, "x", parts=3)[1].vector_ids == [3, 4, 5, 6]
+    with pytest.raises(ValueError, match="at least 1"):
+        split_pending(pending, "x", parts=0)
+
+
+def test_tasks_encoded_apart_and_recorded_give_the_vectors_of_embed_pending(memory, encoder, fm_sets, tmp_path):
+    """The cluster's path (split, encode each task anywhere, record every part) against the embedded
+    default's embed_pending on the same images in another home: the same vectors per sample."""
+    source = small_set(fm_sets["train"], tmp_path / "six")
+    memory.ingest(source)
+    tasks = split_pending(memory.pending_embeddings(), "six", parts=3)
+    assert [len(t) for t in tasks] == [2, 2, 2]
+    parts = [encode_task(encoder, memory.embeddings, t) for t in tasks]
+    assert memory.embedding_files() == []                                   # encoded, nothing recorded yet
+    recorder = Recorder(memory.ledger, memory.embeddings, memory.encoder.id)
+    assert sum(recorder.record(p) for p in parts) == 6
+    assert memory.pending_embeddings().is_empty() and len(memory.embedding_files()) == 3
+
+    other = Memory(tmp_path / "other", encoder=encoder)
+    other.ingest(source)
+    assert other.embed_pending(progress=False) == 6
+
+    def by_sample(m):
+        frame = pl.concat([pl.read_parquet(m.layout.absolute(p)) for p in m.embedding_files()]).sort("sample_id")
+        return frame["sample_id"].to_list(), np.stack(frame["vector"].to_numpy())
+    (ids, vectors), (other_ids, other_vectors) = by_sample(memory), by_sample(other)
+    assert ids == other_ids and np.allclose(vectors, other_vectors, atol=1e-6)

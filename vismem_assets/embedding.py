@@ -18,6 +18,7 @@ from .embeddings import EmbeddingStore
 from .encoders import Encoder
 from .home import Layout
 from .ledger import LedgerBase
+from .slices import even_slices
 
 EMBED_CHUNK = 2048  # images per embedding part file: a crash loses at most one chunk of work
 
@@ -27,6 +28,41 @@ class EncodedPart:
     """A part file encode wrote (relative to the home) and the samples of its rows."""
     path: str
     sample_ids: list[str]
+
+
+@dataclass(frozen=True)
+class EncodeTask:
+    """One slice of pending samples for one `encode` call: all a worker needs, no ledger.
+    `image_paths` are relative to the home (a shared mount seen by every worker)."""
+    folder: str
+    image_paths: list[str]
+    sample_ids: list[str]
+    vector_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+
+def split_pending(pending: pl.DataFrame, image_set: str | None = None, parts: int = 1,
+                  chunk: int = EMBED_CHUNK) -> list[EncodeTask]:
+    """Pending rows (Embedding.pending) cut into encode tasks in their order: at most `chunk`
+    images each, and at least `parts` tasks (as even as possible) when there are that many images,
+    so that `parts` workers share even a small set. A task's folder is `image_set`, else the set of
+    its first row (as embed_pending names its parts)."""
+    tasks = []
+    for start, stop in even_slices(len(pending), parts, chunk):
+        rows = pending.slice(start, stop - start)
+        tasks.append(EncodeTask(image_set or rows["image_set"][0], rows["image_path"].to_list(),
+                                rows["sample_id"].to_list(), [int(v) for v in rows["vector_id"]]))
+    return tasks
+
+
+def encode_task(encoder: Encoder, store: EmbeddingStore, task: EncodeTask, progress: bool | None = False) -> EncodedPart:
+    """`encode` one task; the images are read from the store's home. No ledger, no lock."""
+    layout = store.layout
+    return encode(encoder, store, task.folder, [layout.absolute(p) for p in task.image_paths], task.sample_ids,
+                  np.asarray(task.vector_ids, dtype=np.int64), progress=progress,
+                  desc=f"embedding {len(task)} images")
 
 
 def encode(encoder: Encoder, store: EmbeddingStore, folder: str, images: Sequence, sample_ids: list[str],

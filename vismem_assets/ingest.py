@@ -1,22 +1,25 @@
 """Ingest: an image set's files into the image store and the ledger, bad ones into quarantine.
 
 Three steps. *Read*: each file is read within bounds, hashed and checked (`read_files`: no
-ledger, no shared state, so it could run on any number of workers). *Screen*: arrivals the
+ledger, no shared state, so it runs on any number of workers: `read_part` there, then
+`Ingest.register_read` in the writer, which reads the bytes again and checks their hash). *Screen*: arrivals the
 blocklist refuses (forgotten images and their near-copies) are dropped, and the bytes of the
 rest are staged (image_store.py). *Register*: the single writer records the set, its samples,
 sources and refusals in one ledger transaction, moving the staged bytes into the store last.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from .home import Layout
-from .image_store import ImageStore
-from .imagesets import CheckedImage, ImageSetError, SourceFile, check_set_name, check_source, read_image_set
+from .image_store import ImageStore, without_bytes
+from .imagesets import (CheckedImage, ImageSetError, SourceFile, check_set_name, check_source, read_bounded,
+                        read_image_set)
 from .ledger import LedgerBase, Session
 from .ledger.samples import NewSample, Refusal
 from .names import shown_name
@@ -69,6 +72,28 @@ def read_files(files: Iterable[SourceFile]) -> Iterator[CheckedImage]:
     return map(check_source, files)
 
 
+def read_part(files: Iterable[SourceFile]) -> list[CheckedImage]:
+    """`read_files` on any worker, keeping what was found and not the bytes (b"" marks bytes that
+    were read): the expensive half of an ingest (the full decode), to hand to `Ingest.register_read`."""
+    return [without_bytes(c, keep_marker=c.data is not None) for c in read_files(files)]
+
+
+def restore_bytes(checked: Iterable[CheckedImage]) -> Iterator[CheckedImage]:
+    """Images `read_part` checked elsewhere, with their bytes read again by the writer: the same
+    bytes (their sha256 is the sample id) keep their check; a file that changed or went since is
+    checked anew, as it is now; one whose bytes were never read (refused, unreadable) stays so."""
+    for c in checked:
+        if c.data is None:
+            yield c
+            continue
+        try:
+            data = read_bounded(c.source.path, follow_links=False)
+        except OSError:
+            yield check_source(c.source)  # the reason as a first read would give it
+            continue
+        yield replace(c, data=data) if hashlib.sha256(data).hexdigest() == c.sample_id else check_source(c.source)
+
+
 @dataclass
 class _Screened:
     """What reading a set left to register; the bytes are staged, not held."""
@@ -99,6 +124,20 @@ class Ingest:
             report = IngestReport(image_set=name, ingest_id=0, n_files=len(files))
             screened = self._screen(read_files(files), staging, report)
             self._register(staging, name, source, screened, report)
+            return report
+
+    def register_read(self, source: str | Path, name: str, checked: list[CheckedImage]) -> IngestReport:
+        """The single writer's half of an ingest read elsewhere: `checked` is what `read_part` found
+        for the files of `source` (read_image_set), in their order. Their bytes are read again and
+        must hash as they did (restore_bytes), then everything goes as in `ingest`: the blocklist,
+        staging, one ledger transaction. `name` is required: a split ingest is of a named set."""
+        with self.ledger.connect() as s:
+            clean_dead(self.layout, s)
+        with Staging(self.layout) as staging:
+            name = check_set_name(name)
+            report = IngestReport(image_set=name, ingest_id=0, n_files=len(checked))
+            screened = self._screen(restore_bytes(checked), staging, report)
+            self._register(staging, name, Path(source), screened, report)
             return report
 
     def _refuse_other_source(self, name: str, source: Path) -> None:
