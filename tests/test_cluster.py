@@ -138,8 +138,9 @@ def test_sets_dropped_in_the_inbox_are_embedded_on_two_workers_and_recorded_by_o
     for (s1, e1, k1), (s2, e2, k2) in zip(writers, writers[1:]):
         assert e1 <= s2, f"{k1} [{s1}, {e1}] overlaps {k2} [{s2}, {e2}]"
 
-    # The ledger and the live index agree.
+    # The ledger, on the cluster's PostgreSQL (VISMEM_LEDGER_URL in cluster.env), and the live index agree.
     memory = Memory(cluster.home, encoder=encoder, settings=cluster.settings())
+    assert type(memory.ledger).__name__ == "PostgresLedger" and not (cluster.home / "ledger.duckdb").exists()
     consistency = memory.index_consistency()
     assert consistency["ok"] and consistency["n_index"] == consistency["n_ledger"] == total, consistency
     assert memory.pending_embeddings().is_empty()
