@@ -132,6 +132,8 @@ up() {
   bash "$SERVICES" pg-psql "$CLUSTER_DIR/postgres" "$VISMEM_CLUSTER_PG_PORT" -d postgres <<SQL
 SELECT 'CREATE ROLE vismem LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'vismem') \gexec
 ALTER ROLE vismem PASSWORD '$VISMEM_DAGSTER_PG_PASSWORD';
+-- the ledger's original_name() reads names.bin in the shared home through the server
+GRANT pg_read_server_files TO vismem;
 SELECT 'CREATE DATABASE dagster OWNER vismem' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'dagster') \gexec
 SELECT 'CREATE DATABASE vismem OWNER vismem' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'vismem') \gexec
 SQL

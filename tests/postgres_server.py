@@ -1,20 +1,21 @@
-"""A throwaway PostgreSQL server for the tests: Debian's binaries, a cluster in a temporary
-folder, loopback only, trust authentication, stopped by the session's finalizer.
+"""A throwaway PostgreSQL server for the tests, started and stopped by scripts/services.sh (the
+same script the cluster profile uses): Debian's binaries, a cluster in a temporary folder on
+loopback, reached as its superuser through its socket (trusted), stopped by the finalizer.
 
-scripts/setup.sh installs the `postgresql` package where it is missing (as root); without it the
-PostgreSQL tests fail with that instruction rather than pass unseen.
+scripts/setup.sh installs the `postgresql` package where it is missing (as root); without it
+these tests fail with that instruction rather than pass unseen.
 """
 from __future__ import annotations
 
 import glob
-import os
-import pwd
-import shutil
 import socket
 import subprocess
 import tempfile
 from contextlib import closing
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SERVICES = REPO / "scripts" / "services.sh"
 
 
 def binaries() -> Path:
@@ -32,42 +33,30 @@ def free_port() -> int:
 
 
 class PostgresServer:
-    """initdb + pg_ctl start in a fresh folder; `url(db)` names a database on it."""
-
     def __init__(self):
-        self.bin = binaries()
-        # Not under pytest's tmp_path: its root is private to root, and the server (run as the
-        # `postgres` user when we are root, since PostgreSQL refuses root) must enter this folder.
+        binaries()  # a clear error first, if it is not installed
+        # Not under pytest's tmp_path: its root is private, and the server (the `postgres` user
+        # when we are root) must reach its own folder and read names.bin in the homes beside it.
         self.dir = Path(tempfile.mkdtemp(prefix="vismem-pg-"))
         self.dir.chmod(0o755)
-        self.data = self.dir / "data"
+        self.cluster = self.dir / "pg"
         self.port = free_port()
-        self.user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
 
-    def _run(self, *args: str) -> None:
-        cmd = [str(self.bin / args[0]), *args[1:]]
-        if os.geteuid() == 0:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+    def _services(self, *args: str) -> None:
+        done = subprocess.run(["bash", str(SERVICES), *args], capture_output=True, text=True, timeout=180)
+        if done.returncode:
+            raise RuntimeError(f"scripts/services.sh {' '.join(args)} failed: {done.stderr.strip()}")
 
     def start(self) -> "PostgresServer":
-        self.data.mkdir()
-        if os.geteuid() == 0:
-            shutil.chown(self.dir, "postgres")
-            shutil.chown(self.data, "postgres")
-        self._run("initdb", "-D", str(self.data), "-U", self.user, "--auth=trust", "-E", "UTF8", "--no-sync")
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off -c full_page_writes=off"
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-o", options, "-w", "start")
+        self._services("pg-start", str(self.cluster), str(self.port))
         return self
 
     def stop(self) -> None:
-        try:
-            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        self._services("pg-stop", str(self.cluster))
+        subprocess.run(["rm", "-rf", str(self.dir)], check=False)
 
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://postgres@/{database}?host={self.cluster}&port={self.port}"
 
     def create_database(self, name: str) -> str:
         import psycopg2

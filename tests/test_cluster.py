@@ -23,6 +23,7 @@ import pytest
 
 from benchmarks.local_cluster import LocalCluster, steps
 from vismem_assets.fashion_mnist import write_image_folders
+from vismem_assets.ledger.postgres import PostgresLedger
 from vismem_assets.memory import Memory
 from vismem_assets.settings import Settings
 
@@ -142,12 +143,14 @@ def test_sets_dropped_in_the_inbox_are_embedded_on_two_workers_and_recorded_by_o
     for (s1, e1, k1), (s2, e2, k2) in zip(writers, writers[1:]):
         assert e1 <= s2, f"{k1} [{s1}, {e1}] overlaps {k2} [{s2}, {e2}]"
 
-    # The ledger, on the cluster's PostgreSQL (VISMEM_LEDGER_URL in cluster.env), and the live index agree.
+    # The PostgreSQL ledger (cluster.env's VISMEM_LEDGER_URL; no DuckDB file in the home) and the
+    # live index agree, and the audit holds.
     memory = Memory(cluster.home, encoder=encoder, settings=cluster.settings())
-    assert type(memory.ledger).__name__ == "PostgresLedger" and not (cluster.home / "ledger.duckdb").exists()
+    assert isinstance(memory.ledger, PostgresLedger) and not (cluster.home / "ledger.duckdb").exists()
     consistency = memory.index_consistency()
     assert consistency["ok"] and consistency["n_index"] == consistency["n_ledger"] == total, consistency
     assert memory.pending_embeddings().is_empty()
+    assert memory.audit.verify().ok
 
     # The same sets in a plain in-process memory (the embedded default) classify alike.
     plain = Memory(tmp_path / "plain", encoder=encoder, settings=Settings.from_env(home=str(tmp_path / "plain")))
@@ -226,6 +229,6 @@ def test_an_embedding_worker_killed_mid_step_fails_the_run_cleanly_and_the_next_
     memory = Memory(cluster.home, encoder=encoder, settings=cluster.settings())  # sees the new versions
     consistency = memory.index_consistency()
     assert consistency["ok"] and consistency["n_index"] == total, consistency
-    assert memory.pending_embeddings().is_empty()
+    assert memory.pending_embeddings().is_empty() and memory.audit.verify().ok
     # The worker lives on: its pool replaced the killed process, and every worker still runs.
     assert cluster.sh("status").stdout.count(" alive") == 7
