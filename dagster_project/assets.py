@@ -31,7 +31,7 @@ from vismem_assets.glance import (accuracy_on, arrived_samples, build_reason, in
 from vismem_assets.plots import contact_sheet, plot_accuracy, plot_reliability_diagram
 from vismem_assets.voting import DEFAULT_STRATEGY
 
-from .deployment import DEPLOYMENT, ingest_runs_in_flight
+from .deployment import DEPLOYMENT, ingest_sets_in_flight
 from .metadata import image_markdown, number, table, text
 from .resources import VisualMemory
 
@@ -187,14 +187,17 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
                                                            "seconds": [round(v, 3) for v in report.phases.values()]}))}
         archive_request_file(config.forget.request_file, "applied")
     # Samples of any set a killed run left unembedded are embedded before anything is folded in. On
-    # the cluster, encode steps take no lock: while an ingest run is in flight, what it planned is
-    # its own to record (and its embeddings' refresh folds it in), so none is encoded twice here.
-    in_flight = ingest_runs_in_flight(context.instance) if DEPLOYMENT.cluster else 0
-    if in_flight:
-        context.log.info(f"{in_flight} ingest run(s) in flight: what they planned is theirs to embed; "
-                         "folding in what is recorded")
-    caught_up = 0 if in_flight else memory.embed_pending(progress=False, on_chunk=lambda done, total: context.log.info(
-        f"embedding what earlier runs left pending: {done}/{total}"))
+    # the cluster, encode steps take no lock: the sets of ingest runs still in flight are left to
+    # their own encode steps (their embeddings' refresh folds them in), so none is encoded twice.
+    log_chunk = lambda done, total: context.log.info(f"embedding what earlier runs left pending: {done}/{total}")
+    if DEPLOYMENT.cluster:
+        busy = ingest_sets_in_flight(context.instance)
+        left = sorted(set(memory.pending_embeddings()["image_set"].to_list()) - busy)
+        if busy:
+            context.log.info(f"ingest runs in flight for {', '.join(sorted(busy))}: their samples are theirs to embed")
+        caught_up = sum(memory.embed_pending(name, progress=False, on_chunk=log_chunk) for name in left)
+    else:
+        caught_up = memory.embed_pending(progress=False, on_chunk=log_chunk)
     if caught_up:
         context.log.warning(f"embedded {caught_up} sample(s) an earlier run had left pending")
     if config.rebuild:

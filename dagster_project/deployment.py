@@ -88,13 +88,16 @@ class Deployment:
         return {"io_manager": FilesystemIOManager(base_dir=self.io_dir)}
 
 
-def ingest_runs_in_flight(instance) -> int:
-    """Runs of the ingest job queued or running: on the cluster their encode steps may be under way."""
+def ingest_sets_in_flight(instance) -> set[str]:
+    """The image sets whose ingest runs are queued or running: on the cluster their encode steps
+    may be under way. A run killed with its process stays STARTED until Dagster's run monitoring
+    (or a person) marks it failed; until then its set is not caught up by memory_index."""
     from dagster import DagsterRunStatus, RunsFilter
 
     statuses = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
-                DagsterRunStatus.STARTED]
-    return len(instance.get_run_ids(RunsFilter(job_name="ingest_image_set", statuses=statuses)))
+                DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+    runs = instance.get_runs(RunsFilter(job_name="ingest_image_set", statuses=statuses))
+    return {r.tags["dagster/partition"] for r in runs if "dagster/partition" in r.tags}
 
 
 DEPLOYMENT = Deployment.from_env()

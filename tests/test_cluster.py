@@ -7,10 +7,14 @@ Four image sets dropped in the inbox with _READY, and nothing else done, must be
 successful ingest runs and a refresh; the read and encode steps ran on the workers, the encode
 steps in two worker processes at the same time, each loading the encoder once; no two steps that write the ledger overlapped; the ledger and
 the live index agree; and classify answers as a plain in-process memory of the same sets does.
+Then a fault: the process running an encode step is killed with SIGKILL; the run fails, nothing
+of its set is recorded, and the next set brings everything in.
 Everything is read back from the Dagster instance (on PostgreSQL) and the memory itself.
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -60,13 +64,13 @@ def make_sets(root: Path) -> dict[str, Path]:
     return out
 
 
-def wait_for(what: str, probe, timeout: float, cluster: LocalCluster):
+def wait_for(what: str, probe, timeout: float, cluster: LocalCluster, every: float = 3):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = probe()
         if value:
             return value
-        time.sleep(3)
+        time.sleep(every)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{cluster.logs()}")
 
 
@@ -157,3 +161,74 @@ def test_sets_dropped_in_the_inbox_are_embedded_on_two_workers_and_recorded_by_o
     theirs = plain.classify(queries, k=20, progress=False)
     assert [p.label for p in ours] == [p.label for p in theirs]
     assert np.allclose([p.confidence for p in ours], [p.confidence for p in theirs], atol=1e-5)
+
+
+def pool_children(leader: int) -> list[int]:
+    """The Celery pool processes (the ones that run steps) of the worker whose process group leader
+    is `leader` (the `dagster-celery worker start` that cluster.sh spawned): grandchildren of it."""
+    procs = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        procs[int(stat.parent.name)] = (int(fields[1]), int(fields[2]))   # ppid, pgrp
+    mains = [pid for pid, (ppid, pgrp) in procs.items() if ppid == leader and pgrp == leader]
+    return [pid for pid, (ppid, _) in procs.items() if ppid in mains]
+
+
+def test_an_embedding_worker_killed_mid_step_fails_the_run_cleanly_and_the_next_set_completes(
+        cluster, encoder, tmp_path):
+    """kill -9 of the process running an encode step: the run fails, nothing of the set is recorded
+    and the index still matches the ledger; the next set dropped in the inbox, and nothing else,
+    brings everything in (the refresh embeds what the killed run left). Runs after the test above."""
+    from dagster import AssetKey, DagsterRunStatus, RunsFilter
+
+    instance = cluster.instance()
+    memory = Memory(cluster.home, encoder=encoder, settings=cluster.settings())
+    before = memory.indexes.live().n_vectors
+    killed_idx = write_image_folders(tmp_path / "killed", "test", 800, seed=91)
+    write_image_folders(tmp_path / "after", "test", 40, seed=92, exclude=killed_idx)
+    cluster.drop(tmp_path / "killed", "killed")
+
+    def encoding():
+        runs = instance.get_runs(RunsFilter(job_name="ingest_image_set", tags={"dagster/partition": "killed"}))
+        if runs and any(k.startswith("embeddings.encode_part[") and "start" in s and "end" not in s
+                        for k, s in steps(instance, runs[0].run_id).items()):
+            return runs[0]
+        return None
+
+    run = wait_for("an encode step of the set to start", encoding, 300, cluster, every=0.2)
+    leader = int((cluster.root / "pids" / "embed-worker-1.pid").read_text())
+    victims = pool_children(leader)
+    assert victims, "no Celery pool process under embed-worker-1"
+    time.sleep(0.5)  # mid-step: the model is loaded, the images are being encoded
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+
+    def finished():
+        r = instance.get_run_by_id(run.run_id)
+        return r if r.is_finished else None
+
+    assert wait_for("the run with the killed step to end", finished, 300, cluster).status == DagsterRunStatus.FAILURE
+    # Nothing of the set was recorded; what is recorded is exactly what the live index holds.
+    assert len(memory.pending_embeddings("killed")) == 800
+    assert memory.index_consistency()["ok"]
+
+    cluster.drop(tmp_path / "after", "after")
+    total = before + 800 + 40
+
+    def indexed():
+        index = instance.get_latest_materialization_event(AssetKey("memory_index"))
+        busy = [r for r in instance.get_runs() if not r.is_finished]
+        return index and index.asset_materialization.metadata["n_vectors"].value == total and not busy
+
+    wait_for(f"the next set's runs to index all {total} vectors", indexed, PIPELINE_S, cluster)
+    after = instance.get_runs(RunsFilter(job_name="ingest_image_set", tags={"dagster/partition": "after"}))
+    assert [r.status for r in after] == [DagsterRunStatus.SUCCESS]
+    memory = Memory(cluster.home, encoder=encoder, settings=cluster.settings())  # sees the new versions
+    consistency = memory.index_consistency()
+    assert consistency["ok"] and consistency["n_index"] == total, consistency
+    assert memory.pending_embeddings().is_empty() and memory.audit.verify().ok
+    # The worker lives on: its pool replaced the killed process, and every worker still runs.
+    assert cluster.sh("status").stdout.count(" alive") == 7
