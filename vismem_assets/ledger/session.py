@@ -2,8 +2,9 @@
 
 Callers reach the tables through typed groups, one per family of tables:
 `session.samples.active_ids()`, `session.forgetting.append_deletion(...)`. The groups hold the
-SQL; nothing outside this package writes SQL. A second backend (PostgreSQL) plugs in here:
-its ledger yields a session whose groups speak its dialect, with the same methods.
+SQL; nothing outside this package writes SQL. Both backends (the DuckDB file, PostgreSQL)
+yield these sessions: the groups' SQL is written once, and the few statements that differ look at
+`session.ledger.dialect`.
 """
 from __future__ import annotations
 
