@@ -8,6 +8,7 @@ these tests fail with that instruction rather than pass unseen.
 from __future__ import annotations
 
 import glob
+import os
 import socket
 import subprocess
 import tempfile
@@ -50,6 +51,13 @@ class PostgresServer:
     def start(self) -> "PostgresServer":
         self._services("pg-start", str(self.cluster), str(self.port))
         return self
+
+    def crash(self) -> None:
+        """Stop it as a crash would (`pg_ctl stop -m immediate`: no checkpoint, recovery at start)."""
+        cmd = [str(binaries() / "pg_ctl"), "-D", str(self.cluster / "data"), "-m", "immediate", "-w", "stop"]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=60)
 
     def stop(self) -> None:
         self._services("pg-stop", str(self.cluster))

@@ -27,7 +27,7 @@ from vismem_assets.memory import Memory
 from vismem_assets.names import NAMES_FILE
 from vismem_assets.settings import Settings, SettingsError
 
-from postgres_server import binaries
+from postgres_server import PostgresServer, binaries
 
 REPO = Path(__file__).resolve().parent.parent
 WHO = dict(requested_by="alice", reason="asked to be removed", category="gdpr")
@@ -322,3 +322,29 @@ def test_a_server_that_goes_away_is_a_clear_error_from_the_command_line(tmp_path
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert re.search(r"cannot reach the PostgreSQL ledger postgresql://v:\*\*\*@127\.0\.0\.1:1/vismem: .*"
                      r"scripts/cluster\.sh up", done.stderr), done.stderr
+
+
+@pytest.mark.slow
+def test_the_server_going_down_mid_transaction_loses_nothing_committed(fm_sets, encoder, tmp_path):
+    """PostgreSQL stopped (immediate: as a crash) while a writer's transaction is open: the write
+    fails with the driver's error, nothing of it is there after the restart, and the same add
+    then succeeds; the memory, its index and its chain stay consistent throughout."""
+    server = PostgresServer().start()
+    try:
+        url = server.create_database("crash")
+        home = server.home_dir() / "crash"
+        sets = small_sets(fm_sets, tmp_path / "sets")
+        memory = Memory(home, encoder=encoder, settings=Settings.from_env(ledger_url=url))
+        memory.add(sets["A"], name="A", progress=False)
+        with pytest.raises(psycopg2.Error):
+            with memory.ledger.transaction() as s:
+                s.execute("UPDATE samples SET label = 'Coat' WHERE label = 'Bag'")
+                server.crash()
+        server.start()
+        again = Memory(home, encoder=encoder, settings=Settings.from_env(ledger_url=url))
+        assert again.ledger.query("SELECT count(*) AS n FROM samples WHERE label = 'Coat'")["n"][0] == 0
+        again.add(sets["B"], name="B", progress=False)
+        assert again.indexes.live().n_vectors == 28 and again.index_consistency()["ok"]
+        assert again.audit.verify().ok
+    finally:
+        server.stop()
