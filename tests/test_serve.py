@@ -176,3 +176,29 @@ def test_a_new_index_version_is_served_without_a_restart(server, fm_sets, tmp_pa
     stored = sorted((more / "Bag").glob("*.png"))[0]
     (p,) = requests.post(f"{url}/classify", files=uploads([stored]), timeout=60).json()
     assert p["neighbors"][0]["similarity"] > 0.999 and p["label"] == "Bag"   # found only in the new version
+
+
+def test_the_openapi_page_classifies_an_upload_in_chromium(server, fm_sets, browser):
+    """The /docs page (Swagger UI from files in a package: no internet here) loads in headless
+    Chromium, and a classify call made from it answers the stored image's label."""
+    url, _ = server
+    stored = sorted((fm_sets["train"] / "Trouser").glob("*.png"))[0]
+    page = browser.new_page(viewport={"width": 1300, "height": 1000})
+    page.set_default_timeout(60_000)
+    failed = []
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    page.goto(f"{url}/docs")
+    op = page.locator("#operations-default-classify_classify_post")
+    op.locator(".opblock-summary").first.click()
+    op.locator("button.try-out__btn").click()
+    op.locator("input[placeholder='k']").fill("1")          # the nearest neighbour alone: itself
+    op.locator("input[type=file]").first.set_input_files(str(stored))
+    op.locator("button.execute").click()
+    body = op.locator(".live-responses-table .response-col_description pre").first
+    body.wait_for()
+    (answer,) = json.loads(body.inner_text())
+    (REPO / "test-artifacts").mkdir(exist_ok=True)
+    page.screenshot(path=str(REPO / "test-artifacts" / "serve-docs.png"), full_page=True)   # for people to look at
+    page.close()
+    assert answer["path"] == stored.name and answer["label"] == "Trouser", answer
+    assert not failed, f"the page asked for what it could not load: {failed}"

@@ -15,13 +15,17 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import threading
+from importlib.resources import files as package_files
 from pathlib import Path
 from typing import Literal
 
 from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from .evaluation import DEFAULT_K
 from .imagesets import MAX_BYTES, ImageRefused, decode_image
@@ -51,7 +55,11 @@ def _decode(upload: UploadFile) -> tuple[object | None, str | None]:
 
 def create_app(memory: Memory) -> FastAPI:
     app = FastAPI(title="vismem", summary="A visual memory: classify images by a vote over their nearest stored "
-                                          "neighbours, each decision explained by the images that made it.")
+                                          "neighbours, each decision explained by the images that made it.",
+                  docs_url=None, redoc_url=None)
+    # The OpenAPI page from files that ship in a package: FastAPI's default loads Swagger UI from
+    # a CDN, and a machine without the internet would show a blank page.
+    app.mount("/docs-assets", StaticFiles(directory=str(package_files("swagger_ui") / "static")), name="docs-assets")
     app.state.memory = memory
     lock = threading.Lock()
 
@@ -78,6 +86,24 @@ def create_app(memory: Memory) -> FastAPI:
             else:
                 problems.append(f"{where}: {err.get('msg')}")
         return JSONResponse({"detail": "; ".join(problems), "errors": jsonable_encoder(exc.errors())}, 422)
+
+    def openapi() -> dict:
+        """FastAPI's description, each uploaded file also marked `format: binary` (OpenAPI 3.0's
+        spelling, beside 3.1's contentMediaType) so that the /docs page offers a file chooser."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            _mark_binary(schema)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="vismem: API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
     @app.get("/healthz", summary="Liveness: the server answers (and the memory was opened)")
     def healthz() -> dict:
@@ -131,6 +157,17 @@ def create_app(memory: Memory) -> FastAPI:
         return Response(body, media_type="image/png" if format == "png" else "text/html")
 
     return app
+
+
+def _mark_binary(node) -> None:
+    if isinstance(node, dict):
+        if node.get("type") == "string" and node.get("contentMediaType") == "application/octet-stream":
+            node["format"] = "binary"
+        for value in node.values():
+            _mark_binary(value)
+    elif isinstance(node, list):
+        for value in node:
+            _mark_binary(value)
 
 
 def _predict(memory: Memory, images: list, k: int, strategy: str, pruning: str | None, unknown: bool) -> list:
