@@ -2,6 +2,7 @@
 built once per test session (embedding is the slow part)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,31 @@ def pg_url(postgres_server, request) -> str:
     import uuid
     name = re.sub(r"\W", "_", request.node.name)[:40].lower() + "_" + uuid.uuid4().hex[:6]
     return postgres_server.create_database(name)
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium driven by Playwright (never a downloaded browser). Module-scoped and asked
+    for first, so that a missing browser is reported before any server starts."""
+    if os.environ.get("VISMEM_SKIP_BROWSER") == "1":
+        pytest.skip("VISMEM_SKIP_BROWSER=1: the headless browser test is skipped on request")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the Python package playwright is missing: run `make setup` "
+                    "(or set VISMEM_SKIP_BROWSER=1 to skip the browser test)")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} is missing: run `make setup` as root (it installs the Debian package "
+                    "chromium), or `sudo apt-get install chromium` (or set VISMEM_SKIP_BROWSER=1)")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            yield chromium
+        finally:
+            chromium.close()

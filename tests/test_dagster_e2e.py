@@ -26,10 +26,6 @@ from vismem_assets.memory import Memory
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"]
 SET_NAME = "e2e-set"
 LABELS = 3
 PER_LABEL = 4
@@ -358,28 +354,6 @@ def test_inbox_to_evaluation_with_no_other_action_then_launch_over_graphql(dagst
     assert len(memory.ledger.query("SELECT * FROM samples WHERE status = 'active'")) == LABELS * PER_LABEL
 
     assert not tracebacks(dagster), "tracebacks in test-artifacts/dagster-dev.log:\n" + "\n\n".join(tracebacks(dagster))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Debian's chromium driven by Playwright (never a downloaded browser). Module-scoped and asked
-    for first, so that a missing browser is reported before any server starts."""
-    if os.environ.get("VISMEM_SKIP_BROWSER") == "1":
-        pytest.skip("VISMEM_SKIP_BROWSER=1: the headless browser test is skipped on request")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("the Python package playwright is missing: run `make setup` "
-                    "(or set VISMEM_SKIP_BROWSER=1 to skip the browser test)")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: run `make setup` as root (it installs the Debian package "
-                    "chromium), or `sudo apt-get install chromium` (or set VISMEM_SKIP_BROWSER=1)")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
 
 
 @pytest.mark.slow

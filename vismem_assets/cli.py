@@ -356,6 +356,13 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(_memory(args), host=args.host, port=args.port)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .plots import plot_accuracy
 
@@ -622,6 +629,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vote weights from pruning (default: the memory's active weight set, see vismem prune)")
     p.add_argument("--unknown", action="store_true",
                    help="answer 'unknown' when the nearest neighbour is farther than the memory's novelty threshold")
+    encoder_option(p)
+
+    p = command("serve", cmd_serve, "serve the memory over HTTP (FastAPI): POST /classify and /explain, GET /status "
+                "and /healthz, the OpenAPI page at /docs; the encoder and index stay loaded, a new index version "
+                "is picked up on the next request")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=positive_int, default=8000)
     encoder_option(p)
 
     p = command("prune", cmd_prune, "weight samples by reliability (soft) or exclude unreliable ones (hard); never deletes")
