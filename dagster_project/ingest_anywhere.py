@@ -38,7 +38,6 @@ class ReadJob:
 @op(tags={QUEUE_TAG: EMBED_QUEUE}, out={"jobs": DynamicOut()},
     description="The set's files, listed once and cut into read steps (at least one per worker); no ledger.")
 def plan_ingest(context: OpExecutionContext, visual_memory: VisualMemory):
-    started = time.time()
     name = context.partition_key
     files = read_image_set(visual_memory.home_path() / "inbox" / "sets" / name)
     slices = even_slices(len(files), DEPLOYMENT.embed_workers, READ_CHUNK) or [(0, 0)]

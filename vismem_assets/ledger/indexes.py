@@ -9,6 +9,7 @@ those columns; index_store.py makes its IndexVersions of them.
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 
 from .base import to_frame
 from .session import Group
