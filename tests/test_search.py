@@ -166,7 +166,7 @@ def test_memory_search_matches_faiss_on_its_live_index(synthetic_memory):
         got = memory.search(q[:nq], k)
         assert got[0].shape == (nq, min(k, index.ntotal))
         assert_same_neighbours(got, index.search(q[:nq], min(k, index.ntotal)), vectors, q[:nq], id_to_row)
-    assert memory.recall._searcher(index)[0] is memory.recall._searcher_cache[1] is not None
+    assert memory.recall._searchers(index)[0][0] is memory.recall._searcher_cache[1][0][0] is not None
 
 
 def test_memory_searcher_follows_the_live_version(synthetic_memory):

@@ -139,7 +139,7 @@ class Audit:
     def check_manifests(self, rows: pl.DataFrame, report: AuditReport) -> None:
         """Every index manifest names a chain head; the chain must still reach it (no truncation)."""
         hashes = rows["row_hash"].to_list()
-        manifests = sorted(self.layout.root.glob("indexes/*/*.json"))
+        manifests = sorted(self.layout.root.glob("indexes/*/**/*.json"))
         report.files_checked["manifests"] = len(manifests)
         for path in manifests:
             body = json.loads(path.read_text())
@@ -158,7 +158,7 @@ class Audit:
         problems = []
         counts = {"index_files": 0, "embedding_files": 0, "image_files": 0}
         if len(vector_ids):
-            for path in sorted(layout.root.glob("indexes/*/*.faiss")):
+            for path in sorted(layout.root.glob("indexes/*/**/*.faiss")):
                 counts["index_files"] += 1
                 found = erasure.index_holes(path, vector_ids, holes_too=True)
                 held = np.intersect1d(found.vector_ids, vector_ids)

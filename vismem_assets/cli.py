@@ -418,12 +418,18 @@ def cmd_status(args) -> int:
             if row["build_reason"]:
                 measured = f" (measured at the build of version {row['recall_measured_at']})" if row["recall_at_10"] else ""
                 print(f"  version {row['version']}: {row['build_reason']}{measured}")
+    if status["shard_table"] and status["shards"] > 1:
+        print(f"\nshards: {status['shards']} (by sample id; each searched, its top k merged before the vote)")
+        _table(pl.DataFrame(status["shard_table"]))
+    if status["settings"]["shards"] != status["shards"] and status["shard_table"]:
+        print(f"  VISMEM_SHARDS is {status['settings']['shards']} but this memory has {status['shards']} shard(s): "
+              f"`vismem rebuild --shards {status['settings']['shards']}` re-shards it")
     p = status["index_policy"]
     print(f"\nindex policy: {p['kind']} (IVF-Flat from {p['ivf_from']:,} vectors when its recall@10 on held-out "
           f"memory vectors reaches {p['recall_floor']}; set with VISMEM_INDEX_TYPE, VISMEM_IVF_FROM, VISMEM_RECALL_FLOOR)")
     print(f"adds write delta files while they hold up to {p['delta_fraction']:.0%} of the base's vectors and number "
           f"{p['max_deltas']} or fewer, then fold into a new base (VISMEM_DELTA_FRACTION, VISMEM_MAX_DELTAS); exact bases are "
-          f"written in shards of {p['shard_mib']} MiB (VISMEM_SHARD_MIB)")
+          f"written in pieces of {p['shard_mib']} MiB (VISMEM_SHARD_MIB)")
     if status.get("ivf_search"):
         s = status["ivf_search"]
         print(f"IVF-Flat search: calls of {s['min_batch']} queries or more over {s['min_mib']} MiB or more are searched list "
@@ -459,14 +465,15 @@ def _print_blas(blas: dict | None) -> None:
 
 def cmd_rebuild(args) -> int:
     memory = _memory(args)
-    version = memory.rebuild()
+    version = memory.rebuild(n_shards=args.shards)
     report = version.build
     if args.json:
         _print_json({**asdict(version), "build": report.to_dict() if report else None})
         return 0
     print(f"index version {version.version} written from the ledger and embeddings: "
           f"{version.n_vectors} vectors, {version.index_type}, sha256 {version.sha256[:16]}…, {version.path}"
-          + (f" and {len(version.files) - 1} more shard(s)" if len(version.files) > 1 else ""))
+          + (f" and {len(version.files) - 1} more file(s)" if len(version.files) > 1 else "")
+          + (f", in {version.n_shards} shards" if version.n_shards > 1 else ""))
     if report:
         print(f"index type: {report.reason}")
         if report.sweep:
@@ -707,6 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("rebuild", cmd_rebuild, "write a fresh index version from the ledger and embedding files")
     p.set_defaults(writes=True)
     encoder_option(p)
+    p.add_argument("--shards", type=int, metavar="S",
+                   help="re-shard the memory into S shards by sample id (default: as many as it has)")
     p.add_argument("--index-type", choices=KINDS,
                    help="index type to build (default $VISMEM_INDEX_TYPE, else auto: exact below --ivf-from vectors)")
     p.add_argument("--ivf-from", type=int, metavar="N", help="auto: IVF-Flat from N vectors (default 200,000)")

@@ -341,14 +341,20 @@ class Forgetting:
                 for encoder_id, slug, dim in s.forgetting.encoders()]
 
     def _purge_indexes(self, vector_ids: np.ndarray, request_id: str) -> list[str]:
-        """Erase the vectors in place from every index file of every version that holds them;
-        returns the new live versions ("slug:version")."""
+        """Erase the vectors in place from every index file of every version that holds them,
+        shard by shard: each shard erases its own files and reports (a shard that reported is not
+        asked again when a crash made this run again); returns the new live versions ("slug:version")."""
         new_versions = []
         with self.ledger.connect() as s:
             for index_store in self._index_stores(s):
-                version = index_store.erase(vector_ids, request_id)
-                if version is not None:
-                    new_versions.append(f"{index_store.root.name}:{version.version}")
+                for n_shards, shard in index_store.shard_groups():
+                    if s.indexes.shard_reported(request_id, index_store.encoder_id, n_shards, shard):
+                        continue
+                    version, n_erased = index_store.erase(vector_ids, request_id, (n_shards, shard))
+                    with self.ledger.transaction() as tx:
+                        tx.indexes.report_shard(request_id, index_store.encoder_id, n_shards, shard, n_erased)
+                    if version is not None:
+                        new_versions.append(f"{index_store.root.name}:{version.version}")
                 index_store.remove_unreferenced_files()
         return new_versions
 

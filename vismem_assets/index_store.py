@@ -30,15 +30,15 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-
 import faiss
 import numpy as np
 
-from . import erasure
+from . import erasure, shards
 from .atomic import atomic_path, write_bytes_atomic
 from .encoders.base import EncoderMismatchError
 from .home import Layout
 from .index_kinds import BuildReport, Searcher, kind_described, kind_for
+from .index_kinds.flat import FACTORY as FLAT_FACTORY
 from .index_kinds.flat import flat_index
 from .index_types import IndexPolicy, build
 from .ledger import LedgerBase, Session
@@ -57,8 +57,9 @@ class IndexFile:
     path: str        # relative to the memory home
     sha256: str
     n_vectors: int
-    role: str = "base"   # base (the index type's own file, or a shard of it) | delta (exact, from an add)
+    role: str = "base"   # base (the index type's own file, or a piece of it) | delta (exact, from an add)
     holes: int = 0       # erased entries (id -1) it still holds beside its n_vectors, until a compaction
+    shard: int = 0       # the memory's shard it belongs to (shards.py)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class IndexVersion:
     recall_at_100: float | None = None
     recall_measured_at: int | None = None   # the version whose build measured that recall
     build_reason: str | None = None
-    files: tuple[IndexFile, ...] = ()   # base first, then deltas
+    n_shards: int = 1
+    files: tuple[IndexFile, ...] = ()   # shard by shard: its base first, then its deltas
     build: BuildReport | None = field(default=None, compare=False)  # of the build that wrote it (an add or forget: none)
 
     def __post_init__(self):
@@ -100,6 +102,18 @@ class IndexVersion:
     @property
     def deltas(self) -> tuple[IndexFile, ...]:
         return tuple(f for f in self.files if f.role == "delta")
+
+    def shard_files(self, shard: int) -> tuple[IndexFile, ...]:
+        """One shard's files: its base first, then its deltas."""
+        return tuple(f for f in self.files if f.shard == shard)
+
+    def shards(self) -> list[dict]:
+        """Each shard as status shows it: the version that wrote its newest file, its files,
+        vectors, holes and deltas."""
+        return [{"shard": j, "version": max(int(Path(f.path).name[1:7]) for f in own), "files": len(own),
+                 "n_vectors": sum(f.n_vectors for f in own), "holes": sum(f.holes for f in own),
+                 "deltas": sum(f.role == "delta" for f in own)}
+                for j in range(self.n_shards) for own in [self.shard_files(j)]]
 
 
 def manifest_path(index_path: Path) -> Path:
@@ -155,8 +169,8 @@ def _without(index: faiss.Index, unfinished: np.ndarray) -> faiss.Index:
 
 
 def file_name(version: int, position: int, role: str) -> str:
-    """`v<version>.faiss` for the first file a version writes, then `.s<j>` for base shards and
-    `.delta` for an add's delta."""
+    """`v<version>.faiss` for the first file a version writes (in a shard), then `.s<j>` for the
+    pieces of an exact base and `.delta` for an add's delta."""
     if role == "delta":
         return f"v{version:06d}.delta.faiss"
     return f"v{version:06d}.faiss" if position == 0 else f"v{version:06d}.s{position:03d}.faiss"
@@ -164,11 +178,27 @@ def file_name(version: int, position: int, role: str) -> str:
 
 class IndexStore:
     def __init__(self, layout: Layout, ledger: LedgerBase, encoder_id: str, encoder_slug: str, dim: int,
-                 policy: IndexPolicy | None = None):
+                 policy: IndexPolicy | None = None, n_shards: int = 1):
+        """`n_shards`: how many shards a new memory gets (shards.py); an existing one keeps its own
+        (its live version's) until `rebuild(n_shards=...)` re-shards it."""
         self.layout, self.ledger = layout, ledger
         self.encoder_id, self.dim = encoder_id, dim
         self.root = layout.indexes(encoder_slug)
         self.policy = policy or IndexPolicy()
+        self.n_shards = shards.check_count(n_shards)
+
+    def shard_dir(self, shard: int, n_shards: int) -> Path:
+        """Where a shard's files live: the encoder's folder for a memory in one piece, else a
+        folder per shard (which a shard worker may keep on its own disk)."""
+        return self.root if n_shards == 1 else self.root / f"shard-{shard}-of-{n_shards}"
+
+    def _folders(self) -> list[Path]:
+        return [self.root, *sorted(self.root.glob("shard-*-of-*"))] if self.root.exists() else []
+
+    def shard_groups(self) -> list[tuple[int, int]]:
+        """(n_shards, shard) of every shard holding files of a version that is not purged: the
+        live sharding's, and an older sharding's while a version of it is retained."""
+        return sorted({(v.n_shards, f.shard) for v in self.versions() if v.status != "purged" for f in v.files})
 
     def live(self) -> IndexVersion | None:
         with self.ledger.connect() as s:
@@ -181,9 +211,10 @@ class IndexStore:
 
     # ---- reading -----------------------------------------------------------------------------
 
-    def load(self, version: IndexVersion | None = None, mmap: bool = False) -> tuple[IndexVersion, faiss.Index]:
-        """Read a version (the live one by default) as one index, refusing bytes that don't match
-        the ledger: its base, with its shards' and deltas' vectors added, without holes (erased
+    def load(self, version: IndexVersion | None = None, mmap: bool = False,
+             shard: int | None = None) -> tuple[IndexVersion, faiss.Index]:
+        """Read a version (the live one by default), or one shard of it, as one index, refusing
+        bytes that don't match the ledger: its base, with its pieces' and deltas' vectors added, without holes (erased
         entries) or the vectors of a forget request a crash left unfinished. `mmap`: map the
         vectors or inverted lists instead of reading them into memory (for searching: the pages
         are the file's, shared and reclaimable); such an index must not be changed (FAISS would
@@ -193,12 +224,13 @@ class IndexStore:
         version = version or self.live()
         if version is None:
             raise FileNotFoundError(f"no index for encoder {self.encoder_id} yet: add an image set first (vismem add)")
+        files = self._files_of(version, shard)
         unfinished = self._unfinished_forgets()
-        first, mapped = self._read(version.files[0], version, unfinished, mmap=mmap and len(version.files) == 1)
+        first, mapped = self._read(files[0], version, unfinished, mmap=mmap and len(files) == 1)
         index = first if mapped else _without(first, unfinished)
-        # The other files (an exact base's shards, the deltas: exact files) have their vectors
+        # The other files (an exact base's pieces, the deltas: exact files) have their vectors
         # added to the first: an exact index grows, an IVF one assigns them to its lists.
-        for file in version.files[1:]:
+        for file in files[1:]:
             part = self._read(file, version, unfinished)[0]
             if part.ntotal:
                 ids = index_ids(part)
@@ -206,11 +238,24 @@ class IndexStore:
                 index.add_with_ids(index_vectors(part, copy=False)[keep], ids[keep])
         return version, index
 
-    def load_for_search(self, version: IndexVersion | None = None) -> tuple[IndexVersion, faiss.Index]:
+    def load_for_search(self, version: IndexVersion | None = None,
+                        shard: int | None = None) -> tuple[IndexVersion, faiss.Index]:
         """`load`, memory-mapped where the version's kind is searched from the file's pages (IVF:
         a search touches a few lists, and processes share the pages), read whole otherwise."""
         version = version or self.live()
-        return self.load(version, mmap=version is not None and kind_described(version.index_type).map_for_search)
+        return self.load(version, mmap=version is not None and kind_described(version.index_type).map_for_search,
+                         shard=shard)
+
+    @staticmethod
+    def _files_of(version: IndexVersion, shard: int | None) -> tuple[IndexFile, ...]:
+        if shard is None:
+            if version.n_shards > 1:
+                raise shards.ShardError(f"index version {version.version} is in {version.n_shards} shards: "
+                                        "load them one by one")
+            return version.files
+        if not 0 <= shard < version.n_shards:
+            raise shards.ShardError(f"index version {version.version} has shards 0..{version.n_shards - 1}, not {shard}")
+        return version.shard_files(shard)
 
     def ids(self, version: IndexVersion | None = None) -> np.ndarray:
         """The vector ids a version holds (holes aside), without reading its vectors: each file
@@ -259,60 +304,114 @@ class IndexStore:
     # ---- writing versions --------------------------------------------------------------------
 
     def add(self, vector_ids: np.ndarray, vectors: np.ndarray) -> IndexVersion:
-        """A new version = the live one plus these vectors: O(new) work. Few of them (see the
-        module docstring) go into a delta file of their own; otherwise the parent's files and
-        these are folded into a new base of the parent's type (an IVF index assigns them to
-        its trained lists). The first version of a memory is built by the policy, like a rebuild
-        (then the version carries its build report)."""
+        """A new version = the live one plus these vectors: O(new) work. Each goes to its sample's
+        shard (shards.py); in a shard, few of them (see the
+        module docstring) go into a delta file of their own, otherwise the shard's files and these
+        are folded into a new base of its type (an IVF index assigns them to its trained lists);
+        shards that get none keep their files. The first version of a memory is built by the
+        policy, like a rebuild (then the version carries its build report)."""
         self._check(vectors)
         vector_ids = np.asarray(vector_ids, np.int64)
         with self.ledger.connect() as s:  # hold the ledger lock from reading the parent to recording the child
             parent = self.live()
-            version = self._next_version(s)
+            n_shards = parent.n_shards if parent else self.n_shards
+            route = self._route(s, vector_ids, n_shards)
             if parent is None:
-                index, report = build(vector_ids, vectors, self.policy)
-                base = self._write_base(index, version)
-                return self._record(s, version, None, "add", base, index, base, added=vector_ids, report=report)
+                built = self._build_shards(vector_ids, vectors, route, n_shards)
+                version = self._next_version(s)
+                files = self._write_shards(built, version, n_shards)
+                return self._record(s, version, None, "add", files, built[0][0], files, added=vector_ids,
+                                    report=built[0][1], n_shards=n_shards)
             present = np.isin(vector_ids, self.ids(parent))
             if present.any():
                 raise ValueError(f"{int(present.sum())} vector ids are already in index version {parent.version}")
-            in_deltas = sum(d.n_vectors for d in parent.deltas) + len(vector_ids)
-            if (len(parent.deltas) < self.policy.max_deltas
-                    and in_deltas <= self.policy.delta_fraction * sum(f.n_vectors for f in parent.base)):
-                delta = self._write(flat_index(vector_ids, vectors), file_name(version, 0, "delta"), "delta")
-                return self._record(s, version, parent, "add", (*parent.files, delta), None, [delta],
-                                    added=vector_ids)
-            _, index = self.load(parent)  # fold: base, deltas and the new vectors into a new base
-            index.add_with_ids(np.ascontiguousarray(vectors, np.float32), vector_ids)
-            base = self._write_base(index, version)
-            return self._record(s, version, parent, "add", base, index, base, added=vector_ids)
+            version = self._next_version(s)
+            files, written, first_base = [], [], None
+            for j in range(n_shards):
+                own, mine = parent.shard_files(j), route == j
+                if not mine.any():
+                    files += own
+                    continue
+                ids, vecs = (vector_ids, vectors) if n_shards == 1 else (vector_ids[mine], vectors[mine])
+                deltas = [f for f in own if f.role == "delta"]
+                in_deltas = sum(d.n_vectors for d in deltas) + len(ids)
+                if (len(deltas) < self.policy.max_deltas
+                        and in_deltas <= self.policy.delta_fraction * sum(f.n_vectors for f in own if f.role == "base")):
+                    new = (self._write(flat_index(ids, vecs), version, j, n_shards, 0, "delta"),)
+                    files += (*own, *new)
+                else:
+                    _, index = self.load(parent, shard=j)  # fold: base, deltas and the new vectors into a new base
+                    index.add_with_ids(np.ascontiguousarray(vecs, np.float32), ids)
+                    new = self._write_base(index, version, j, n_shards)
+                    files += new
+                    first_base = index if j == 0 else first_base
+                written += new
+            return self._record(s, version, parent, "add", tuple(files), first_base, written, added=vector_ids)
 
-    def rebuild(self, vector_ids: np.ndarray, vectors: np.ndarray, operation: str = "rebuild") -> IndexVersion:
-        """A new version built from scratch from the given vectors (the ledger + embeddings), of the
-        index type the policy chooses for its size (trained and recall-checked if approximate),
-        carrying what its build chose and measured (`version.build`)."""
+    def rebuild(self, vector_ids: np.ndarray, vectors: np.ndarray, operation: str = "rebuild",
+                n_shards: int | None = None) -> IndexVersion:
+        """A new version built from scratch from the given vectors (the ledger + embeddings), each
+        shard of the index type the policy chooses for its size (trained and recall-checked if
+        approximate), carrying what its (first shard's) build chose and measured (`version.build`).
+        `n_shards`: re-shard into that many (default: as the live version is)."""
         self._check(vectors)
-        index, report = build(np.asarray(vector_ids, np.int64), vectors, self.policy)
+        vector_ids = np.asarray(vector_ids, np.int64)
+        live = self.live()
+        n_shards = shards.check_count(n_shards if n_shards is not None else live.n_shards if live else self.n_shards)
+        with self.ledger.connect() as s:
+            route = self._route(s, vector_ids, n_shards)
+        built = self._build_shards(vector_ids, vectors, route, n_shards)
         with self.ledger.connect() as s:
             version = self._next_version(s)
-            base = self._write_base(index, version)
-            return self._record(s, version, self.live(), operation, base, index, base, report=report)
+            files = self._write_shards(built, version, n_shards)
+            return self._record(s, version, self.live(), operation, files, built[0][0], files, report=built[0][1],
+                                n_shards=n_shards)
 
-    def erase(self, vector_ids: np.ndarray, request_id: str) -> IndexVersion | None:
-        """Forget these vectors in every version, live and retained: each file holding some,
+    @staticmethod
+    def _route(s: Session, vector_ids: np.ndarray, n_shards: int) -> np.ndarray:
+        """Each vector's shard, by its sample id (read from the ledger only if there are several)."""
+        if n_shards == 1:
+            return np.zeros(len(vector_ids), np.int64)
+        return shards.shard_of(s.samples.sample_ids_of(vector_ids), n_shards)
+
+    def _build_shards(self, vector_ids: np.ndarray, vectors: np.ndarray, route: np.ndarray,
+                      n_shards: int) -> list[tuple[faiss.Index, BuildReport]]:
+        """Each shard's index, as the policy chooses for its size (an empty shard: exact, empty)."""
+        if n_shards == 1:
+            return [build(vector_ids, vectors, self.policy)]
+        built = []
+        for j in range(n_shards):
+            mine = route == j
+            if not mine.any():
+                empty = flat_index(np.empty(0, np.int64), np.empty((0, self.dim), np.float32))
+                built.append((empty, BuildReport("flat", FLAT_FACTORY, "exact: an empty shard", "flat")))
+            else:
+                built.append(build(vector_ids[mine], vectors[mine], self.policy))
+        return built
+
+    def _write_shards(self, built: list[tuple[faiss.Index, BuildReport]], version: int,
+                      n_shards: int) -> tuple[IndexFile, ...]:
+        return tuple(f for j, (index, _) in enumerate(built) for f in self._write_base(index, version, j, n_shards))
+
+    def erase(self, vector_ids: np.ndarray, request_id: str,
+              shard: tuple[int, int] | None = None) -> tuple[IndexVersion | None, int]:
+        """Forget these vectors in every version, live and retained, or only in one shard's files
+        (`shard`: (n_shards, shard), as `shard_groups` lists them): each file holding some,
         whichever versions share it, has them erased in place (erasure.py), its new sha256
-        recorded first. Returns the new live version (the live one's files, erased; its parent
-        purged, being the same bytes), or None if the live version held none. Running it again
-        after a crash finishes the erasure the first attempt recorded."""
+        recorded first. Returns (the new live version: the live one's files, erased; its parent
+        purged, being the same bytes; or None if the live version held none of them, the number
+        of entries erased). Running it again after a crash finishes the erasure the first attempt
+        recorded (file by file)."""
         vector_ids = np.unique(np.asarray(vector_ids, np.int64))
         with self.ledger.connect() as s:  # one writer from finding the vectors to recording them
-            retry = s.indexes.erasure_recorded(self.encoder_id, request_id)
+            recorded = s.indexes.erased_paths(self.encoder_id, request_id)
             versions = [v for v in self.versions() if v.status != "purged"]
-            files = {f.path: f for v in versions for f in v.files}
+            files = {f.path: f for v in versions for f in v.files if shard is None or (v.n_shards, f.shard) == shard}
 
             def locate(file: IndexFile) -> tuple[erasure.Holes, str | None]:
                 # A retry also patches the holes already there (some may be half written); its
                 # digests were recorded by the first attempt.
+                retry = file.path in recorded
                 path = self._existing(file.path)
                 found = erasure.index_holes(path, vector_ids, holes_too=retry and file.holes > 0)
                 touched = any(len(p) for p in found.patches)
@@ -321,17 +420,18 @@ class IndexStore:
             with ThreadPoolExecutor(2) as pool:  # FAISS reading and hashing let go of the GIL: two files at once
                 located = dict(zip(files, pool.map(locate, files.values())))
             holes = {path: found for path, (found, _) in located.items() if any(len(p) for p in found.patches)}
+            fresh = {path: found for path, found in holes.items() if path not in recorded}
             live = None
-            if holes and not retry:
-                live = self._record_erasure(s, versions, files, holes,
-                                            {path: located[path][1] for path in holes}, request_id)
+            if fresh:
+                live = self._record_erasure(s, versions, files, fresh, {path: located[path][1] for path in fresh},
+                                            request_id)
             erasure.apply({self.layout.absolute(path): found for path, found in holes.items()})
             newest = {f.path: (v, f) for v in self.versions() if v.status != "purged" for f in v.files}
             for path in holes:
                 if path in newest:
                     self._manifest(s, newest[path][1], newest[path][0], index_type=newest[path][0].index_type,
                                    erased_for=request_id)
-            return live
+            return live, sum(len(found) for found in fresh.values())
 
     def _record_erasure(self, s: Session, versions: list[IndexVersion], files: dict[str, IndexFile],
                         holes: dict[str, erasure.Holes], digests: dict[str, str], request_id: str) -> IndexVersion | None:
@@ -355,8 +455,10 @@ class IndexStore:
                                              len(holes[f.path]), f.path)
             if live is None or not any(f.path in changed for f in live.files):
                 return None
-            # A shard or delta left with only holes drops out of the new version (the base stays).
-            now = tuple(f for j, f in enumerate(changed.get(f.path, f) for f in live.files) if j == 0 or f.n_vectors)
+            # A piece or delta left with only holes drops out of the new version (each shard's first
+            # base file stays).
+            now = tuple(f for j, f in enumerate(changed.get(f.path, f) for f in live.files)
+                        if f.n_vectors or j == 0 or live.files[j - 1].shard != f.shard)
             removed = np.concatenate([holes[f.path].vector_ids for f in live.files if f.path in holes])
             version = self._next_version(s)
             new = self._record(s, version, live, "forget", now, None, [], removed=removed)
@@ -374,10 +476,13 @@ class IndexStore:
         """Index files the ledger does not name (left by a crash between write and record)."""
         with self.ledger.connect():
             named = {self.layout.absolute(p) for p in self.named_files()}
-            stray = [p for p in self.root.glob("v*.faiss") if p not in named] if self.root.exists() else []
+            stray = [p for folder in self._folders() for p in folder.glob("v*.faiss") if p not in named]
             for p in stray:
                 p.unlink(missing_ok=True)
                 manifest_path(p).unlink(missing_ok=True)
+            for folder in self._folders()[1:]:  # a shard folder of a sharding no version names any more
+                if not any(folder.iterdir()):
+                    folder.rmdir()
             return stray
 
     def _delete_unnamed(self, paths: list[str]) -> None:
@@ -432,32 +537,35 @@ class IndexStore:
     def _next_version(self, s: Session) -> int:
         # Called with the ledger lock held, so no other write is under way: temp files here are
         # what a killed writer left behind.
-        for stale in self.root.glob(".v*.faiss.*.tmp"):
+        for stale in (p for folder in self._folders() for p in folder.glob(".v*.faiss.*.tmp")):
             stale.unlink(missing_ok=True)
         return s.indexes.next_version(self.encoder_id)
 
-    def _write(self, index: faiss.Index, name: str, role: str = "base") -> IndexFile:
-        final = self.root / name
+    def _write(self, index: faiss.Index, version: int, shard: int, n_shards: int, position: int,
+               role: str) -> IndexFile:
+        final = self.shard_dir(shard, n_shards) / file_name(version, position, role)
+        final.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(final) as tmp:
             faiss.write_index(index, str(tmp))
-        return IndexFile(self.layout.relative(final), sha256_file(final), int(index.ntotal), role)
+        return IndexFile(self.layout.relative(final), sha256_file(final), int(index.ntotal), role, shard=shard)
 
-    def _write_base(self, index: faiss.Index, version: int) -> tuple[IndexFile, ...]:
-        """A base in the files its kind splits it into: an exact one in shards of about
-        `shard_mib` (forgetting a vector rewrites its shard only), an IVF one whole."""
+    def _write_base(self, index: faiss.Index, version: int, shard: int = 0, n_shards: int = 1) -> tuple[IndexFile, ...]:
+        """A shard's base in the files its kind splits it into: an exact one in pieces of about
+        `shard_mib` (forgetting a vector rewrites its piece only), an IVF one whole."""
         parts = kind_for(index).shards(index, self.policy.shard_mib << 20)
-        return tuple(self._write(part, file_name(version, j, "base")) for j, part in enumerate(parts))
+        return tuple(self._write(part, version, shard, n_shards, j, "base") for j, part in enumerate(parts))
 
     def _record(self, s: Session, version: int, parent: IndexVersion | None, operation: str, files: tuple[IndexFile, ...],
                 base_index: faiss.Index | None, written,
                 added: np.ndarray | None = None, removed: np.ndarray | None = None,
-                report: BuildReport | None = None) -> IndexVersion:
+                report: BuildReport | None = None, n_shards: int | None = None) -> IndexVersion:
         """Record a version whose files are written (`written`: those it wrote itself; the others it
         shares with its parent), mark it live, and its parent retained. `base_index`: the base
         (or its first file) as written, if this version wrote it (else the parent's type and
         nprobe stand). A build's
         `report` gives its measured recall; a version derived from its parent (add, forget) keeps
-        the parent's, with the version that measured it."""
+        the parent's, with the version that measured it. `n_shards`: a build's (else the parent's)."""
+        n_shards = n_shards or (parent.n_shards if parent else 1)
         if base_index is not None:
             base_kind = kind_for(base_index)
             kind, nprobe = base_kind.describe(base_index), base_kind.nprobe(base_index)
@@ -476,7 +584,7 @@ class IndexStore:
         first = files[0]
         new = IndexVersion(self.encoder_id, version, first.path, first.sha256, parent.version if parent else None,
                            operation, sum(f.n_vectors for f in files), n_added, n_removed, "live",
-                           kind, nprobe, *recall, files=tuple(files), build=report)
+                           kind, nprobe, *recall, n_shards=n_shards, files=tuple(files), build=report)
         head, _ = chain_head(s)
         for file in written:
             self._manifest(s, file, new, index_type=kind, nprobe=nprobe,
@@ -488,7 +596,8 @@ class IndexStore:
                 parent_version=new.parent_version, operation=operation, n_vectors=new.n_vectors, index_type=kind,
                 n_added=n_added, n_removed=n_removed, chain_head=head, nprobe=nprobe, recall_at_10=recall[0],
                 recall_at_100=recall[1], recall_measured_at=recall[2], build_reason=recall[3],
-                build_report=json.dumps(report.to_dict()) if report else None, files=_json(files))
+                build_report=json.dumps(report.to_dict()) if report else None, files=_json(files),
+                n_shards=n_shards)
             for change, ids in (("add", added), ("remove", removed)):
                 if ids is not None and len(ids):
                     s.indexes.record_delta(self.encoder_id, version, change, ids)

@@ -60,19 +60,21 @@ class Indexing:
         ids, vectors = self.embeddings.read(s.samples.embedding_paths(self.encoder_id, todo), todo)
         return self.indexes.add(ids, vectors)
 
-    def rebuild(self, operation: str = "rebuild") -> IndexVersion:
+    def rebuild(self, operation: str = "rebuild", n_shards: int | None = None) -> IndexVersion:
         """A fresh version from the ledger and the embedding files alone, after embedding what a
-        crash left pending; what dead processes left in the image store goes too (store.sweep)."""
+        crash left pending; what dead processes left in the image store goes too (store.sweep).
+        `n_shards`: re-shard the memory into that many (default: as it is)."""
         def build(s: Session) -> IndexVersion:
             sweep(self.layout, s)
             embedded = s.samples.embedded_active(self.encoder_id)
             ids, vectors = self.embeddings.read(embedded["path"].unique(maintain_order=True).to_list(),
                                                 embedded["vector_id"].to_numpy())
-            return self.indexes.rebuild(ids, vectors, operation)
+            return self.indexes.rebuild(ids, vectors, operation, n_shards)
         return self._after_embedding(build)
 
     def compact(self, retain: int = 5) -> tuple[IndexVersion, list[IndexVersion]]:
-        """Nightly compaction: a full rebuild into a fresh version, then keep only the newest `retain`."""
+        """Nightly compaction: a full rebuild into a fresh version (each shard rebuilt), then keep
+        only the newest `retain`."""
         version = self.rebuild("compact")
         return version, self.indexes.retain(retain)
 

@@ -22,7 +22,7 @@ from .evaluating import Evaluating
 from .evaluation import DEFAULT_K, Evaluation
 from .forgetting import Applied, Forgetting, ForgetReport, ForgetRequest
 from .home import Layout, resolve_home
-from .index_store import IndexStore, IndexVersion, held_ids
+from .index_store import IndexStore, IndexVersion
 from .index_types import IndexPolicy
 from .indexing import Indexing, pending_work
 from .ingest import AddReport, Ingest, IngestReport
@@ -67,7 +67,8 @@ class Memory:
     @cached_property
     def indexes(self) -> IndexStore:
         e = self.encoder
-        return IndexStore(self.layout, self.ledger, e.id, e.slug, e.dim, policy=self.index_policy)
+        return IndexStore(self.layout, self.ledger, e.id, e.slug, e.dim, policy=self.index_policy,
+                          n_shards=self.settings.shards)
 
     @cached_property
     def embeddings(self) -> EmbeddingStore:
@@ -128,8 +129,8 @@ class Memory:
     def index_pending(self, embed: bool = True) -> IndexVersion | None:
         return self.indexing.index_pending(embed)
 
-    def rebuild(self, operation: str = "rebuild") -> IndexVersion:
-        return self.indexing.rebuild(operation)
+    def rebuild(self, operation: str = "rebuild", n_shards: int | None = None) -> IndexVersion:
+        return self.indexing.rebuild(operation, n_shards)
 
     def compact(self, retain: int = 5) -> tuple[IndexVersion, list[IndexVersion]]:
         return self.indexing.compact(retain)
@@ -154,7 +155,7 @@ class Memory:
 
     def index_consistency(self) -> dict:
         """Does the live index hold exactly the active embedded samples of this encoder?"""
-        return self.indexing.consistency(held_ids(self.live_index()[1]))
+        return self.indexing.consistency(self.recall.held_ids())
 
     def embedding_files(self, image_set: str | None = None) -> list[str]:
         with self.ledger.connect() as s:
@@ -220,4 +221,5 @@ class Memory:
 
     def status(self) -> dict:
         """What a person asks first: which encoder, how many of what, which index, how much disk."""
-        return memory_status(self.layout, self.ledger, self.encoder_spec(), self.pending(), self.index_policy)
+        return memory_status(self.layout, self.ledger, self.encoder_spec(), self.pending(), self.index_policy,
+                             self.encoder_choice.known_id(), self.settings.shards)

@@ -15,6 +15,7 @@ from .encoders import Encoder, EncoderMismatchError
 from .index_kinds import Searcher, kind_for
 from .index_store import IndexStore, IndexVersion, held_ids, searcher_of
 from .ledger import LedgerBase
+from .shards import ShardedIndex, parts_of, search_all
 
 NOVELTY_PERCENTILE = 99.0
 NOVELTY_SAMPLE = 5000         # vectors whose nearest-neighbour distance estimates the threshold
@@ -30,14 +31,15 @@ class Recall:
         self.encoder = encoder
         self.read_only = read_only
         self._index_cache: tuple[tuple, IndexVersion, object] | None = None
-        self._searcher_cache: tuple[object, Searcher, int] | None = None  # (index, its searcher, its holes)
+        self._searcher_cache: tuple[object, list[tuple[Searcher, int]]] | None = None  # (index, per shard: searcher, held)
 
     def invalidate(self) -> None:
         """The live index changed in place: load it again on the next search."""
         self._index_cache = self._searcher_cache = None
 
     def live_index(self):
-        """(version, index) of the live version, cached while it stays live."""
+        """(version, index) of the live version, cached while it stays live: its one FAISS index,
+        or, for a memory of several shards, a ShardedIndex of one per shard."""
         live = self.indexes.live()
         if live is None:
             with self.ledger.connect() as s:
@@ -45,20 +47,27 @@ class Recall:
             hint = (f" This memory has indexes for: {', '.join(others)}; pass the encoder that built them"
                     if others else " Add an image set first: vismem add SET_PATH")
             raise FileNotFoundError(f"no index for encoder {self.encoder.id}.{hint}")
-        if self._index_cache is None or self._index_cache[0] != (live.version, live.sha256):
+        key = (live.version, tuple(f.sha256 for f in live.files))
+        if self._index_cache is None or self._index_cache[0] != key:
             # Memory-mapped or read whole, as its kind is best searched (index_kinds/).
-            self._index_cache = ((live.version, live.sha256), *self.indexes.load_for_search(live))
+            parts = [self.indexes.load_for_search(live, shard=j)[1] for j in range(live.n_shards)]
+            self._index_cache = (key, live, parts[0] if len(parts) == 1 else ShardedIndex(parts))
         return self._index_cache[1], self._index_cache[2]
+
+    def held_ids(self) -> np.ndarray:
+        """The vector ids the live version holds, every shard's, holes aside."""
+        return np.concatenate([held_ids(p) for p in parts_of(self.live_index()[1])])
 
     def stored_vectors(self, index=None) -> tuple[np.ndarray, np.ndarray]:
         """(vector ids, exact vectors) of the live index (or `index`): a flat index's own storage,
         else (an approximate index keeps no exact vectors) read from the embedding files."""
         if index is None:
             _, index = self.live_index()
-        ids = held_ids(index)
-        exact = kind_for(index).exact_vectors(index)
-        if exact is not None:
-            return ids, exact.copy()
+        parts = parts_of(index)
+        ids = np.concatenate([held_ids(p) for p in parts])
+        exact = [kind_for(p).exact_vectors(p) for p in parts]
+        if all(e is not None for e in exact):
+            return ids, np.concatenate(exact) if len(exact) > 1 else exact[0].copy()
         with self.ledger.connect() as s:
             embedded = s.samples.embedded_active(self.encoder.id)
         paths = embedded.filter(pl.col("vector_id").is_in(ids.tolist()))["path"].unique().to_list()
@@ -74,23 +83,24 @@ class Recall:
             return Catalog.query(s)
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, vector_ids), each (n, min(k, N)), best first, by the live index's kind's
-        searcher: a flat index exactly by blocked matrix multiplication over its own stored
+        """(similarities, vector_ids), each (n, min(k, N)), best first: each shard searched by its
+        kind's searcher and their top k merged (shards.py); a one-shard memory by its one searcher: a flat index exactly by blocked matrix multiplication over its own stored
         vectors (search.py; exact ties: lower position first); an IVF-Flat one list by list for
         large batches (ivf_search.py); others by FAISS."""
         if vectors.ndim != 2 or vectors.shape[1] != self.encoder.dim:
             raise EncoderMismatchError(f"query vectors of shape {vectors.shape} do not match encoder {self.encoder.id}")
         _, index = self.live_index()
-        searcher, holes = self._searcher(index)
-        k = max(1, min(k, index.ntotal - holes))
-        return searcher.search(vectors, k)
+        searchers = self._searchers(index)
+        k = max(1, min(k, sum(held for _, held in searchers)))
+        return search_all(searchers, vectors, k)
 
-    def _searcher(self, index) -> tuple[Searcher, int]:
-        """The searcher of the live index (its kind's) and its number of holes, cached with it:
-        it reads the index's own vectors or lists (no copy) and keeps that index alive while cached."""
+    def _searchers(self, index) -> list[tuple[Searcher, int]]:
+        """Each shard's searcher (its kind's) and how many vectors it holds, cached with the live
+        index: a searcher reads its index's own vectors or lists (no copy) and keeps it alive."""
         if self._searcher_cache is None or self._searcher_cache[0] is not index:
-            self._searcher_cache = (index, *searcher_of(index))
-        return self._searcher_cache[1], self._searcher_cache[2]
+            found = [(part, *searcher_of(part)) for part in parts_of(index)]
+            self._searcher_cache = (index, [(searcher, part.ntotal - holes) for part, searcher, holes in found])
+        return self._searcher_cache[1]
 
     def novelty_threshold(self, percentile: float = NOVELTY_PERCENTILE) -> float:
         """Nearest-neighbour distance (1 - cosine) beyond which a query is 'unknown': that

@@ -52,7 +52,9 @@ class Settings(BaseSettings):
     delta_fraction: float = Field(0.10, ge=0, le=1, description="an add writes a delta while deltas stay within "
                                                                 "this share of the base")
     max_deltas: int = Field(16, ge=0, description="delta files before they fold into a new base")
-    shard_mib: int = Field(64, ge=1, description="MiB per shard of an exact base")
+    shards: int = Field(1, ge=1, le=256, description="shards (by sample id) a new memory is split into; an "
+                                                     "existing one keeps its own until `vismem rebuild --shards S`")
+    shard_mib: int = Field(64, ge=1, description="MiB per file piece of an exact base (forgetting rewrites one)")
     query_set: str | None = Field(None, description="labelled query folder (relative to the home) evaluated after "
                                                     "edits; unset: leave-one-out")
     cache: Path | None = Field(None, description="cache root (ONNX exports under onnx/); unset: "

@@ -9,15 +9,20 @@ import polars as pl
 
 from .blas import blas_report
 from .home import Layout
+from .index_store import IndexVersion
 from .index_types import IndexPolicy
 from .ivf_search import settings as ivf_search_settings
 from .ledger import LedgerBase
 
 
-def memory_status(layout: Layout, ledger: LedgerBase, encoder_spec: str, pending: dict, index_policy: IndexPolicy) -> dict:
-    """`pending`: what indexing.pending_work says for the memory's encoder."""
+def memory_status(layout: Layout, ledger: LedgerBase, encoder_spec: str, pending: dict, index_policy: IndexPolicy,
+                  encoder_id: str | None = None, n_shards_setting: int = 1) -> dict:
+    """`pending`: what indexing.pending_work says for the memory's encoder (`encoder_id`, if it has
+    been used); `n_shards_setting`: the shards a new memory would get (VISMEM_SHARDS)."""
     with ledger.connect() as s:
         live = s.indexes.live_indexes()
+        row = s.indexes.live(encoder_id) if encoder_id else None
+        version = IndexVersion.from_row(row) if row else None
         encoders = s.encoders.listing()
         samples = s.samples.count_by_status()
         labels = s.samples.count_by_label()
@@ -33,6 +38,9 @@ def memory_status(layout: Layout, ledger: LedgerBase, encoder_spec: str, pending
         "image_sets": image_sets,
         "pending": pending,  # left by a crash mid-add; the next add or rebuild finishes them
         "live_indexes": live.with_columns(pl.col("created_at").cast(pl.String)).to_dicts(),
+        # The memory's shards (its encoder's live version), or what a new memory would get.
+        "shards": version.n_shards if version else n_shards_setting,
+        "shard_table": version.shards() if version else [],
         "disk_bytes": {d: _du(layout.root / d) for d in ("images", "embeddings", "indexes", "quarantine")}
                       | {"ledger": _du(layout.ledger) if ledger_bytes is None else ledger_bytes},
         "index_policy": asdict(index_policy),

@@ -24,7 +24,7 @@ _HOLES = {
 
 VERSION_COLUMNS = ("encoder_id, version, path, sha256, parent_version, operation, n_vectors, n_added, n_removed, status,"
                    " index_type, nprobe, recall_at_10, recall_at_100, recall_measured_at, build_reason, build_report,"
-                   " files")
+                   " files, n_shards")
 
 
 class IndexVersions(Group):
@@ -55,17 +55,18 @@ class IndexVersions(Group):
                        operation: str, n_vectors: int, index_type: str, n_added: int, n_removed: int,
                        chain_head: str, nprobe: int | None, recall_at_10: float | None, recall_at_100: float | None,
                        recall_measured_at: int | None, build_reason: str | None, build_report: str | None,
-                       files: str) -> None:
+                       files: str, n_shards: int = 1) -> None:
         """Insert a version as the live one, the live one before it becoming retained."""
         self.con.execute("UPDATE index_versions SET status = 'retained' WHERE encoder_id = ? AND status = 'live'",
                          [encoder_id])
         self.con.execute(
             "INSERT INTO index_versions (encoder_id, version, path, sha256, parent_version, operation,"
             " n_vectors, created_at, status, index_type, n_added, n_removed, chain_head, nprobe,"
-            " recall_at_10, recall_at_100, recall_measured_at, build_reason, build_report, files)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, now(), 'live', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " recall_at_10, recall_at_100, recall_measured_at, build_reason, build_report, files, n_shards)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, now(), 'live', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [encoder_id, version, path, sha256, parent_version, operation, n_vectors, index_type, n_added, n_removed,
-             chain_head, nprobe, recall_at_10, recall_at_100, recall_measured_at, build_reason, build_report, files])
+             chain_head, nprobe, recall_at_10, recall_at_100, recall_measured_at, build_reason, build_report, files,
+             n_shards])
 
     def record_delta(self, encoder_id: str, version: int, change: str, vector_ids: np.ndarray) -> None:
         """The ids a version added or removed (`change`: add | remove)."""
@@ -85,10 +86,21 @@ class IndexVersions(Group):
         self.con.execute("UPDATE index_versions SET chain_head = ? WHERE encoder_id = ? AND version = ?",
                          [chain_head, encoder_id, version])
 
-    def erasure_recorded(self, encoder_id: str, request_id: str) -> bool:
-        """Whether a forget request's erasure in this encoder's files was recorded (a retry)."""
-        return self.con.execute("SELECT count(*) FROM index_erasures WHERE encoder_id = ? AND request_id = ?",
-                                [encoder_id, request_id]).fetchone()[0] > 0
+    def erased_paths(self, encoder_id: str, request_id: str) -> set[str]:
+        """The files whose erasure for this forget request was recorded (a retry finishes them)."""
+        return {p for (p,) in self.con.execute("SELECT path FROM index_erasures WHERE encoder_id = ? AND request_id = ?",
+                                               [encoder_id, request_id]).fetchall()}
+
+    def shard_reported(self, request_id: str, encoder_id: str, n_shards: int, shard: int) -> bool:
+        """Whether a shard has reported its erasure for a forget request."""
+        return self.con.execute("SELECT count(*) FROM forget_shard_reports WHERE request_id = ? AND encoder_id = ?"
+                                " AND n_shards = ? AND shard = ?", [request_id, encoder_id, n_shards, shard]
+                                ).fetchone()[0] > 0
+
+    def report_shard(self, request_id: str, encoder_id: str, n_shards: int, shard: int, n_erased: int) -> None:
+        """A shard has erased a forget request's vectors from every one of its files."""
+        self.con.execute("INSERT INTO forget_shard_reports VALUES (?, ?, ?, ?, ?, now()) ON CONFLICT DO NOTHING",
+                         [request_id, encoder_id, n_shards, shard, n_erased])
 
     def record_erasure(self, encoder_id: str, path: str, request_id: str, n_erased: int, old_sha256: str,
                        new_sha256: str) -> None:

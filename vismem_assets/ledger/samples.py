@@ -182,6 +182,17 @@ class Samples(Group):
     def count_embedded_active(self, encoder_id: str | None) -> int:
         return self.con.execute(_EMBEDDED_ACTIVE.format("count(*)"), [encoder_id]).fetchone()[0]
 
+    def sample_ids_of(self, vector_ids: np.ndarray) -> list[str]:
+        """The sample id of each vector id, in the order given (a shard is chosen by it)."""
+        vector_ids = np.asarray(vector_ids, np.int64)
+        found = self.con.execute("SELECT vector_id, sample_id FROM samples WHERE vector_id IN"
+                                 " (SELECT unnest(?::BIGINT[]))", [vector_ids.tolist()]).fetchnumpy()
+        known = dict(zip(np.asarray(found["vector_id"], np.int64).tolist(), list(found["sample_id"])))
+        missing = [int(v) for v in vector_ids if int(v) not in known]
+        if missing:
+            raise KeyError(f"no sample has vector id {missing[:5]}")
+        return [known[int(v)] for v in vector_ids]
+
     def embedding_paths(self, encoder_id: str, vector_ids: np.ndarray) -> list[str]:
         """The part files holding these active vectors."""
         return [p for (p,) in self.con.execute(
