@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 import polars as pl
@@ -191,13 +191,17 @@ class _Phases:
 
 class Forgetting:
     def __init__(self, layout: Layout, ledger: LedgerBase, index_policy: IndexPolicy,
-                 current_index: Callable[[], IndexStore], refresh_reliability: Callable[[int], Any]):
+                 current_index: Callable[[], IndexStore], refresh_reliability: Callable[[int], Any],
+                 shard_workers: "ShardEraser | None" = None):
         """`current_index`: the index store of the memory's encoder (called only when a forget is
         applied: it may load the encoder); `refresh_reliability(k)`: recompute and store its
-        pruning statistics at k for its live version (pruning.reliability)."""
+        pruning statistics at k for its live version (pruning.reliability); `shard_workers`: the
+        client that has each shard's worker erase its own files (shard_workers.py), else None:
+        every shard is erased in this process."""
         self.layout, self.ledger, self.index_policy = layout, ledger, index_policy
         self.current_index = current_index
         self.refresh_reliability = refresh_reliability
+        self.shard_workers = shard_workers
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -292,22 +296,26 @@ class Forgetting:
 
     # ---- applying them -------------------------------------------------------------------------
 
-    def apply_pending(self, only: str | None = None) -> dict[str, Applied]:
+    def apply_pending(self, only: str | None = None, in_process: bool = False) -> dict[str, Applied]:
         """Finish accepted requests (all pending ones, or one): purge every trace, then chain the
         proof. Each one's `phases`: seconds erasing in the index files, in the embedding files,
         deleting image files, erasing file names, writing the proof (and the pruning statistics,
         the manifests, the ledger's commit), and marking the request applied. Without `only`, the
         file names a set's forget left behind (before forgetting a set took its quarantined files'
-        names too) are erased as well."""
+        names too) are erased as well. `in_process`: erase every shard here, shard workers or not
+        (`vismem forget --resume`: a dead worker's shard too)."""
         with self.ledger.connect() as s:
             pending = s.forgetting.pending_requests(only)
         done = {}
         for request_id in pending:
             clock = _Phases()
-            with self.ledger.connect() as s:  # one writer: nothing else changes the memory meanwhile
+            with self.ledger.connect() as s:
                 targets = s.forgetting.targets(request_id)
-                vector_ids = np.sort(targets["vector_id"].drop_nulls().to_numpy().astype(np.int64))
-                new_versions = clock("indexes", self._purge_indexes, vector_ids, request_id)
+            vector_ids = np.sort(targets["vector_id"].drop_nulls().to_numpy().astype(np.int64))
+            # Outside the writer's session: shard workers take the ledger lock to erase and report
+            # while this process waits for them. The request's samples are blocked meanwhile.
+            new_versions = clock("indexes", self._purge_indexes, vector_ids, request_id, in_process)
+            with self.ledger.connect() as s:  # one writer: nothing else changes the memory meanwhile
                 rewritten = s.forgetting.rewritten_versions(request_id)
                 removed = clock("embeddings", self._purge_embeddings, s, targets)
                 removed += clock("image_files", self._purge_files, targets)
@@ -335,27 +343,32 @@ class Forgetting:
         with self.ledger.transaction() as s:
             s.forgetting.mark_applied(request_id)
 
-    def _index_stores(self, s: Session) -> list[IndexStore]:
+    def index_stores(self, s: Session) -> list[IndexStore]:
         """Every encoder's index store: a forget erases from all of them."""
         return [IndexStore(self.layout, self.ledger, encoder_id, slug, dim, policy=self.index_policy)
                 for encoder_id, slug, dim in s.forgetting.encoders()]
 
-    def _purge_indexes(self, vector_ids: np.ndarray, request_id: str) -> list[str]:
+    def _purge_indexes(self, vector_ids: np.ndarray, request_id: str, in_process: bool = False) -> list[str]:
         """Erase the vectors in place from every index file of every version that holds them,
         shard by shard: each shard erases its own files and reports (a shard that reported is not
-        asked again when a crash made this run again); returns the new live versions ("slug:version")."""
+        asked again when a crash made this run again); with shard workers, each shard of the live
+        sharding is erased by its worker, the shards of an older one a retained version still names
+        here. Returns the new live versions ("slug:version")."""
         new_versions = []
         with self.ledger.connect() as s:
-            for index_store in self._index_stores(s):
-                for n_shards, shard in index_store.shard_groups():
-                    if s.indexes.shard_reported(request_id, index_store.encoder_id, n_shards, shard):
-                        continue
-                    version, n_erased = index_store.erase(vector_ids, request_id, (n_shards, shard))
-                    with self.ledger.transaction() as tx:
-                        tx.indexes.report_shard(request_id, index_store.encoder_id, n_shards, shard, n_erased)
-                    if version is not None:
-                        new_versions.append(f"{index_store.root.name}:{version.version}")
-                index_store.remove_unreferenced_files()
+            stores = self.index_stores(s)
+        for index_store in stores:
+            todo = unreported_shards(index_store, request_id)
+            remote = None
+            if self.shard_workers is not None and not in_process:
+                remote, todo = self.shard_workers.send_erase(index_store, todo, vector_ids, request_id)
+            for n_shards, shard in todo:
+                version = erase_shard(index_store, vector_ids, request_id, n_shards, shard)
+                if version is not None:
+                    new_versions.append(f"{index_store.root.name}:{version}")
+            if remote is not None:  # raises, naming the shard, if a worker did not report
+                new_versions += [f"{index_store.root.name}:{v}" for v in remote.wait() if v is not None]
+            index_store.remove_unreferenced_files()
         return new_versions
 
     def _purge_embeddings(self, s: Session, targets: pl.DataFrame) -> int:
@@ -446,7 +459,7 @@ class Forgetting:
         s.forgetting.drop_weights(vector_ids)
         self._forget_in_reliability(s)
         self._chain(s, request_id)
-        for index_store in self._index_stores(s):  # every version written from now on carries the new head
+        for index_store in self.index_stores(s):  # every version written from now on carries the new head
             live = index_store.live()
             if live is not None:
                 index_store.refresh_manifest(live, s)
@@ -486,6 +499,31 @@ class Forgetting:
         with self.ledger.transaction() as tx:
             tx.forgetting.append_deletions(rows)
             tx.forgetting.redact(request_id)
+
+
+class ShardEraser(Protocol):
+    """What erases shards elsewhere (shard_workers.ShardClient)."""
+
+    def send_erase(self, index_store: IndexStore, groups: list[tuple[int, int]], vector_ids: np.ndarray,
+                   request_id: str) -> tuple[Any, list[tuple[int, int]]]: ...
+
+
+def unreported_shards(index_store: IndexStore, request_id: str) -> list[tuple[int, int]]:
+    """(n_shards, shard) of the store's shards that have not reported erasing this request."""
+    groups = index_store.shard_groups()
+    with index_store.ledger.connect() as s:
+        return [g for g in groups if not s.indexes.shard_reported(request_id, index_store.encoder_id, *g)]
+
+
+def erase_shard(index_store: IndexStore, vector_ids: np.ndarray, request_id: str, n_shards: int,
+                shard: int) -> int | None:
+    """Erase the vectors from one shard's files and report it in the ledger: what the coordinator
+    does in process and what a shard worker does for its own shard. Returns the new live version
+    (or None: the live version held none of them)."""
+    version, n_erased = index_store.erase(vector_ids, request_id, (n_shards, shard))
+    with index_store.ledger.transaction() as tx:
+        tx.indexes.report_shard(request_id, index_store.encoder_id, n_shards, shard, n_erased)
+    return None if version is None else version.version
 
 
 HASHED_FIELDS = ("seq", "request_id", "sample_id", "label", "requested_by", "reason", "category", "external_ref",

@@ -86,7 +86,8 @@ class Memory:
 
     @cached_property
     def recall(self) -> Recall:
-        return Recall(self.ledger, self.indexes, self.embeddings, self.encoder, read_only=self.read_only)
+        return Recall(self.ledger, self.indexes, self.embeddings, self.encoder, read_only=self.read_only,
+                      shard_workers=self.shard_workers)
 
     @cached_property
     def pruning(self) -> Pruning:
@@ -105,7 +106,15 @@ class Memory:
     def forgetting(self) -> Forgetting:
         # Lazy callables: a dry run or a request's check must not load the encoder.
         return Forgetting(self.layout, self.ledger, self.index_policy, current_index=lambda: self.indexes,
-                          refresh_reliability=lambda k: self.pruning.reliability(k))
+                          refresh_reliability=lambda k: self.pruning.reliability(k), shard_workers=self.shard_workers)
+
+    @cached_property
+    def shard_workers(self):
+        """The client of the shard workers when the settings say they serve this memory, else None."""
+        if not self.settings.shard_workers:
+            return None
+        from .shard_workers import ShardClient  # (Celery loads only for a memory served by shard workers)
+        return ShardClient(self.settings)
 
     @cached_property
     def audit(self) -> Audit:
@@ -209,9 +218,10 @@ class Memory:
         self._after_forgetting([report])
         return report
 
-    def resume_forgetting(self) -> list[str]:
-        """Finish forget requests a crash left pending; returns their ids."""
-        applied = self.forgetting.apply_pending()
+    def resume_forgetting(self, only: str | None = None) -> list[str]:
+        """Finish forget requests a crash left pending (or just `only`), every shard erased in this
+        process (a dead shard worker's too); returns their ids."""
+        applied = self.forgetting.apply_pending(only, in_process=True)
         self._after_forgetting(list(applied.values()))
         return list(applied)
 

@@ -23,13 +23,15 @@ NOVELTY_SAMPLE = 5000         # vectors whose nearest-neighbour distance estimat
 
 class Recall:
     def __init__(self, ledger: LedgerBase, indexes: IndexStore, embeddings: EmbeddingStore, encoder: Encoder,
-                 read_only: bool = False):
-        """`read_only`: a novelty threshold is computed but not cached in the ledger."""
+                 read_only: bool = False, shard_workers=None):
+        """`read_only`: a novelty threshold is computed but not cached in the ledger; `shard_workers`:
+        the client of the shard workers (shard_workers.py) that search, else None: this process does."""
         self.ledger = ledger
         self.indexes = indexes
         self.embeddings = embeddings
         self.encoder = encoder
         self.read_only = read_only
+        self.shard_workers = shard_workers
         self._index_cache: tuple[tuple, IndexVersion, object] | None = None
         self._searcher_cache: tuple[object, list[tuple[Searcher, int]]] | None = None  # (index, per shard: searcher, held)
 
@@ -86,9 +88,15 @@ class Recall:
         """(similarities, vector_ids), each (n, min(k, N)), best first: each shard searched by its
         kind's searcher and their top k merged (shards.py); a one-shard memory by its one searcher: a flat index exactly by blocked matrix multiplication over its own stored
         vectors (search.py; exact ties: lower position first); an IVF-Flat one list by list for
-        large batches (ivf_search.py); others by FAISS."""
+        large batches (ivf_search.py); others by FAISS. With shard workers, each worker searches its
+        shard so, and the answers are merged here."""
         if vectors.ndim != 2 or vectors.shape[1] != self.encoder.dim:
             raise EncoderMismatchError(f"query vectors of shape {vectors.shape} do not match encoder {self.encoder.id}")
+        if self.shard_workers is not None:  # each shard's worker searches its own; merged the same way
+            live = self.indexes.live()
+            if live is None:
+                self.live_index()  # (its error says what to do)
+            return self.shard_workers.search(self.encoder.id, live.n_shards, vectors, k)
         _, index = self.live_index()
         searchers = self._searchers(index)
         k = max(1, min(k, sum(held for _, held in searchers)))

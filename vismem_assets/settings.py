@@ -54,6 +54,14 @@ class Settings(BaseSettings):
     max_deltas: int = Field(16, ge=0, description="delta files before they fold into a new base")
     shards: int = Field(1, ge=1, le=256, description="shards (by sample id) a new memory is split into; an "
                                                      "existing one keeps its own until `vismem rebuild --shards S`")
+    shard_workers: bool = Field(False, description=(
+        "search and erase the shards through their shard workers (shard_workers.py: one Celery worker per "
+        "shard, on queue vismem-shard-<j>); unset: every shard in this process"))
+    broker_url: str | None = Field(None, description="shard workers: the Celery broker (redis://host:port/0)")
+    broker_backend: str | None = Field(None, description="shard workers: the Celery result backend "
+                                                         "(redis://host:port/1)")
+    shard_timeout: float = Field(30.0, gt=0, description="shard workers: seconds to wait for every shard's answer "
+                                                         "to a search (an erasure waits ten times as long)")
     shard_mib: int = Field(64, ge=1, description="MiB per file piece of an exact base (forgetting rewrites one)")
     query_set: str | None = Field(None, description="labelled query folder (relative to the home) evaluated after "
                                                     "edits; unset: leave-one-out")
@@ -105,8 +113,9 @@ class Settings(BaseSettings):
     def table(self) -> list[tuple[str, str, str]]:
         """(variable, effective value, description) per setting, for `vismem status`."""
         values = self.model_dump(mode="json")
-        if values.get("ledger_url"):
-            values["ledger_url"] = redact_url(values["ledger_url"])  # status prints it: never the password
+        for url in ("ledger_url", "broker_url", "broker_backend"):
+            if values.get(url):
+                values[url] = redact_url(values[url])  # status prints it: never the password
         return [(PREFIX + name.upper(), "" if values[name] is None else str(values[name]), field.description or "")
                 for name, field in type(self).model_fields.items()]
 
