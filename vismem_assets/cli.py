@@ -356,6 +356,16 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def cmd_shard_worker(args) -> int:
+    from .shard_workers import ShardWorkerError, serve
+
+    if not 0 <= args.shard < args.settings.shards:
+        raise ShardWorkerError(f"shard {args.shard} is not one of the memory's {args.settings.shards} shards "
+                               f"(VISMEM_SHARDS): start workers 0 to {args.settings.shards - 1}")
+    serve(args.settings, args.shard)
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .serve import serve
 
@@ -644,6 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=positive_int, default=8000)
     encoder_option(p)
+
+    p = command("shard-worker", cmd_shard_worker, "run the worker of one shard (a cluster with VISMEM_SHARDS > 1): "
+                "it searches its shard and erases its files for a forget, taking tasks from the Celery queue "
+                "vismem-shard-SHARD (VISMEM_BROKER_URL); at start it finishes what its shard owes a pending forget")
+    p.add_argument("shard", type=int, help="the shard it serves, 0 to VISMEM_SHARDS - 1")
 
     p = command("prune", cmd_prune, "weight samples by reliability (soft) or exclude unreliable ones (hard); never deletes")
     p.set_defaults(writes=True)

@@ -14,11 +14,10 @@ A forget: each shard's worker erases its own files and reports it in the ledger
 request pending. Starting a worker first finishes what its shard has not reported of every
 pending forget, and the whole request once every shard has: restarting a dead worker finishes it.
 
-    python -m vismem_assets.shard_workers SHARD      # the worker of shard SHARD (0-based)
+    vismem shard-worker SHARD      # the worker of shard SHARD (0-based), until stopped
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import dataclass
@@ -73,6 +72,7 @@ def unpack(packed: dict) -> np.ndarray:
 @dataclass
 class _Loaded:
     key: tuple
+    index: object     # kept: its searcher reads the index's own storage
     searcher: object
     held: int
 
@@ -121,7 +121,7 @@ class ShardServer:
             self._loaded.pop(encoder_id, None)  # let go of the old one before loading the new
             _, index = store.load_for_search(live, shard=self.shard)
             searcher, holes = searcher_of(index)
-            cached = self._loaded[encoder_id] = _Loaded(key, searcher, index.ntotal - holes)
+            cached = self._loaded[encoder_id] = _Loaded(key, index, searcher, index.ntotal - holes)
             log.info("shard %d: loaded version %d (%d vectors)", self.shard, live.version, cached.held)
         return cached
 
@@ -250,18 +250,3 @@ class _Erasures:
         """Each worker's new live version (or None), once every one has reported."""
         return self.client._gather(self.sent, self.client.timeout * ERASE_WAIT, "erasing its files",
                                    self.request_id)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .settings import setup
-    parser = argparse.ArgumentParser(prog="python -m vismem_assets.shard_workers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("shard", type=int, help="the shard this worker serves (0-based)")
-    args = parser.parse_args(argv)
-    settings = setup()
-    if not 0 <= args.shard < settings.shards:
-        parser.error(f"shard {args.shard} is not one of the {settings.shards} shards (VISMEM_SHARDS)")
-    serve(settings, args.shard)
-
-
-if __name__ == "__main__":
-    main()
