@@ -3,8 +3,9 @@
 #
 #   scripts/cluster.sh up       start, under $VISMEM_CLUSTER_DIR (default ./.cluster): PostgreSQL (the
 #                               Dagster instance and the `vismem` ledger database), Redis (the broker),
-#                               dagster-daemon, the webserver, embedding workers and one ledger worker;
-#                               write $VISMEM_CLUSTER_DIR/cluster.env
+#                               dagster-daemon, the webserver, embedding workers and one ledger worker,
+#                               and, when VISMEM_SHARDS > 1, one shard worker per shard (`vismem
+#                               shard-worker J`, queue vismem-shard-J); write $VISMEM_CLUSTER_DIR/cluster.env
 #   scripts/cluster.sh down     stop exactly what `up` started, by its pid files
 #   scripts/cluster.sh status   what runs: one line per process, its pid, alive or not
 #   scripts/cluster.sh running  exit status 0 if the cluster's daemon runs
@@ -33,6 +34,13 @@ alive() { [ -f "$PIDS/$1.pid" ] && kill -0 "$(cat "$PIDS/$1.pid")" 2>/dev/null; 
 embed_names() {
   local n=${VISMEM_EMBED_WORKERS:-2} i
   for ((i = 1; i <= n; i++)); do echo "embed-worker-$i"; done
+}
+
+# One shard worker per shard when the memory is split (VISMEM_SHARDS > 1); none otherwise.
+shard_names() {
+  local n=${VISMEM_SHARDS:-1} j
+  ((n > 1)) || return 0
+  for ((j = 0; j < n; j++)); do echo "shard-worker-$j"; done
 }
 
 # Start a command in a session of its own (pid = process group id), logging to logs/NAME.log.
@@ -93,6 +101,8 @@ write_env() {
     echo "export VISMEM_DAGSTER_IO_DIR=$CLUSTER_DIR/dagster_io"
     echo "export VISMEM_EMBED_WORKERS=${VISMEM_EMBED_WORKERS:-2}"
     echo "export VISMEM_EMBED_THREADS=$(( threads > 0 ? threads : 1 ))"
+    # Searches and forgets go through the shard workers (vismem_assets/shard_workers.py) when there are some.
+    if (( ${VISMEM_SHARDS:-1} > 1 )); then echo "export VISMEM_SHARD_WORKERS=1"; fi
     echo "export VISMEM_DAGSTER_PG_USER=vismem"
     echo "export VISMEM_DAGSTER_PG_PASSWORD=$password"
     echo "export VISMEM_DAGSTER_PG_HOST=127.0.0.1"
@@ -103,7 +113,7 @@ write_env() {
     while IFS= read -r -d '' kv; do
       var=${kv%%=*}
       [[ $var =~ ^VISMEM_[A-Z0-9_]+$ ]] || continue
-      [[ $var =~ ^VISMEM_(CLUSTER_.*|HOME|LEDGER_URL|BROKER_.*|DAGSTER_.*|EMBED_.*|VENV_BIN)$ ]] && continue
+      [[ $var =~ ^VISMEM_(CLUSTER_.*|HOME|LEDGER_URL|BROKER_.*|DAGSTER_.*|EMBED_.*|SHARD_WORKERS|VENV_BIN)$ ]] && continue
       printf 'export %s=%q\n' "$var" "${kv#*=}"
     done < <(env -0)
   } >"$ENV_FILE"
@@ -112,7 +122,7 @@ write_env() {
 
 up() {
   local name
-  for name in "${PROCESSES[@]}" $(embed_names); do
+  for name in "${PROCESSES[@]}" $(embed_names) $(shard_names); do
     alive "$name" && die "already up ($name runs, pid $(cat "$PIDS/$name.pid")): scripts/cluster.sh down first"
   done
   [ -x "$VENV_BIN/dagster-celery" ] || die "$VENV_BIN/dagster-celery is missing: run make setup first"
@@ -155,10 +165,14 @@ SQL
       spawn "$name" "$VENV_BIN/dagster-celery" worker start -A dagster_celery.app -y "$celery_yaml" \
       -q vismem-embed -n "vismem-$name" -- --concurrency=1
   done
+  for name in $(shard_names); do
+    # Each shard worker: one process holding its shard in memory, the queue vismem-shard-J alone.
+    spawn "$name" "$VENV_BIN/python" -m vismem_assets.cli shard-worker "${name#shard-worker-}"
+  done
   spawn daemon "$VENV_BIN/dagster-daemon" run -w "$REPO/workspace.yaml"
   spawn webserver "$VENV_BIN/dagster-webserver" -w "$REPO/workspace.yaml" -h 127.0.0.1 -p "$VISMEM_CLUSTER_WEB_PORT"
 
-  for name in ledger-worker $(embed_names); do
+  for name in ledger-worker $(embed_names) $(shard_names); do
     wait_for "$name" 180 worker_ready "$name" \
       || { tail -n 30 "$LOGS/$name.log" >&2; die "$name did not become ready (log: $LOGS/$name.log); scripts/cluster.sh down to stop the rest"; }
   done
@@ -171,7 +185,7 @@ SQL
 
 down() {
   local name
-  for name in webserver daemon $(embed_names) ledger-worker; do stop_group "$name"; done
+  for name in webserver daemon $(embed_names) $(shard_names) ledger-worker; do stop_group "$name"; done
   # Workers of an earlier `up` with more embedding workers than this one's setting.
   for pidfile in "$PIDS"/*.pid; do [ -e "$pidfile" ] && stop_group "$(basename "$pidfile" .pid)"; done
   bash "$SERVICES" redis-stop "$CLUSTER_DIR/redis"
