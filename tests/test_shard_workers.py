@@ -150,10 +150,16 @@ def state_and_reports(local: Memory, request_id: str) -> tuple[str, list[int]]:
     return state, shards
 
 
-def test_search_through_the_workers_equals_in_process(served):
+def test_search_through_the_workers_equals_in_process(served, fm_sets):
     local, coordinator, workers, queries, _ = served
     for k in (1, 20, 1000):  # 1000: more than the memory holds
         same_search(coordinator, local, queries, k)
+    images = sorted(fm_sets["test"].rglob("*.png"))[:10]
+    def answers(memory):
+        return [(p.label, [n.vector_id for n in p.neighbors]) for p in memory.classify(images, progress=False)]
+
+    assert answers(coordinator) == answers(fresh(local))
+    assert coordinator.recall._index_cache is None  # the coordinator never loaded a shard itself
     assert all(workers.log(j).count("vismem.shard.search") >= 3 for j in range(2))
 
 

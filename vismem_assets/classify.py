@@ -72,7 +72,7 @@ class Classifier:
         answered UNKNOWN (the vote is kept in `voted_label`). `pruning`: 'none', 'soft', 'hard',
         or None for the memory's active weight set (vismem prune)."""
         vote_weights(np.zeros((1, 1)), strategy)  # fail early on an unknown strategy
-        self.recall.live_index()  # ... and on a memory with nothing to search, before embedding anything
+        self.recall.ready()  # ... and on a memory with nothing to search, before embedding anything
         threshold = self.recall.novelty_threshold() if unknown else None
         vectors = self.encoder.embed(images, progress=progress)
         sims, ids = self.recall.search(vectors, k)

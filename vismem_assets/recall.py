@@ -39,9 +39,8 @@ class Recall:
         """The live index changed in place: load it again on the next search."""
         self._index_cache = self._searcher_cache = None
 
-    def live_index(self):
-        """(version, index) of the live version, cached while it stays live: its one FAISS index,
-        or, for a memory of several shards, a ShardedIndex of one per shard."""
+    def live_version(self) -> IndexVersion:
+        """The live version's row (nothing loaded), or an error that says what to do."""
         live = self.indexes.live()
         if live is None:
             with self.ledger.connect() as s:
@@ -49,6 +48,19 @@ class Recall:
             hint = (f" This memory has indexes for: {', '.join(others)}; pass the encoder that built them"
                     if others else " Add an image set first: vismem add SET_PATH")
             raise FileNotFoundError(f"no index for encoder {self.encoder.id}.{hint}")
+        return live
+
+    def ready(self) -> None:
+        """Fail now on a memory with nothing to search; load its index now, unless shard workers hold it."""
+        if self.shard_workers is None:
+            self.live_index()
+        else:
+            self.live_version()
+
+    def live_index(self):
+        """(version, index) of the live version, cached while it stays live: its one FAISS index,
+        or, for a memory of several shards, a ShardedIndex of one per shard."""
+        live = self.live_version()
         key = (live.version, tuple(f.sha256 for f in live.files))
         if self._index_cache is None or self._index_cache[0] != key:
             # Memory-mapped or read whole, as its kind is best searched (index_kinds/).
@@ -93,10 +105,7 @@ class Recall:
         if vectors.ndim != 2 or vectors.shape[1] != self.encoder.dim:
             raise EncoderMismatchError(f"query vectors of shape {vectors.shape} do not match encoder {self.encoder.id}")
         if self.shard_workers is not None:  # each shard's worker searches its own; merged the same way
-            live = self.indexes.live()
-            if live is None:
-                self.live_index()  # (its error says what to do)
-            return self.shard_workers.search(self.encoder.id, live.n_shards, vectors, k)
+            return self.shard_workers.search(self.encoder.id, self.live_version().n_shards, vectors, k)
         _, index = self.live_index()
         searchers = self._searchers(index)
         k = max(1, min(k, sum(held for _, held in searchers)))
