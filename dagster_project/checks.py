@@ -23,7 +23,7 @@ def live_index_matches_ledger(visual_memory: VisualMemory) -> AssetCheckResult:
 
 
 @asset_check(asset=memory_index, blocking=True,
-             description="The live index's files (base, shards, deltas) match the sha256 recorded in the ledger.")
+             description="The live index's files (every shard's base and deltas) match the sha256 recorded in the ledger.")
 def index_file_matches_sha256(visual_memory: VisualMemory) -> AssetCheckResult:
     memory = visual_memory.memory()
     live = memory.indexes.live()
@@ -31,7 +31,7 @@ def index_file_matches_sha256(visual_memory: VisualMemory) -> AssetCheckResult:
     for file in live.files:
         path = memory.layout.absolute(file.path)
         actual = sha256_file(path) if path.exists() else None
-        rows.append({"file": file.path, "n_vectors": file.n_vectors, "holes": file.holes, "recorded_sha256": file.sha256,
+        rows.append({"shard": file.shard, "file": file.path, "n_vectors": file.n_vectors, "holes": file.holes, "recorded_sha256": file.sha256,
                      "actual_sha256": actual or "file missing", "ok": actual == file.sha256})
     passed = all(r["ok"] for r in rows)
     return AssetCheckResult(

@@ -15,10 +15,10 @@ from vismem_assets.settings import Settings
 
 
 @lru_cache(maxsize=4)
-def _memory(home: str, encoder: str | None, policy: IndexPolicy | None = None) -> Memory:
+def _memory(home: str, encoder: str | None, policy: IndexPolicy | None = None, shards: int | None = None) -> Memory:
     # One Memory (and so one loaded torch model) per process: the steps of a run share it. Its
     # settings are the environment's as the first step found them, as when Memory read them itself.
-    return Memory(home, encoder=encoder, index_policy=policy, settings=Settings.from_env())
+    return Memory(home, encoder=encoder, index_policy=policy, settings=Settings.from_env(shards=shards))
 
 
 class VisualMemory(ConfigurableResource):
@@ -38,11 +38,14 @@ class VisualMemory(ConfigurableResource):
     recall_floor: float | None = Field(
         default=None, description="recall@10 on held-out memory vectors an approximate index must reach, else the "
                                   "memory stays exact (default 0.95)")
+    shards: int | None = Field(
+        default=None, description="shards (by sample id) a new memory is split into (default $VISMEM_SHARDS, else 1); "
+                                  "an existing memory keeps its own until `vismem rebuild --shards S`")
 
     def settings(self) -> Settings:
         """The environment's settings (VISMEM_*), this resource's fields overriding them."""
         return Settings.from_env(home=self.home, query_set=self.query_set, index_type=self.index_type,
-                                 ivf_from=self.ivf_from, recall_floor=self.recall_floor)
+                                 ivf_from=self.ivf_from, recall_floor=self.recall_floor, shards=self.shards)
 
     def home_path(self):
         return resolve_home(self.settings().home)
@@ -52,7 +55,7 @@ class VisualMemory(ConfigurableResource):
         # No override: the settings' policy (Memory takes it), one cached Memory per home and encoder.
         overridden = any(v is not None for v in (self.index_type, self.ivf_from, self.recall_floor))
         policy = IndexPolicy.from_settings(settings) if overridden else None
-        return _memory(str(resolve_home(settings.home)), self.encoder, policy)
+        return _memory(str(resolve_home(settings.home)), self.encoder, policy, self.shards)
 
     def query_set_path(self):
         """The configured query folder, or None for leave-one-out."""

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import psycopg2
+import numpy as np
 import pytest
 
 from vismem_assets.forgetting import ForgetRequest
@@ -211,6 +212,30 @@ def test_the_life_cycle_agrees_on_duckdb_and_postgres(twins, fm_sets, tmp_path):
         assert a.select(kept).to_dicts() == b.select(kept).to_dicts(), name
     # The server reads set A's refused file's name from names.bin (original_name() in SQL).
     assert pg.ledger.run_named("quarantined_files")["original_name"].to_list() == ["Bag/broken.png"]
+
+
+@pytest.mark.slow
+def test_a_sharded_memory_on_postgres_agrees_with_one_piece_on_duckdb(pg_url, postgres_server, encoder, fm_sets,
+                                                                     tmp_path):
+    """3 shards, ledger on the server: the same neighbours as one piece on a DuckDB file, before and
+    after a forget whose shards all report; `audit verify` passes."""
+    duck = Memory(tmp_path / "duck", encoder=encoder, settings=Settings.from_env())
+    home = postgres_server.home_dir() / tmp_path.name
+    pg = Memory(home, encoder=encoder, settings=Settings.from_env(ledger_url=pg_url, shards=3))
+    sets = small_sets(fm_sets, tmp_path / "sets")
+    queries = encoder.embed(sorted(fm_sets["test"].rglob("*.png"))[:20], progress=False)
+    for memory in (duck, pg):
+        for name in ("A", "B"):
+            memory.add(sets[name], name=name, progress=False)
+    assert pg.indexes.live().n_shards == 3
+    np.testing.assert_array_equal(pg.search(queries, 10)[1], duck.search(queries, 10)[1])
+    for memory in (duck, pg):
+        memory.forget(ForgetRequest(image_set="B", **WHO))
+        assert memory.audit.verify().ok, memory.audit.verify().problems
+    reports = pg.ledger.query("SELECT n_shards, shard FROM forget_shard_reports ORDER BY shard")
+    assert reports.rows() == [(3, 0), (3, 1), (3, 2)]
+    np.testing.assert_array_equal(pg.search(queries, 10)[1], duck.search(queries, 10)[1])
+    shutil.rmtree(home, ignore_errors=True)
 
 
 # ---- the command line, psql, and tampering on the server ---------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -39,10 +40,15 @@ def server(fm_sets, tmp_path_factory):
     home = tmp_path_factory.mktemp("served") / "home"
     done = vismem(home, "add", str(fm_sets["train"]), "--name", "train")
     assert done.returncode == 0, done.stderr
+    yield from serving(home)
+
+
+def serving(home: Path, env: dict | None = None):
+    """`vismem serve` on a memory home, in its own process, until the generator is closed."""
     port = free_port()
     log = open(home.parent / "server.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "vismem_assets.cli", "--home", str(home), "serve", "--port",
-                             str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+                             str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -55,11 +61,14 @@ def server(fm_sets, tmp_path_factory):
             log.seek(0)
             pytest.fail(f"vismem serve did not come up: {log.read()[-3000:]}")
         time.sleep(0.3)
-    yield url, home
-    proc.terminate()
-    proc.wait(30)
-    log.seek(0)
-    assert "Traceback" not in log.read(), "the server logged a traceback"   # every refusal was a 4xx
+    try:
+        yield url, home
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.seek(0)
+        logged = log.read()
+    assert "Traceback" not in logged, "the server logged a traceback"   # every refusal was a 4xx
 
 
 def uploads(paths: list[Path]) -> list[tuple]:
@@ -201,3 +210,32 @@ def test_the_openapi_page_classifies_an_upload_in_chromium(server, fm_sets, brow
     page.close()
     assert answer["path"] == stored.name and answer["label"] == "Trouser", answer
     assert not failed, f"the page asked for what it could not load: {failed}"
+
+
+def test_a_sharded_memory_is_served_and_a_forget_elsewhere_is_picked_up(fm_sets, tmp_path):
+    """A memory of 3 shards (VISMEM_SHARDS when it was created): the server searches every shard
+    and answers as the command line does; a forget by another process erases in some shards and
+    the server's next answer never names the forgotten samples, without a restart."""
+    home = tmp_path / "home"
+    env = {**os.environ, "VISMEM_SHARDS": "3"}
+    done = subprocess.run([sys.executable, "-m", "vismem_assets.cli", "--home", str(home), "add",
+                           str(fm_sets["train"])], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    served = serving(home, env)
+    url, _ = next(served)
+    try:
+        assert requests.get(f"{url}/status", timeout=30).json()["shards"] == 3
+        queries = sorted(fm_sets["test"].rglob("*.png"))[:5]
+        got = requests.post(f"{url}/classify", files=uploads(queries), params={"k": 9}, timeout=120).json()
+        cli = [json.loads(line) for line in vismem(home, "classify", *map(str, queries), "--k", "9", "--json")
+               .stdout.splitlines()]
+        assert [[n["sample_id"] for n in p["neighbors"]] for p in got] == \
+            [[n["sample_id"] for n in p["neighbors"]] for p in cli]
+        victims = sorted({n["sample_id"] for p in got for n in p["neighbors"][:2]})
+        forget = vismem(home, "forget", "--sample", *victims, "--requested-by", "alice",
+                        "--reason", "asked to be removed")
+        assert forget.returncode == 0, forget.stderr
+        again = requests.post(f"{url}/classify", files=uploads(queries), params={"k": 9}, timeout=120).json()
+        assert not {n["sample_id"] for p in again for n in p["neighbors"]} & set(victims)
+    finally:
+        served.close()

@@ -263,3 +263,48 @@ def test_a_new_memory_takes_its_shards_from_the_setting(tmp_path, encoder, fm_se
     rc, _, err = cli(home, "status")
     assert rc != 0 and "VISMEM_SHARDS" in err
     shutil.rmtree(home)
+
+
+def test_dagster_memory_index_and_forget_job_on_shards(tmp_path, fm_sets, encoder, monkeypatch):
+    """The memory_index asset and the forget job drive a memory of 3 shards: its metadata shows each
+    shard's version, vectors and holes; the sha256 check and the nothing-forgotten check pass."""
+    from dagster import AssetKey, instance_for_test, materialize
+
+    from dagster_project import resources as res
+    from dagster_project.assets import embeddings, image_set_partitions, image_sets, memory_index
+    from dagster_project.checks import index_file_matches_sha256, live_index_matches_ledger, nothing_forgotten_remains
+    from dagster_project.definitions import defs
+
+    home = tmp_path / "home"
+    shutil.copytree(fm_sets["train"], home / "inbox" / "sets" / "set-a")
+    monkeypatch.setenv("VISMEM_HOME", str(home))
+    res._memory.cache_clear()
+    resources = {"visual_memory": res.VisualMemory(shards=3)}
+    resources["visual_memory"].memory().encoder_choice.use(encoder)
+
+    def shard_table(instance) -> list[dict]:
+        meta = instance.get_latest_materialization_event(AssetKey("memory_index")).asset_materialization.metadata
+        assert meta["shards"].value == 3
+        return [r.data for r in meta["shard_table"].value.records]
+
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(image_set_partitions.name, ["set-a"])
+        assert materialize([image_sets, embeddings], partition_key="set-a", instance=instance, resources=resources).success
+        result = materialize([memory_index, index_file_matches_sha256, live_index_matches_ledger],
+                             instance=instance, resources=resources)
+        assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
+        rows = shard_table(instance)
+        assert [r["shard"] for r in rows] == [0, 1, 2] and sum(r["n_vectors"] for r in rows) == 100
+        memory = resources["visual_memory"].memory()
+        coats = memory.ledger.query("SELECT sample_id FROM samples WHERE label = 'Coat'")["sample_id"].to_list()
+        config = {"label": "Coat", "requested_by": "alice", "reason": "licence withdrawn", "category": "license"}
+        assert defs.resolve_job_def("forget").execute_in_process(instance=instance, resources=resources,
+                                                                 run_config=config).success
+        rows = shard_table(instance)
+        holes = {r["shard"]: r["holes"] for r in rows}
+        expected = np.bincount(shard_of(coats, 3), minlength=3)
+        assert [holes[j] for j in range(3)] == expected.tolist()
+        result = materialize([memory_index, index_file_matches_sha256, nothing_forgotten_remains],
+                             instance=instance, resources=resources)
+        assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
+    res._memory.cache_clear()

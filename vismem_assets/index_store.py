@@ -1,13 +1,17 @@
 """Versioned FAISS indexes. A version is a list of files under `indexes/<encoder>/`: its base
-(one file, or shards) and zero or more delta files, each immutable, each readable with plain
+(one file, or pieces) and zero or more delta files, each immutable, each readable with plain
 `faiss.read_index`, ids = samples.vector_id; the ledger records every file's sha256. Which kind
 of index a base is (exact flat, IVF-Flat, ...) is the policy's choice (index_types.py); what
 differs between kinds (building, ids, searching, byte layout) each kind says (index_kinds/):
 nothing here depends on which it is.
 
+* A memory may be split into S shards by sample id (shards.py): then each shard has its own
+  base and deltas, in `shard-<j>-of-<S>/`, and a version names every shard's files (each file
+  says its shard); what follows holds shard by shard, and a change writes only the shards it
+  touches. S = 1 is a memory in one piece, its files in the encoder's folder.
 * A build (first add, rebuild, compaction) writes the base: `v<version>.faiss`, and, where its
-  kind splits it (an exact index past `shard_mib`), more shards `v<version>.s<j>.faiss`, so that
-  forgetting one vector rewrites one shard, not the whole memory. An IVF base is one file.
+  kind splits it (an exact index past `shard_mib`), more pieces `v<version>.s<j>.faiss`, so that
+  forgetting one vector rewrites one piece, not the whole memory. An IVF base is one file.
 * An add of a few vectors writes only them, as an exact delta file `v<version>.delta.faiss`;
   the new version is the parent's files plus that one. Once the deltas would pass the policy's
   share of the base (`delta_fraction`, 10%) or number (`max_deltas`), an add folds them and the
