@@ -16,6 +16,7 @@ caller holding the live index loaded knows to drop it.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -245,9 +246,10 @@ class Forgetting:
     def forget(self, request: ForgetRequest, dry_run: bool = False) -> ForgetReport:
         """Accept the request (its samples blocked at once), then apply it (apply_pending)."""
         # One ledger session for the whole request: opening the ledger costs about 15 ms, and the
-        # steps would open it seven times.
+        # steps would open it seven times. Not with shard workers: they take the ledger's writer lock
+        # to erase and report while this process waits for them.
         t0 = time.perf_counter()
-        with self.ledger.connect():
+        with self.ledger.connect() if self.shard_workers is None else contextlib.nullcontext():
             report = self._forget(request, dry_run)
             closing = time.perf_counter()
         if "finish" in report.phases:  # closing the session (the ledger's checkpoint) is part of finishing
