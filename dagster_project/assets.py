@@ -168,7 +168,9 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
             return
     # Read before anything changes: a forget (or a resumed one) makes a new version itself.
     before = memory.indexes.live()
-    resumed = memory.resume_forgetting()  # a crash mid-forget is finished before anything else
+    # A crash mid-forget is finished before anything else (by the shard workers, where they serve
+    # the memory: a dead one fails this run with what to do).
+    resumed = memory.resume_forgetting(in_process=False)
     if resumed:
         context.log.warning(f"finished {len(resumed)} forget request(s) a crash had left pending")
     if config.forget is not None:
@@ -183,6 +185,8 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
                      "forgotten_per_label": table(pl.DataFrame({"label": list(report.per_label()),
                                                                 "samples": list(report.per_label().values())})),
                      "versions_rewritten": text(", ".join(report.versions_rewritten) or "none"),
+                     # each shard erased its own files and reported (the request was pending until all had)
+                     "forget_shards": table(shard_reports(memory, report.request_id)),
                      "forget_seconds": table(pl.DataFrame({"step": list(report.phases),
                                                            "seconds": [round(v, 3) for v in report.phases.values()]}))}
         archive_request_file(config.forget.request_file, "applied")
@@ -301,6 +305,11 @@ def archive_request_file(path: str | None, outcome: str, error: str | None = Non
         if error is not None:
             target.with_name(f"{target.name}.error.txt").write_text(f"{error}\n")
         Path(path).replace(target)
+
+
+def shard_reports(memory, request_id: str) -> pl.DataFrame:
+    with memory.ledger.connect() as s:
+        return s.indexes.shard_reports(request_id).drop("encoder_id").with_columns(pl.col("reported_at").cast(pl.String))
 
 
 def forget_plan(report) -> dict:

@@ -133,17 +133,19 @@ def test_forgetting_50_spread_over_shards(memories, query_vectors):
     assert_same_search(memories, queries)
 
 
-def test_a_forget_interrupted_between_shards_stays_pending_until_resumed(memories, query_vectors, monkeypatch):
+@pytest.mark.parametrize("dies_at", [1, 3])  # before any shard erased (the live version unchanged), or after two
+def test_a_forget_interrupted_between_shards_stays_pending_until_resumed(memories, query_vectors, monkeypatch, dies_at):
     _, queries = query_vectors
     memory = memories[4]
     with memory.ledger.connect() as s:
         chosen = [sid for (sid,) in s.con.execute(
             "SELECT sample_id FROM samples WHERE status = 'active' ORDER BY sample_id DESC LIMIT 30").fetchall()]
+    memory.search(queries, 5)  # its shards loaded before the request: the reader must notice it
     erase, calls = IndexStore.erase, []
 
     def dies_on_the_third_shard(self, *args, **kwargs):
         calls.append(args)
-        if len(calls) == 3:
+        if len(calls) == dies_at:
             raise KeyboardInterrupt("the shard's worker was killed")
         return erase(self, *args, **kwargs)
 
@@ -153,7 +155,8 @@ def test_a_forget_interrupted_between_shards_stays_pending_until_resumed(memorie
     monkeypatch.setattr(IndexStore, "erase", erase)
     with memory.ledger.connect() as s:
         assert s.con.execute("SELECT state FROM forget_requests").fetchall() == [("pending",)]
-        assert s.con.execute("SELECT shard FROM forget_shard_reports ORDER BY 1").fetchall() == [(0,), (1,)]
+        assert s.con.execute("SELECT shard FROM forget_shard_reports ORDER BY 1").fetchall() == \
+            [(j,) for j in range(dies_at - 1)]
     pending = forgotten_vector_ids(memory)
     # Neither this process nor a fresh one finds a pending sample, in erased shards or not.
     for reader in (memory, sharded(memory.layout.root, memory.encoder, 4)):
@@ -301,6 +304,9 @@ def test_dagster_memory_index_and_forget_job_on_shards(tmp_path, fm_sets, encode
         assert defs.resolve_job_def("forget").execute_in_process(instance=instance, resources=resources,
                                                                  run_config=config).success
         rows = shard_table(instance)
+        meta = instance.get_latest_materialization_event(AssetKey("memory_index")).asset_materialization.metadata
+        reported = [r.data for r in meta["forget_shards"].value.records]
+        assert [(r["shard"], r["n_erased"]) for r in reported] == list(enumerate(np.bincount(shard_of(coats, 3)).tolist()))
         holes = {r["shard"]: r["holes"] for r in rows}
         expected = np.bincount(shard_of(coats, 3), minlength=3)
         assert [holes[j] for j in range(3)] == expected.tolist()

@@ -218,10 +218,11 @@ class Memory:
         self._after_forgetting([report])
         return report
 
-    def resume_forgetting(self, only: str | None = None) -> list[str]:
-        """Finish forget requests a crash left pending (or just `only`), every shard erased in this
-        process (a dead shard worker's too); returns their ids."""
-        applied = self.forgetting.apply_pending(only, in_process=True)
+    def resume_forgetting(self, only: str | None = None, in_process: bool = True) -> list[str]:
+        """Finish forget requests a crash left pending (or just `only`); returns their ids. Every
+        shard is erased in this process (a dead shard worker's too), unless `in_process` is False:
+        then by its shard worker, where shard workers serve the memory."""
+        applied = self.forgetting.apply_pending(only, in_process=in_process)
         self._after_forgetting(list(applied.values()))
         return list(applied)
 

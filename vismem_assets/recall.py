@@ -60,8 +60,12 @@ class Recall:
     def live_index(self):
         """(version, index) of the live version, cached while it stays live: its one FAISS index,
         or, for a memory of several shards, a ShardedIndex of one per shard."""
-        live = self.live_version()
-        key = (live.version, tuple(f.sha256 for f in live.files))
+        with self.ledger.connect() as s:  # one session for both
+            live = self.live_version()
+            pending = s.indexes.unfinished_forget_ids()
+        # A forget accepted elsewhere changes the key before it erases anything: loading leaves its
+        # vectors out, so a long-lived reader (vismem serve) never returns them meanwhile.
+        key = (live.version, tuple(f.sha256 for f in live.files), hash(np.sort(pending).tobytes()))
         if self._index_cache is None or self._index_cache[0] != key:
             # Memory-mapped or read whole, as its kind is best searched (index_kinds/).
             parts = [self.indexes.load_for_search(live, shard=j)[1] for j in range(live.n_shards)]

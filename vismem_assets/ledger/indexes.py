@@ -97,6 +97,12 @@ class IndexVersions(Group):
                                 " AND n_shards = ? AND shard = ?", [request_id, encoder_id, n_shards, shard]
                                 ).fetchone()[0] > 0
 
+    def shard_reports(self, request_id: str) -> pl.DataFrame:
+        """Each shard's report of a forget request: encoder, sharding, shard, entries erased, when."""
+        return to_frame(self.con.execute("SELECT encoder_id, n_shards, shard, n_erased, reported_at FROM"
+                                         " forget_shard_reports WHERE request_id = ? ORDER BY encoder_id, n_shards,"
+                                         " shard", [request_id]))
+
     def report_shard(self, request_id: str, encoder_id: str, n_shards: int, shard: int, n_erased: int) -> None:
         """A shard has erased a forget request's vectors from every one of its files."""
         self.con.execute("INSERT INTO forget_shard_reports VALUES (?, ?, ?, ?, ?, now()) ON CONFLICT DO NOTHING",
