@@ -1,6 +1,6 @@
 """Forgetting 1, 100 and 10,000 samples from a memory of N vectors, against a full rebuild.
 
-    python -m benchmarks.forget [--n 100000] [--d 1280] [--types flat ...] [--json]
+    python -m benchmarks.forget [--n 100000] [--d 1280] [--types flat ...] [--shards S] [--json]
 
 Forgetting erases in place (vismem_assets/erasure.py): in every index file of every kept
 version that holds a forgotten vector, and in every embedding part, the vector's bytes and id
@@ -28,21 +28,22 @@ from vismem_assets.index_types import KINDS, IndexPolicy
 from .synthetic import bench_encoder, build_memory
 
 
-def run(n: int, d: int = 1280, sizes=(1, 100, 10_000), retained: int = 1, kinds=("flat",)) -> dict:
+def run(n: int, d: int = 1280, sizes=(1, 100, 10_000), retained: int = 1, kinds=("flat",), shards: int = 1) -> dict:
     """`kinds`: index types measured one after another on the same memory (the first is the
-    headline figure; each later one forgets only its largest size, from a fresh rebuild)."""
+    headline figure; each later one forgets only its largest size, from a fresh rebuild);
+    `shards`: the memory split into that many (each rebuild writes every shard)."""
     encoder = bench_encoder(d)
     with tempfile.TemporaryDirectory(prefix="vismem-bench-") as tmp:
         memory = build_memory(Path(tmp) / "home", n, encoder, index_policy=IndexPolicy(kind=kinds[0]))
         result = {"n": n, "d": d, "threads": faiss.omp_get_max_threads(), "retained_versions": retained,
-                  "types": {}}
+                  "shards": shards, "types": {}}
         for kind in kinds:
             memory.indexes.policy = IndexPolicy(kind=kind, recall_floor=0.05 if kind == "ivf-pq" else 0.95)
             first = kind == kinds[0]
             rebuilds = []
             for _ in range(3 if first else 1):
                 t0 = time.perf_counter()
-                live = memory.rebuild()
+                live = memory.rebuild(n_shards=shards)
                 rebuilds.append(time.perf_counter() - t0)
             rebuild = statistics.median(rebuilds)
             memory.indexes.retain(retained + 1)  # the live version plus `retained` older ones
@@ -89,13 +90,15 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--d", type=int, default=1280)
     parser.add_argument("--types", nargs="+", default=["flat"], choices=KINDS[1:])
+    parser.add_argument("--shards", type=int, default=1, help="shards the memory is split into (default 1)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    result = run(args.n, args.d, sizes=tuple(s for s in (1, 100, 10_000) if s < args.n // 2), kinds=tuple(args.types))
+    result = run(args.n, args.d, sizes=tuple(s for s in (1, 100, 10_000) if s < args.n // 2), kinds=tuple(args.types),
+                 shards=args.shards)
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"\nN = {result['n']}, d = {result['d']}, {result['threads']} threads, "
+    print(f"\nN = {result['n']}, d = {result['d']}, {result['shards']} shard(s), {result['threads']} threads, "
           f"{result['retained_versions']} retained version(s) beside the live one")
     for kind, t in result["types"].items():
         print(f"{kind} ({t['index_type']}): full rebuild (ledger + embeddings -> new version) {t['rebuild_seconds']:.3f} s")
