@@ -169,7 +169,7 @@ def test_a_forget_through_the_workers_erases_in_each_and_reports_both(served):
     gone = vector_ids_of(local, chosen)
     report = coordinator.forget(ForgetRequest(sample_ids=chosen, **WHO))
     assert state_and_reports(local, report.request_id) == ("applied", [0, 1])
-    assert all(f"vismem.shard.erase[" in workers.log(j) and "succeeded" in workers.log(j) for j in range(2))
+    assert all("vismem.shard.erase[" in workers.log(j) and "succeeded" in workers.log(j) for j in range(2))
     ids = same_search(coordinator, local, queries, 200)
     assert not set(ids.ravel().tolist()) & gone
     done = vismem(env, "audit", "verify")

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 import numpy as np
 import polars as pl
 
-from . import erasure, near_copies, pruning, store
+from . import erasure, near_copies, store
 from .atomic import atomic_path
 from .embeddings import write_part
 from .home import Layout
