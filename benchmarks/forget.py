@@ -13,6 +13,7 @@ memory, and each forget says where its time went (`phases`). Samples are drawn a
 is forgotten too (its samples arrived together, so they sit in one embedding part).
 """
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -34,7 +35,8 @@ def run(n: int, d: int = 1280, sizes=(1, 100, 10_000), retained: int = 1, kinds=
     `shards`: the memory split into that many (each rebuild writes every shard)."""
     encoder = bench_encoder(d)
     with tempfile.TemporaryDirectory(prefix="vismem-bench-") as tmp:
-        memory = build_memory(Path(tmp) / "home", n, encoder, index_policy=IndexPolicy(kind=kinds[0]))
+        with contextlib.redirect_stdout(sys.stderr):  # its progress line must not break --json
+            memory = build_memory(Path(tmp) / "home", n, encoder, index_policy=IndexPolicy(kind=kinds[0]))
         result = {"n": n, "d": d, "threads": faiss.omp_get_max_threads(), "retained_versions": retained,
                   "shards": shards, "types": {}}
         for kind in kinds:

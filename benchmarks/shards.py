@@ -22,6 +22,7 @@ the ratios).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -64,7 +65,8 @@ def run(n: int = 200_000, d: int = 384, shard_counts=(1, 2, 4, 8), forget_sizes=
     queries = clustered_vectors(1000, d, seed=99)[0]
     rows = []
     with tempfile.TemporaryDirectory(prefix="vismem-bench-shards-") as tmp:
-        memory = build_memory(Path(tmp) / "home", n, encoder, index_policy=IndexPolicy(kind="flat"))
+        with contextlib.redirect_stdout(sys.stderr):  # its progress line must not break --json
+            memory = build_memory(Path(tmp) / "home", n, encoder, index_policy=IndexPolicy(kind="flat"))
         for step, n_shards in enumerate(shard_counts):
             t0 = time.perf_counter()
             live = memory.rebuild(n_shards=n_shards)
