@@ -51,12 +51,16 @@ def _median_time(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def one_piece(memory, queries: np.ndarray) -> np.ndarray:
-    """The k nearest ids by one exact FAISS index over every stored vector: the unsharded answer."""
+def same_as_one_piece(memory, queries: np.ndarray) -> bool:
+    """Whether the memory's search gives what one exact FAISS index over every stored vector gives:
+    the same ids in the same order, up to ties (where two neighbours' similarities differ by less
+    than float32's rounding, either order is right)."""
     ids, vectors = memory.stored_vectors()
     flat = faiss.IndexFlatIP(vectors.shape[1])
     flat.add(vectors)
-    return ids[flat.search(queries, K)[1]]
+    ref_sims, ref_pos = flat.search(queries, K)
+    sims, found = memory.search(queries, K)
+    return bool(np.all((found == ids[ref_pos]) | (np.abs(sims - ref_sims) < 1e-5)))
 
 
 def run(n: int = 200_000, d: int = 384, shard_counts=(1, 2, 4, 8), forget_sizes=(1, 100, 10_000),
@@ -78,7 +82,7 @@ def run(n: int = 200_000, d: int = 384, shard_counts=(1, 2, 4, 8), forget_sizes=
             for q in queries[:singles]:
                 memory.search(q[None], K)
             single = (time.perf_counter() - t0) / singles
-            same = bool((memory.search(queries, K)[1] == one_piece(memory, queries)).all())
+            same = same_as_one_piece(memory, queries)
             # the searchers alone (no live-version check in the ledger: issue 20's fixed cost)
             _, index = memory.live_index()
             searchers = memory.recall._searchers(index)

@@ -424,6 +424,8 @@ class IndexStore:
             with ThreadPoolExecutor(2) as pool:  # FAISS reading and hashing let go of the GIL: two files at once
                 located = dict(zip(files, pool.map(locate, files.values())))
             holes = {path: found for path, (found, _) in located.items() if any(len(p) for p in found.patches)}
+            if not holes:  # none of them in these files
+                return None, 0
             fresh = {path: found for path, found in holes.items() if path not in recorded}
             live = None
             if fresh:
