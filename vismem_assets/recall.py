@@ -34,10 +34,12 @@ class Recall:
         self.shard_workers = shard_workers
         self._index_cache: tuple[tuple, IndexVersion, object] | None = None
         self._searcher_cache: tuple[object, list[tuple[Searcher, int]]] | None = None  # (index, per shard: searcher, held)
+        self._index_checked: bytes | None = None                # the ledger's change token when the index was checked
+        self._catalog_cache: tuple[bytes, Catalog] | None = None
 
     def invalidate(self) -> None:
         """The live index changed in place: load it again on the next search."""
-        self._index_cache = self._searcher_cache = None
+        self._index_cache = self._searcher_cache = self._index_checked = self._catalog_cache = None
 
     def live_version(self) -> IndexVersion:
         """The live version's row (nothing loaded), or an error that says what to do."""
@@ -59,7 +61,12 @@ class Recall:
 
     def live_index(self):
         """(version, index) of the live version, cached while it stays live: its one FAISS index,
-        or, for a memory of several shards, a ShardedIndex of one per shard."""
+        or, for a memory of several shards, a ShardedIndex of one per shard. Whether it is still
+        live is asked of the ledger only when a transaction has committed since the last time
+        (the ledger's change token: microseconds, where a ledger session costs milliseconds)."""
+        token = self.ledger.change_token()  # read first: a commit after it makes the next call look again
+        if self._index_cache is not None and token is not None and token == self._index_checked:
+            return self._index_cache[1], self._index_cache[2]
         with self.ledger.connect() as s:  # one session for both
             live = self.live_version()
             pending = s.indexes.unfinished_forget_ids()
@@ -70,6 +77,7 @@ class Recall:
             # Memory-mapped or read whole, as its kind is best searched (index_kinds/).
             parts = [self.indexes.load_for_search(live, shard=j)[1] for j in range(live.n_shards)]
             self._index_cache = (key, live, parts[0] if len(parts) == 1 else ShardedIndex(parts))
+        self._index_checked = token
         return self._index_cache[1], self._index_cache[2]
 
     def held_ids(self) -> np.ndarray:
@@ -96,9 +104,16 @@ class Recall:
         return got_ids, vectors
 
     def catalog(self) -> Catalog:
-        """Labels, sample ids, image paths and user weights of the active samples, by vector id."""
+        """Labels, sample ids, image paths and user weights of the active samples, by vector id;
+        read again only when a transaction has committed since (the ledger's change token)."""
+        token = self.ledger.change_token()
+        if token is not None and self._catalog_cache is not None and self._catalog_cache[0] == token:
+            return self._catalog_cache[1]
         with self.ledger.connect() as s:
-            return Catalog.query(s)
+            catalog = Catalog.query(s)
+        if token is not None:
+            self._catalog_cache = (token, catalog)
+        return catalog
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, vector_ids), each (n, min(k, N)), best first: each shard searched by its

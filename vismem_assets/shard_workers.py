@@ -2,9 +2,9 @@
 the one that erases its files for a forget (DESIGN.md, "Scale beyond one machine").
 
 Worker j consumes the queue `vismem-shard-<j>` alone, at concurrency 1 in its own process (the
-solo pool): it keeps its shard of the live index loaded and, on every task, compares the live
-version row (version, file digests) and the pending forget requests with what it loaded, and
-loads its own shard again when they changed. Vectors travel as raw float32 bytes and a shape
+solo pool): it keeps its shard of the live index loaded and, on a task after a transaction has
+committed (the ledger's change token), compares the live version row (version, file digests) and
+the pending forget requests with what it loaded, and loads its own shard again when they changed. Vectors travel as raw float32 bytes and a shape
 (kombu's JSON carries bytes as base64), never as JSON lists of floats. The coordinator
 (`ShardClient`, used by Recall and Forgetting when `settings.shard_workers`) scatters a search to
 every shard's queue, gathers with a timeout and merges the top k (shards.merge_top_k).
@@ -75,6 +75,7 @@ class _Loaded:
     index: object     # kept: its searcher reads the index's own storage
     searcher: object
     held: int
+    checked: bytes | None = None   # the ledger's change token when this was last checked
 
 
 class ShardServer:
@@ -106,6 +107,10 @@ class ShardServer:
     def _current(self, encoder_id: str) -> _Loaded:
         """This shard of the live version, loaded again only when the live row's (version, file
         digests) or the pending forgets changed (`load` leaves a pending request's vectors out)."""
+        token = self.ledger.change_token()  # nothing committed since the last check: nothing to look up
+        cached = self._loaded.get(encoder_id)
+        if cached is not None and token is not None and cached.checked == token:
+            return cached
         store = self.store(encoder_id)
         with self.ledger.connect() as s:
             live = store.live()
@@ -116,13 +121,13 @@ class ShardServer:
             raise ShardWorkerError(f"index version {live.version} has {live.n_shards} shards, and this is the worker "
                                    f"of shard {self.shard}: start workers for shards 0..{live.n_shards - 1} only")
         key = (live.version, tuple(f.sha256 for f in live.files), hash(np.sort(pending).tobytes()))
-        cached = self._loaded.get(encoder_id)
         if cached is None or cached.key != key:
             self._loaded.pop(encoder_id, None)  # let go of the old one before loading the new
             _, index = store.load_for_search(live, shard=self.shard)
             searcher, holes = searcher_of(index)
             cached = self._loaded[encoder_id] = _Loaded(key, index, searcher, index.ntotal - holes)
             log.info("shard %d: loaded version %d (%d vectors)", self.shard, live.version, cached.held)
+        cached.checked = token
         return cached
 
     def erase(self, encoder_id: str, request_id: str, vector_ids: dict, n_shards: int, shard: int) -> int | None:

@@ -6,7 +6,9 @@ A backend supplies `_session()` (a fresh connection under its single-writer rule
 """
 from __future__ import annotations
 
+import os
 import threading
+import time
 from contextlib import AbstractContextManager, contextmanager
 from typing import Iterator
 
@@ -42,6 +44,9 @@ def insert_rows(con, table: str, columns: dict[str, tuple[str, list]], on_confli
     con.execute(f"INSERT INTO {table} ({', '.join(names)}) SELECT {', '.join(names[:len(columns)])}"
                 f"{''.join(', ' + c for c in constants.values())} FROM (SELECT {unnested}) AS new_rows {on_conflict}",
                 [values for _, values in columns.values()])
+
+
+CHANGES_FILE = "ledger.changes"   # in the memory home: replaced after every committed transaction
 
 
 class LedgerBase:
@@ -96,6 +101,7 @@ class LedgerBase:
             try:
                 yield session
                 con.commit()
+                self._changed()
             except BaseException:
                 try:
                     con.rollback()
@@ -106,6 +112,24 @@ class LedgerBase:
                 raise
             finally:
                 self._local.in_tx = False
+
+    def change_token(self) -> bytes | None:
+        """What changes whenever a transaction commits, read in microseconds (a few bytes of a
+        file in the home): a long-lived reader checks it before asking the ledger again what it
+        has cached (the live index version, the pending forgets, the catalog). None: no
+        transaction has committed since the file was introduced (ask the ledger)."""
+        try:
+            return (self.names.path.parent / CHANGES_FILE).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _changed(self) -> None:
+        # Unique content, renamed over the old file (readers never see half of it). No fsync:
+        # after a crash every reader starts afresh anyway.
+        final = self.names.path.parent / CHANGES_FILE
+        tmp = final.with_name(f".{CHANGES_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(b"%d %d %s\n" % (time.time_ns(), os.getpid(), os.urandom(8).hex().encode()))
+        os.replace(tmp, final)
 
     def check_writable(self) -> None:
         if self.read_only:
