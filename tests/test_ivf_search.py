@@ -247,7 +247,7 @@ def test_an_ivf_flat_memory_searches_through_the_list_batched_searcher(tmp_path)
     _, index = memory.live_index()
     queries = clustered_vectors(300, 64, seed=4)[0]
     sims, ids = memory.search(queries, 20)
-    assert isinstance(memory.recall._searcher_cache[1][0][0], IVFSearcher) and memory.recall._searcher_cache[0] is index
+    assert isinstance(memory.recall.live_files().searchers()[0][0], IVFSearcher)
     plain = faiss.read_index(str(memory.layout.absolute(memory.indexes.live().path)))
     ref_sims, ref_ids = plain.search(queries, 20)
     assert_same((sims, ids), (ref_sims, ref_ids))

@@ -56,3 +56,38 @@ def test_an_unchanged_memory_is_searched_without_opening_the_ledger(tmp_path, en
     memory.forget(ForgetRequest(sample_ids=[victim], requested_by="alice", reason="asked"))
     assert memory.search(encoder.embed([stored], progress=False), 1)[1][0, 0] != ids[0, 0]
     assert victim not in set(memory.catalog().sample_ids[memory.catalog().rows(memory.search(queries, 50)[1]).ravel()])
+
+
+def test_a_version_switch_costs_what_changed(tmp_path):
+    """After an add the held base stays as it is and only the new delta is read; after a forget
+    the held exact files are patched in place (holes), not read again; the answers equal a fresh
+    reader's, which loads everything."""
+    from benchmarks.synthetic import QueryVectors, build_memory, clustered_vectors, insert_vectors
+    from vismem_assets.index_types import IndexPolicy
+
+    memory = build_memory(tmp_path / "home", 3000, QueryVectors(64), index_policy=IndexPolicy(kind="flat"))
+    queries = clustered_vectors(50, 64, seed=5)[0]
+    memory.search(queries, 10)
+    files = memory.recall.live_files()
+    base_path = memory.indexes.live().files[0].path
+    base = files.files[base_path]
+    assert files.last.loaded == 1
+
+    vectors, labels = clustered_vectors(40, 64, seed=6)
+    insert_vectors(memory, vectors, labels, prefix="more")
+    version = memory.index_pending(embed=False)
+    assert [f.role for f in version.files] == ["base", "delta"]
+    sims, ids = memory.search(vectors[:5], 1)
+    assert (files.last.kept, files.last.patched, files.last.loaded) == (1, 0, 1)
+    assert files.files[base_path] is base and sims[:, 0].min() > 0.999   # the new ones, found
+
+    victims = memory.ledger.query("SELECT sample_id, vector_id FROM samples ORDER BY vector_id LIMIT 7 OFFSET 100")
+    memory.forget(ForgetRequest(sample_ids=victims["sample_id"].to_list(), requested_by="alice", reason="asked"))
+    got = memory.search(queries, 3000)
+    assert files.last.loaded == 0 and files.last.patched >= 1
+    assert files.files[base_path].index is base.index                     # the same copy, with holes
+    assert not set(got[1].ravel().tolist()) & set(victims["vector_id"].to_list())
+    fresh = Memory(memory.layout.root, encoder=memory.encoder, index_policy=IndexPolicy(kind="flat"))
+    expected = fresh.search(queries, 3000)
+    np.testing.assert_array_equal(got[1], expected[1])
+    np.testing.assert_allclose(got[0], expected[0], atol=1e-6)

@@ -166,19 +166,20 @@ def test_memory_search_matches_faiss_on_its_live_index(synthetic_memory):
         got = memory.search(q[:nq], k)
         assert got[0].shape == (nq, min(k, index.ntotal))
         assert_same_neighbours(got, index.search(q[:nq], min(k, index.ntotal)), vectors, q[:nq], id_to_row)
-    assert memory.recall._searchers(index)[0][0] is memory.recall._searcher_cache[1][0][0] is not None
+    held = memory.recall.live_files().searchers()
+    memory.search(q[:1], 5)
+    assert memory.recall.live_files().searchers()[0][0] is held[0][0] is not None  # kept between searches
 
 
 def test_memory_searcher_follows_the_live_version(synthetic_memory):
     memory = synthetic_memory
-    _, before = memory.live_index()
-    q = memory.search(np.ones((1, before.d), np.float32) / np.sqrt(before.d), 5)
-    assert memory.recall._searcher_cache[0] is before
-    memory.rebuild()
-    _, after = memory.live_index()
-    assert after is not before
-    again = memory.search(np.ones((1, after.d), np.float32) / np.sqrt(after.d), 5)
-    assert memory.recall._searcher_cache[0] is after
+    _, index = memory.live_index()
+    q = memory.search(np.ones((1, index.d), np.float32) / np.sqrt(index.d), 5)
+    before = memory.recall.live_files().searchers()[0][0]
+    rebuilt = memory.rebuild()
+    again = memory.search(np.ones((1, index.d), np.float32) / np.sqrt(index.d), 5)
+    assert memory.recall.live_files().key[0] == rebuilt.version
+    assert memory.recall.live_files().searchers()[0][0] is not before   # the new version's file, loaded
     np.testing.assert_array_equal(q[1], again[1])
 
 

@@ -272,6 +272,17 @@ class IndexStore:
                                                          faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY))
                                for f in version.files])
 
+    def load_file(self, file: IndexFile, version: IndexVersion, unfinished: np.ndarray,
+                  mmap: bool = False) -> tuple[faiss.Index, bool]:
+        """One file of a version as its own index, checked against its sha256, without holes or
+        `unfinished` forgets' vectors unless memory-mapped: (index, whether mapped)."""
+        index, mapped = self._read(file, version, unfinished, mmap=mmap)
+        return (index if mapped else _without(index, unfinished)), mapped
+
+    def file_ids(self, file: IndexFile) -> np.ndarray:
+        """The vector ids a file holds now (holes aside), reading only the pages of its ids."""
+        return held_ids(faiss.read_index(str(self._existing(file.path)), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY))
+
     def _existing(self, relative: str, version: IndexVersion | None = None) -> Path:
         path = self.layout.absolute(relative)
         if not path.exists():

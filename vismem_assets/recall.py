@@ -15,6 +15,7 @@ from .encoders import Encoder, EncoderMismatchError
 from .index_kinds import Searcher, kind_for
 from .index_store import IndexStore, IndexVersion, held_ids, searcher_of
 from .ledger import LedgerBase
+from .live_files import LiveFiles
 from .shards import ShardedIndex, parts_of, search_all
 
 NOVELTY_PERCENTILE = 99.0
@@ -36,10 +37,13 @@ class Recall:
         self._searcher_cache: tuple[object, list[tuple[Searcher, int]]] | None = None  # (index, per shard: searcher, held)
         self._index_checked: bytes | None = None                # the ledger's change token when the index was checked
         self._catalog_cache: tuple[bytes, Catalog] | None = None
+        self._files = LiveFiles(indexes)   # what searches: the live version's files, each held (live_files.py)
+        self._files_checked: bytes | None = None
 
     def invalidate(self) -> None:
-        """The live index changed in place: load it again on the next search."""
+        """The live index changed in place: look at it again on the next search."""
         self._index_cache = self._searcher_cache = self._index_checked = self._catalog_cache = None
+        self._files_checked = None
 
     def live_version(self) -> IndexVersion:
         """The live version's row (nothing loaded), or an error that says what to do."""
@@ -55,7 +59,7 @@ class Recall:
     def ready(self) -> None:
         """Fail now on a memory with nothing to search; load its index now, unless shard workers hold it."""
         if self.shard_workers is None:
-            self.live_index()
+            self.live_files()
         else:
             self.live_version()
 
@@ -79,6 +83,20 @@ class Recall:
             self._index_cache = (key, live, parts[0] if len(parts) == 1 else ShardedIndex(parts))
         self._index_checked = token
         return self._index_cache[1], self._index_cache[2]
+
+    def live_files(self) -> LiveFiles:
+        """The live version's files as this reader holds them for searching, switched to a new
+        version at the cost of what changed (live_files.py); looked up in the ledger only when a
+        transaction has committed since (the change token)."""
+        token = self.ledger.change_token()
+        if token is not None and token == self._files_checked and self._files.key is not None:
+            return self._files
+        with self.ledger.connect() as s:
+            live = self.live_version()
+            pending = s.indexes.unfinished_forget_ids()
+        self._files.switch(live, pending)
+        self._files_checked = token
+        return self._files
 
     def held_ids(self) -> np.ndarray:
         """The vector ids the live version holds, every shard's, holes aside."""
@@ -116,8 +134,9 @@ class Recall:
         return catalog
 
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, vector_ids), each (n, min(k, N)), best first: each shard searched by its
-        kind's searcher and their top k merged (shards.py); a one-shard memory by its one searcher: a flat index exactly by blocked matrix multiplication over its own stored
+        """(similarities, vector_ids), each (n, min(k, N)), best first: each file of the live version
+        (every shard's base and deltas, live_files.py) searched by its kind's searcher and their top
+        k merged (shards.py): a flat index exactly by blocked matrix multiplication over its own stored
         vectors (search.py; exact ties: lower position first); an IVF-Flat one list by list for
         large batches (ivf_search.py); others by FAISS. With shard workers, each worker searches its
         shard so, and the answers are merged here."""
@@ -125,8 +144,7 @@ class Recall:
             raise EncoderMismatchError(f"query vectors of shape {vectors.shape} do not match encoder {self.encoder.id}")
         if self.shard_workers is not None:  # each shard's worker searches its own; merged the same way
             return self.shard_workers.search(self.encoder.id, self.live_version().n_shards, vectors, k)
-        _, index = self.live_index()
-        searchers = self._searchers(index)
+        searchers = self.live_files().searchers()
         k = max(1, min(k, sum(held for _, held in searchers)))
         return search_all(searchers, vectors, k)
 

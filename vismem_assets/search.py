@@ -223,6 +223,8 @@ class FlatSearcher:
         self.ids = None if ids is None else np.asarray(ids, np.int64)
         if self.ids is not None and len(self.ids) != len(self.vectors):
             raise ValueError(f"{len(self.ids)} ids for {len(self.vectors)} vectors")
+        # Holes (id -1: a forgotten vector erased in a copy held in memory) are searched past.
+        self.holes = 0 if self.ids is None else int(np.count_nonzero(self.ids == -1))
         self._keepalive = keepalive
 
     @classmethod
@@ -253,10 +255,22 @@ class FlatSearcher:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, ids), each (nq, min(k, N)), best first."""
+        if self.holes:
+            return self._past_holes(queries, k)
         sims, pos = topk_inner_product(self.vectors, queries, k)
         if self.ids is None:
             return sims, pos
         return sims, np.where(pos >= 0, self.ids[np.maximum(pos, 0)], -1)
+
+    def _past_holes(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best that are not holes: k + holes searched, the holes dropped (each row keeps
+        its order)."""
+        k = min(k, len(self.vectors) - self.holes)
+        sims, pos = topk_inner_product(self.vectors, queries, min(k + self.holes, len(self.vectors)))
+        ids = np.where(pos >= 0, self.ids[np.maximum(pos, 0)], -1)
+        keep = ids != -1
+        first = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the kept slots, in order
+        return np.take_along_axis(sims, first, 1), np.take_along_axis(ids, first, 1)
 
 
 def is_flat_ip(index) -> bool:

@@ -1,0 +1,98 @@
+"""The live version's index files as a long-lived reader holds them, so that a version switch
+costs what changed (issue 20).
+
+Each file (every shard's base pieces and deltas) is held as its own index with its own searcher;
+a search asks each for its k best and merges them (shards.search_all), exactly what one index
+over all of them answers. When the live version changes:
+
+* a file the new version shares with the old, unchanged (same path, same sha256), is kept as
+  it is: after an add only the new delta is read (and checked against its sha256);
+* a file erased in place since (same path, new sha256), or holding vectors of a forget that is
+  pending, is patched in the held copy when it is read whole and exact: the gone vectors become
+  holes (id -1, zero vector) that its searcher skips, instead of reading the file again. Its ids
+  are read from the file (memory-mapped: only their pages) to know which;
+* anything else (a new base, a mapped file that changed) is loaded as `IndexStore.load` would.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from .index_kinds import Searcher, kind_described
+from .index_kinds.flat import FLAT
+from .index_store import IndexFile, IndexStore, IndexVersion, held_ids, searcher_of
+from .erasure import HOLE_ID
+
+
+@dataclass
+class HeldFile:
+    sha256: str
+    index: faiss.Index
+    mapped: bool            # memory-mapped (the file's pages), else read whole (this process's copy)
+    searcher: Searcher
+    held: int               # vectors it holds, holes aside
+
+
+@dataclass
+class Switch:
+    """What a version switch did, file by file."""
+    kept: int = 0
+    patched: int = 0
+    loaded: int = 0
+
+
+class LiveFiles:
+    def __init__(self, indexes: IndexStore):
+        self.indexes = indexes
+        self.files: dict[str, HeldFile] = {}
+        self.key: tuple | None = None
+        self.last = Switch()   # what the last switch did
+
+    def searchers(self) -> list[tuple[Searcher, int]]:
+        return [(f.searcher, f.held) for f in self.files.values()]
+
+    def switch(self, live: IndexVersion, pending: np.ndarray) -> Switch:
+        """Hold the files of `live`, without the vectors of the pending forgets."""
+        pending = np.unique(np.asarray(pending, np.int64))
+        key = (live.version, tuple((f.path, f.sha256) for f in live.files), pending.tobytes())
+        done = Switch()
+        if key == self.key:
+            return done
+        # Mapped files cannot drop a pending forget's vectors: while one is pending, read whole.
+        mappable = not len(pending) and kind_described(live.index_type).map_for_search
+        held = {}
+        for file in live.files:
+            old = self.files.get(file.path)
+            unchanged = old is not None and old.sha256 == file.sha256
+            if unchanged and not len(pending):
+                held[file.path], done.kept = old, done.kept + 1
+            elif old is not None and not old.mapped and FLAT.recognises(old.index):
+                held[file.path], done.patched = self._patched(old, file, pending, unchanged), done.patched + 1
+            else:
+                index, mapped = self.indexes.load_file(file, live, pending, mmap=mappable and file.role == "base")
+                held[file.path], done.loaded = _held(file.sha256, index, mapped), done.loaded + 1
+        self.files, self.key, self.last = held, key, done
+        return done
+
+    def _patched(self, old: HeldFile, file: IndexFile, pending: np.ndarray, unchanged: bool) -> HeldFile:
+        """The held copy with the vectors the file no longer holds (`unchanged`: it holds the same),
+        or a pending forget names, turned into holes in place."""
+        ids = faiss.rev_swig_ptr(old.index.id_map.data(), old.index.ntotal)  # a writable view
+        present = ids[ids != HOLE_ID]
+        gone = np.intersect1d(present, pending)
+        if not unchanged:
+            gone = np.union1d(gone, np.setdiff1d(present, self.indexes.file_ids(file)))
+        if len(gone):
+            at = np.flatnonzero(np.isin(ids, gone))
+            inner = faiss.downcast_index(old.index.index)
+            vectors = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
+            ids[at] = HOLE_ID
+            vectors[at] = 0.0
+        return _held(file.sha256, old.index, False)
+
+
+def _held(sha256: str, index: faiss.Index, mapped: bool) -> HeldFile:
+    searcher, holes = searcher_of(index)
+    return HeldFile(sha256, index, mapped, searcher, int(len(held_ids(index))) if holes else int(index.ntotal))
