@@ -234,7 +234,7 @@ def memory_index(context: AssetExecutionContext, config: MemoryIndexConfig,
         **figures,  # samples, labels, holes (forgotten vectors erased in place, until the compaction), pending_forgets
         "embedded_pending": caught_up, "files": len(version.files), "delta_files": len(version.deltas),
         # each shard (by sample id): the version that wrote its newest file, its vectors and holes
-        "shards": version.n_shards, "shard_table": table(pl.DataFrame(version.shards())),
+        "shards": text(version.n_shards), "shard_table": table(pl.DataFrame(version.shards())),
         "vectors_in_deltas": sum(d.n_vectors for d in version.deltas),
         "purged_versions": text(", ".join(str(v.version) for v in purged) or "none"),
         "sha256": text(version.sha256), "path": MetadataValue.path(str(memory.layout.absolute(version.path))),
