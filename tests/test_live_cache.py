@@ -91,3 +91,19 @@ def test_a_version_switch_costs_what_changed(tmp_path):
     expected = fresh.search(queries, 3000)
     np.testing.assert_array_equal(got[1], expected[1])
     np.testing.assert_allclose(got[0], expected[0], atol=1e-6)
+
+
+def test_status_says_where_the_index_bytes_are(tmp_path):
+    """Live versions, retained-only files, and files no version names, each in bytes."""
+    from benchmarks.synthetic import QueryVectors, build_memory
+    from vismem_assets.index_types import IndexPolicy
+
+    memory = build_memory(tmp_path / "home", 2000, QueryVectors(32), index_policy=IndexPolicy(kind="flat"))
+    old = memory.indexes.live()
+    memory.rebuild()
+    stray = memory.indexes.root / "v000099.faiss"
+    stray.write_bytes(b"x" * 1234)
+    disk = memory.status()["index_disk_bytes"]
+    size = lambda v: sum(memory.layout.absolute(f.path).stat().st_size for f in v.files)  # noqa: E731
+    assert disk == {"live_versions": size(memory.indexes.live()), "retained_versions_only": size(old),
+                    "unreferenced": 1234, "retained_versions": 1}

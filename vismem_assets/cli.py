@@ -422,7 +422,7 @@ def cmd_status(args) -> int:
         _table(live.select("version", "n_vectors", "index_type", "nprobe", "recall_at_10", "path", "files", "holes",
                            "created_at"))
         if live["holes"].sum():
-            print("  holes: entries of forgotten vectors, erased in place; the next compaction (vismem compact) "
+            print("  holes: entries of forgotten vectors, erased in place; the next compaction (the Dagster job nightly_compaction, or vismem rebuild) "
                   "writes the index without them")
         for row in live.iter_rows(named=True):
             if row["build_reason"]:
@@ -450,6 +450,10 @@ def cmd_status(args) -> int:
     print("\ndisk use:")
     _table(pl.DataFrame({"part": list(status["disk_bytes"]),
                          "MiB": [round(b / 2**20, 2) for b in status["disk_bytes"].values()]}))
+    d = status["index_disk_bytes"]
+    print(f"  indexes: {d['live_versions'] / 2**20:.2f} MiB in the live version(s), {d['retained_versions_only'] / 2**20:.2f}"
+          f" MiB only {d['retained_versions']} retained version(s) name (the nightly compaction keeps its retain_versions), "
+          f"{d['unreferenced'] / 2**20:.2f} MiB no version names (a crash's; the next change deletes them)")
     _print_blas(status.get("blas"))
     print("\nsettings (environment, then flags):")
     rows = args.settings.table()

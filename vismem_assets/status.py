@@ -28,6 +28,7 @@ def memory_status(layout: Layout, ledger: LedgerBase, encoder_spec: str, pending
         labels = s.samples.count_by_label()
         image_sets = s.samples.count_image_sets()
         ledger_bytes = s.overview.database_bytes()
+        versions = [IndexVersion.from_row(r) for enc, _, _ in s.forgetting.encoders() for r in s.indexes.versions(enc)]
     return {
         "home": str(layout.root),
         "ledger": ledger.describe(),
@@ -43,10 +44,28 @@ def memory_status(layout: Layout, ledger: LedgerBase, encoder_spec: str, pending
         "shard_table": version.shards() if version else [],
         "disk_bytes": {d: _du(layout.root / d) for d in ("images", "embeddings", "indexes", "quarantine")}
                       | {"ledger": _du(layout.ledger) if ledger_bytes is None else ledger_bytes},
+        "index_disk_bytes": index_disk(layout, versions),
         "index_policy": asdict(index_policy),
         "blas": blas_report(),
         "ivf_search": ivf_search_settings(),
     }
+
+
+def index_disk(layout: Layout, versions: list[IndexVersion]) -> dict:
+    """Where the index bytes are: files of the live versions, files only retained versions name
+    (what a compaction's retention, `vismem compact`, would delete), and files no version names
+    (left by a crash between writing and recording; the next write or forget deletes them)."""
+    live = {f.path for v in versions if v.status == "live" for f in v.files}
+    retained = {f.path for v in versions if v.status == "retained" for f in v.files} - live
+    named = {layout.absolute(p) for p in live | retained}
+
+    def size(paths) -> int:
+        return sum(layout.absolute(p).stat().st_size for p in paths if layout.absolute(p).exists())
+
+    on_disk = [p for p in (layout.root / "indexes").rglob("*.faiss")] if (layout.root / "indexes").exists() else []
+    return {"live_versions": size(live), "retained_versions_only": size(retained),
+            "unreferenced": sum(p.stat().st_size for p in on_disk if p not in named),
+            "retained_versions": sum(v.status == "retained" for v in versions)}
 
 
 def _du(path: Path) -> int:
