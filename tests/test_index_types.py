@@ -193,12 +193,12 @@ from benchmarks.synthetic import QueryVectors
 from vismem_assets.memory import Memory
 def anon():
     return int([l.split()[1] for l in open('/proc/self/status') if l.startswith('RssAnon')][0]) * 1024
-m = Memory(sys.argv[1], encoder=QueryVectors(int(sys.argv[2])))
-q = np.ones((8, m.encoder.dim), np.float32)
-m.search(q, 5)  # warm: imports, ledger, thread pool, OpenBLAS's buffers
-m.index_changed()
+warm = Memory(sys.argv[1], encoder=QueryVectors(int(sys.argv[2])))
+q = np.ones((8, warm.encoder.dim), np.float32)
+warm.search(q, 5)  # warm: imports, ledger, thread pool, OpenBLAS's buffers
+m = Memory(sys.argv[1], encoder=warm.encoder)
 before = anon()
-m.search(q, 5)  # loads the live index again
+m.search(q, 5)  # a second reader loads the live index
 print(anon() - before)
 """
 

@@ -281,6 +281,7 @@ def test_dagster_memory_index_and_forget_job_on_shards(tmp_path, fm_sets, encode
     home = tmp_path / "home"
     shutil.copytree(fm_sets["train"], home / "inbox" / "sets" / "set-a")
     monkeypatch.setenv("VISMEM_HOME", str(home))
+    monkeypatch.delenv("VISMEM_QUERY_SET", raising=False)  # evaluation: leave-one-out
     res._memory.cache_clear()
     resources = {"visual_memory": res.VisualMemory(shards=3)}
     resources["visual_memory"].memory().encoder_choice.use(encoder)
