@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from vismem_assets import audit, erasure
+from vismem_assets import digests, erasure
 from vismem_assets.cli import main as cli_main
 from vismem_assets.forgetting import HASHED_FIELDS, ForgetError, ForgetRequest, row_hash
 from vismem_assets.index_store import GENESIS, index_ids, index_vectors
@@ -45,6 +45,11 @@ WHO_ARGS = ["--requested-by", "alice", "--reason", "asked to be removed", "--cat
 
 def sha_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def index_digest(path: Path) -> str:
+    """The digest the ledger records for an index file: of its hash list (digests.py)."""
+    return digests.hash_list(path).sha256
 
 
 def sid(path: Path) -> str:
@@ -130,7 +135,7 @@ def capture(memory: Memory) -> dict:
     for v in versions:
         path = memory.layout.absolute(v["path"])
         v["ids"] = faiss_ids(path)
-        assert v["sha256"] == sha_bytes(path.read_bytes())
+        assert v["sha256"] == index_digest(path)
     samples = memory.ledger.query("SELECT sample_id, vector_id, label, status, original_name(name_pos, name_len) AS original_name FROM samples")
     names: dict[str, set[str]] = {}
     for sample_id, name in memory.ledger.query(
@@ -142,7 +147,7 @@ def capture(memory: Memory) -> dict:
             "vector_id": dict(samples.select("sample_id", "vector_id").rows()),
             "label": dict(samples.select("sample_id", "label").rows()),
             "status": dict(samples.select("sample_id", "status").rows()),
-            "names": names, "file_shas": {sha_bytes(p.read_bytes()) for p in index_files(memory.layout.root)}}
+            "names": names, "file_shas": {index_digest(p) for p in index_files(memory.layout.root)}}
 
 
 def assert_forgotten(memory: Memory, pre: dict, sample_ids: list[str], request_id: str, who: dict = WHO) -> None:
@@ -183,7 +188,7 @@ def assert_forgotten(memory: Memory, pre: dict, sample_ids: list[str], request_i
         if v["status"] == "purged":  # its files go, but those a kept version names (erased in place)
             assert path.exists() == (v["path"] in kept)
             continue
-        assert sha_bytes(path.read_bytes()) == v["sha256"]
+        assert index_digest(path) == v["sha256"]
         assert not faiss_ids(path) & gone_vids, f"version {v['version']} still holds forgotten vectors"
     for path in index_files(root):  # and no other index file lying around does either,
         assert not faiss_ids(path) & gone_vids, path
@@ -191,7 +196,7 @@ def assert_forgotten(memory: Memory, pre: dict, sample_ids: list[str], request_i
     # No index file is byte-identical to a pre-forget version that held them ...
     held = {v["version"]: v for v in pre["versions"] if v["ids"] & gone_vids}
     held_shas = {v["sha256"] for v in held.values()}
-    assert held_shas and not {sha_bytes(p.read_bytes()) for p in index_files(root)} & held_shas
+    assert held_shas and not {index_digest(p) for p in index_files(root)} & held_shas
     # ... each such version was either rewritten (old and new sha on record) or purged.
     rewrites = {r["version"]: r for r in q("SELECT * FROM index_rewrites WHERE request_id = ?", [request_id]).to_dicts()}
     for version, v in held.items():
@@ -939,7 +944,7 @@ def test_audit_queries_from_the_command_line(fmem, sources):
     assert [(r["n_added"], r["n_removed"]) for r in lineage] == [(16, 0), (8, 0), (0, 6), (0, 2)]
     for r in lineage:
         if r["status"] != "purged":
-            assert r["sha256"] == sha_bytes((home / r["path"]).read_bytes())
+            assert r["sha256"] == index_digest(home / r["path"])
 
     rc, out, err = cli(home, "audit", "query", "no_such_query")
     assert rc == 2 and "no audit query" in err

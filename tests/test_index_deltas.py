@@ -5,7 +5,6 @@ vector, once for every version sharing them, and only those vectors' bytes. Real
 a real ledger, the real forgetting path and audit."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchmarks.synthetic import QueryVectors, build_memory, clustered_vectors, insert_vectors
-from vismem_assets import audit
+from vismem_assets import digests
 from vismem_assets.forgetting import ForgetRequest
 from vismem_assets.index_store import IndexIntegrityError, index_ids
 from vismem_assets.index_types import IndexPolicy, IndexTypeError
@@ -56,7 +55,8 @@ def samples_of(memory, vector_ids) -> list[str]:
 
 
 def sha(memory, rel: str) -> str:
-    return hashlib.sha256(memory.layout.absolute(rel).read_bytes()).hexdigest()
+    """The digest the ledger records for an index file: of its hash list (digests.py)."""
+    return digests.hash_list(memory.layout.absolute(rel)).sha256
 
 
 def test_small_add_writes_a_delta_and_leaves_the_base_untouched(memory):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,11 +16,11 @@ import threading
 import time
 from pathlib import Path
 
-import duckdb
 import faiss
 import numpy as np
 import pytest
 
+from vismem_assets import digests
 from vismem_assets.encoders import Encoder, EncoderMismatchError
 from vismem_assets.index_store import IndexIntegrityError, IndexStore, index_ids
 from vismem_assets.memory import Memory
@@ -48,7 +47,8 @@ def make_set(root: Path, items) -> Path:
 
 
 def sha_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The digest the ledger records for an index file: of its hash list (digests.py)."""
+    return digests.hash_list(path).sha256
 
 
 def vector_ids_of(memory, items) -> set[int]:

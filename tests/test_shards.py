@@ -18,7 +18,7 @@ import pytest
 from vismem_assets.cli import main as cli_main
 from vismem_assets.fashion_mnist import write_image_folders
 from vismem_assets.forgetting import ForgetRequest
-from vismem_assets.index_store import IndexStore, sha256_file
+from vismem_assets.index_store import IndexStore, file_digest
 from vismem_assets.memory import Memory
 from vismem_assets import settings as settings_module
 from vismem_assets.settings import Settings
@@ -85,7 +85,7 @@ def files_match_ledger(memory: Memory) -> None:
     assert versions
     for v in versions:
         for f in v.files:
-            assert sha256_file(memory.layout.absolute(f.path)) == f.sha256, f.path
+            assert file_digest(memory.layout.absolute(f.path), f) == f.sha256, f.path
 
 
 def test_shards_split_by_sample_id_and_search_equals_one_index(memories, query_vectors):

@@ -17,7 +17,7 @@ import polars as pl
 from . import erasure, store
 from .forgetting import HASHED_FIELDS, row_hash
 from .home import Layout
-from .index_store import GENESIS
+from .index_store import GENESIS, IndexVersion, recorded_hash_lists, verify_file
 from .ledger import LedgerBase
 from .near_copies import N_BYTES
 
@@ -73,6 +73,7 @@ class Audit:
             names_end, names = s.forgetting.names_end(), self.ledger.names.path
         check_chain(rows, report)
         self.check_manifests(rows, report)
+        self.check_index_files(report)
         report.problems += [f"forget request {r} is still pending (accepted, purge unfinished): run `vismem forget --resume`"
                             for r in pending]
         named = forgotten.filter(pl.col("named") | pl.col("image_path").is_not_null())
@@ -150,6 +151,22 @@ class Audit:
             elif (hashes[n - 1] if n else GENESIS) != head:
                 report.problems.append(f"{self.layout.relative(path)}: chain head {head[:12]}… is not deletions row "
                                        f"seq={n}: the chain was rewritten")
+
+    def check_index_files(self, report: AuditReport) -> None:
+        """Every file of every index version kept (live and retained), every block of it, against
+        the digest and hash list the ledger recorded (digests.py)."""
+        with self.ledger.connect() as s:
+            versions = [IndexVersion.from_row(row) for row in s.indexes.kept_versions()]
+            files = {f.path: f for v in versions for f in v.files}
+            lists = recorded_hash_lists(s, files.values())
+            unfinished = s.indexes.unfinished_forget_ids()
+        for relative, file in sorted(files.items()):
+            path = self.layout.absolute(relative)
+            problem = verify_file(path, file, lists.get(relative), unfinished)[0] if path.is_file() else "is missing"
+            if problem:
+                report.problems.append(f"index file {relative} {problem}: it was changed or damaged; run `vismem "
+                                       "rebuild` to write a fresh version from the ledger and embeddings")
+        report.files_checked["index_digests"] = len(files)
 
     def find_traces(self, sample_ids: list[str], vector_ids: np.ndarray, report: AuditReport | None = None) -> list[str]:
         """Where do these samples still exist? Every index file, embedding file and stored image.

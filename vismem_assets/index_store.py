@@ -37,7 +37,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from . import erasure, shards
+from . import digests, erasure, shards
 from .atomic import atomic_path, write_bytes_atomic
 from .encoders.base import EncoderMismatchError
 from .home import Layout
@@ -64,6 +64,12 @@ class IndexFile:
     role: str = "base"   # base (the index type's own file, or a piece of it) | delta (exact, from an add)
     holes: int = 0       # erased entries (id -1) it still holds beside its n_vectors, until a compaction
     shard: int = 0       # the memory's shard it belongs to (shards.py)
+    block_size: int = 0  # sha256 is of its hash list of blocks this size (digests.py); 0: of its bytes
+    hash_list: digests.HashList | None = field(default=None, compare=False, repr=False)  # when just computed
+
+    def to_dict(self) -> dict:
+        """As the ledger's `files` JSON and the manifests hold it (the hash list has its own table)."""
+        return {k: v for k, v in asdict(self).items() if k != "hash_list"}
 
 
 @dataclass(frozen=True)
@@ -129,13 +135,54 @@ def chain_head(session: Session) -> tuple[str, int]:
     return session.indexes.last_deletion() or (GENESIS, 0)
 
 
-def sha256_file(path: Path) -> str:
-    return erasure.sha256_patched(path)
+def file_digest(path: Path, file: IndexFile) -> str:
+    """The file's digest now, of the kind the ledger records for it."""
+    return digests.file_digest(path, file.block_size)
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
     """The vector ids an index holds, in storage order, holes (id -1) included."""
     return kind_for(index).ids(index)
+
+
+def verify_file(path: Path, file: IndexFile, recorded: digests.HashList | None,
+                unfinished: np.ndarray = np.empty(0, np.int64),
+                checked: digests.HashList | None = None) -> tuple[str | None, bool]:
+    """(what is wrong with an index file's bytes, or None; whether they are right only once the
+    erasure of `unfinished` forgets, or of its holes, a crash left half done, is done), against
+    the digest the ledger recorded and its hash list (`recorded`). Every block is read unless
+    `checked` (a list the caller checked the file against before) says which have not changed."""
+    retry = file.holes > 0 or len(unfinished) > 0
+    if not file.block_size:
+        actual = file_digest(path, file)
+        if actual == file.sha256:
+            return None, False
+        if retry and erasure.sha256_patched(path, erasure.index_holes(path, unfinished, holes_too=True)) == file.sha256:
+            return None, True
+        return f"has sha256 {actual[:12]}… but the ledger recorded {file.sha256[:12]}…", False
+    if recorded is None or recorded.sha256 != file.sha256:
+        return f"has no hash list in the ledger for its digest {file.sha256[:12]}…", False
+    size, bs = path.stat().st_size, recorded.block_size
+    if -(-size // bs) != len(recorded.blocks):
+        return (f"has {size:,} bytes, but the ledger's hash list has {len(recorded.blocks)} blocks of {bs:,}: it was "
+                "truncated or extended"), False
+    which = recorded.differing(checked) if checked is not None else range(len(recorded.blocks))
+    actual = digests.hash_blocks(path, which, None, bs)
+    bad = [j for j, d in sorted(actual.items()) if d != recorded.blocks[j]]
+    if not bad:
+        return None, False
+    if retry:
+        patched = digests.hash_blocks(path, bad, erasure.index_holes(path, unfinished, holes_too=True), bs)
+        if all(patched[j] == recorded.blocks[j] for j in bad):
+            return None, True
+    return (f"differs from the ledger's hash list in {len(bad)} of its {len(recorded.blocks)} blocks "
+            f"(the first at byte {bad[0] * bs:,})"), False
+
+
+def recorded_hash_lists(session: Session, files) -> dict[str, digests.HashList]:
+    """The hash lists the ledger holds for these files' digests, by path."""
+    rows = session.indexes.hash_lists([f.path for f in files if f.block_size])
+    return {f.path: digests.HashList.from_text(*rows[f.path, f.sha256]) for f in files if (f.path, f.sha256) in rows}
 
 
 def index_vectors(index: faiss.Index, copy: bool = True) -> np.ndarray:
@@ -230,12 +277,13 @@ class IndexStore:
             raise FileNotFoundError(f"no index for encoder {self.encoder_id} yet: add an image set first (vismem add)")
         files = self._files_of(version, shard)
         unfinished = self._unfinished_forgets()
-        first, mapped = self._read(files[0], version, unfinished, mmap=mmap and len(files) == 1)
+        recorded = self.hash_lists_of(files)
+        first, mapped, _ = self._read(files[0], version, unfinished, mmap=mmap and len(files) == 1, recorded=recorded)
         index = first if mapped else _without(first, unfinished)
         # The other files (an exact base's pieces, the deltas: exact files) have their vectors
         # added to the first: an exact index grows, an IVF one assigns them to its lists.
         for file in files[1:]:
-            part = self._read(file, version, unfinished)[0]
+            part = self._read(file, version, unfinished, recorded=recorded)[0]
             if part.ntotal:
                 ids = index_ids(part)
                 keep = (ids != erasure.HOLE_ID) & ~np.isin(ids, unfinished)
@@ -272,12 +320,16 @@ class IndexStore:
                                                          faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY))
                                for f in version.files])
 
-    def load_file(self, file: IndexFile, version: IndexVersion, unfinished: np.ndarray,
-                  mmap: bool = False) -> tuple[faiss.Index, bool]:
-        """One file of a version as its own index, checked against its sha256, without holes or
-        `unfinished` forgets' vectors unless memory-mapped: (index, whether mapped)."""
-        index, mapped = self._read(file, version, unfinished, mmap=mmap)
-        return (index if mapped else _without(index, unfinished)), mapped
+    def load_file(self, file: IndexFile, version: IndexVersion, unfinished: np.ndarray, mmap: bool = False,
+                  checked: digests.HashList | None = None,
+                  recorded: dict[str, digests.HashList] | None = None) -> tuple[faiss.Index, bool, digests.HashList | None]:
+        """One file of a version as its own index, checked against its digest, without holes or
+        `unfinished` forgets' vectors unless memory-mapped: (index, whether mapped, the hash list
+        it was checked against). `checked`: the list this reader checked the file against before
+        (an erasure in place since changed some blocks): only the blocks that differ are read.
+        `recorded`: the hash lists `hash_lists_of` gave for the version's files, if at hand."""
+        index, mapped, listed = self._read(file, version, unfinished, mmap=mmap, checked=checked, recorded=recorded)
+        return (index if mapped else _without(index, unfinished)), mapped, listed
 
     def file_ids(self, file: IndexFile) -> np.ndarray:
         """The vector ids a file holds now (holes aside), reading only the pages of its ids."""
@@ -290,26 +342,38 @@ class IndexStore:
                                       f"{path}{'' if version else ' is missing'}; run `vismem rebuild` to write a fresh version")
         return path
 
-    def _read(self, file: IndexFile, version: IndexVersion, unfinished: np.ndarray,
-              mmap: bool = False) -> tuple[faiss.Index, bool]:
-        """(the file's index, whether it is memory-mapped). Its bytes must hash to what the ledger
-        recorded, or, while a forget request is unfinished, to that once its erasure is done
-        (a crash mid-erasure): then it is read whole, for `load` to drop what it erases."""
+    def _read(self, file: IndexFile, version: IndexVersion, unfinished: np.ndarray, mmap: bool = False,
+              checked: digests.HashList | None = None,
+              recorded: dict[str, digests.HashList] | None = None) -> tuple[faiss.Index, bool, digests.HashList | None]:
+        """(the file's index, whether it is memory-mapped, its recorded hash list), once its bytes
+        are checked (`verify`); a file that is right only once a crash's unfinished erasure is
+        done is read whole, for `load` to drop what it erases."""
         path = self._existing(file.path, version)
-        actual = sha256_file(path)
-        if actual != file.sha256 and (file.holes or len(unfinished)):
-            if erasure.sha256_patched(path, erasure.index_holes(path, unfinished, holes_too=True)) == file.sha256:
-                actual, mmap = file.sha256, False
-        if actual != file.sha256:
-            raise IndexIntegrityError(
-                f"index file {path} has sha256 {actual[:12]}… but the ledger recorded {file.sha256[:12]}… "
-                f"for version {version.version}: it was changed or damaged. Run `vismem rebuild` to write a "
-                "fresh version from the ledger and embeddings"
-            )
+        recorded = (self.hash_lists_of([file]) if recorded is None else recorded).get(file.path)
+        problem, unerased = self.verify(file, recorded, unfinished, checked=checked)
+        if problem:
+            raise IndexIntegrityError(f"index file {path} {problem} for version {version.version}: it was changed or "
+                                      "damaged. Run `vismem rebuild` to write a fresh version from the ledger and embeddings")
+        mmap = mmap and not unerased
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0)
         if index.d != self.dim:
             raise EncoderMismatchError(f"index {path} has dimension {index.d}, encoder {self.encoder_id} has {self.dim}")
-        return index, mmap
+        return index, mmap, recorded
+
+    def hash_lists_of(self, files) -> dict[str, digests.HashList]:
+        """The hash lists the ledger recorded for these files, by path (a file whose digest is of
+        its bytes, or whose list is missing, has none), in one query."""
+        found = {f.path: f.hash_list for f in files if f.hash_list is not None}
+        wanted = [f for f in files if f.block_size and f.hash_list is None]
+        if wanted:
+            with self.ledger.connect() as s:
+                found |= recorded_hash_lists(s, wanted)
+        return found
+
+    def verify(self, file: IndexFile, recorded: digests.HashList | None, unfinished: np.ndarray = np.empty(0, np.int64),
+               checked: digests.HashList | None = None) -> tuple[str | None, bool]:
+        """`verify_file` on a file of this store (missing: IndexIntegrityError)."""
+        return verify_file(self._existing(file.path), file, recorded, unfinished, checked)
 
     def _unfinished_forgets(self) -> np.ndarray:
         """Vector ids of forget requests accepted but not yet applied (a crash mid-way)."""
@@ -422,15 +486,17 @@ class IndexStore:
             recorded = s.indexes.erased_paths(self.encoder_id, request_id)
             versions = [v for v in self.versions() if v.status != "purged"]
             files = {f.path: f for v in versions for f in v.files if shard is None or (v.n_shards, f.shard) == shard}
+            lists = self.hash_lists_of(list(files.values()))
 
-            def locate(file: IndexFile) -> tuple[erasure.Holes, str | None]:
+            def locate(file: IndexFile) -> tuple[erasure.Holes, digests.HashList | None]:
                 # A retry also patches the holes already there (some may be half written); its
-                # digests were recorded by the first attempt.
+                # digests were recorded by the first attempt. Only the blocks a patch touches are
+                # hashed again (a file recorded by the sha256 of its bytes gets a hash list now).
                 retry = file.path in recorded
                 path = self._existing(file.path)
                 found = erasure.index_holes(path, vector_ids, holes_too=retry and file.holes > 0)
                 touched = any(len(p) for p in found.patches)
-                return found, erasure.sha256_patched(path, found) if touched and not retry else None
+                return found, digests.hash_list(path, found, known=lists.get(file.path)) if touched and not retry else None
 
             with ThreadPoolExecutor(2) as pool:  # FAISS reading and hashing let go of the GIL: two files at once
                 located = dict(zip(files, pool.map(locate, files.values())))
@@ -451,15 +517,20 @@ class IndexStore:
             return live, sum(len(found) for found in fresh.values())
 
     def _record_erasure(self, s: Session, versions: list[IndexVersion], files: dict[str, IndexFile],
-                        holes: dict[str, erasure.Holes], digests: dict[str, str], request_id: str) -> IndexVersion | None:
+                        holes: dict[str, erasure.Holes], lists: dict[str, digests.HashList],
+                        request_id: str) -> IndexVersion | None:
         """Record, before a byte changes, what erasing `holes` makes of each file and version."""
-        changed = {path: replace(files[path], sha256=digests[path], n_vectors=files[path].n_vectors - len(found),
-                                 holes=files[path].holes + len(found))
+        changed = {path: replace(files[path], sha256=lists[path].sha256, block_size=lists[path].block_size,
+                                 n_vectors=files[path].n_vectors - len(found), holes=files[path].holes + len(found),
+                                 hash_list=None)
                    for path, found in holes.items()}
         live = next((v for v in versions if v.status == "live"), None)
         with self.ledger.transaction():
             for path, found in holes.items():
-                s.indexes.record_erasure(self.encoder_id, path, request_id, len(found), files[path].sha256, digests[path])
+                new = changed[path]
+                s.indexes.record_erasure(self.encoder_id, path, request_id, len(found), files[path].sha256, new.sha256)
+                s.indexes.record_blocks(self.encoder_id, path, new.sha256, new.block_size, lists[path].text())
+                s.indexes.drop_blocks(path, files[path].sha256)
             for v in versions:  # (the live one is superseded below, as it was written)
                 touched = [f for f in v.files if f.path in changed]
                 if v.status != "retained" or not touched:
@@ -504,10 +575,14 @@ class IndexStore:
 
     def _delete_unnamed(self, paths: list[str]) -> None:
         named = self.named_files()
-        for rel in paths:
-            if rel not in named:
-                self.layout.absolute(rel).unlink(missing_ok=True)
-                manifest_path(self.layout.absolute(rel)).unlink(missing_ok=True)
+        gone = [rel for rel in dict.fromkeys(paths) if rel not in named]
+        for rel in gone:
+            self.layout.absolute(rel).unlink(missing_ok=True)
+            manifest_path(self.layout.absolute(rel)).unlink(missing_ok=True)
+        if gone:
+            with self.ledger.transaction() as s:
+                for rel in gone:
+                    s.indexes.drop_blocks(rel)
 
     def retain(self, keep: int) -> list[IndexVersion]:
         """Keep the live version and the `keep - 1` newest before it; purge the older ones (and
@@ -539,9 +614,10 @@ class IndexStore:
     def _manifest(self, s: Session, file: IndexFile, version: IndexVersion, **fields) -> None:
         head, n_deletions = chain_head(s)
         self.write_manifest(self.layout.absolute(file.path), version=version.version, sha256=file.sha256,
+                            block_size=file.block_size,
                             n_vectors=file.n_vectors, role=file.role, parent_version=version.parent_version,
                             operation=version.operation, chain_head=head, n_deletions=n_deletions,
-                            version_files=[asdict(f) for f in version.files], **fields)
+                            version_files=[f.to_dict() for f in version.files], **fields)
 
     # ---- internals ---------------------------------------------------------------------------
 
@@ -564,7 +640,9 @@ class IndexStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(final) as tmp:
             faiss.write_index(index, str(tmp))
-        return IndexFile(self.layout.relative(final), sha256_file(final), int(index.ntotal), role, shard=shard)
+        hashed = digests.hash_list(final)
+        return IndexFile(self.layout.relative(final), hashed.sha256, int(index.ntotal), role, shard=shard,
+                         block_size=hashed.block_size, hash_list=hashed)
 
     def _write_base(self, index: faiss.Index, version: int, shard: int = 0, n_shards: int = 1) -> tuple[IndexFile, ...]:
         """A shard's base in the files its kind splits it into: an exact one in pieces of about
@@ -608,6 +686,9 @@ class IndexStore:
                            recall_at_10=recall[0], recall_at_100=recall[1], recall_measured_at=recall[2],
                            build=report.to_dict() if report and file == first else None)
         with self.ledger.transaction():
+            for file in written:
+                if file.hash_list is not None:
+                    s.indexes.record_blocks(self.encoder_id, file.path, file.sha256, file.block_size, file.hash_list.text())
             s.indexes.record_version(
                 encoder_id=self.encoder_id, version=version, path=first.path, sha256=first.sha256,
                 parent_version=new.parent_version, operation=operation, n_vectors=new.n_vectors, index_type=kind,
@@ -622,4 +703,4 @@ class IndexStore:
 
 
 def _json(files) -> str:
-    return json.dumps([asdict(f) for f in files])
+    return json.dumps([f.to_dict() for f in files])

@@ -11,7 +11,9 @@ over all of them answers. When the live version changes:
   pending, is patched in the held copy when it is read whole and exact: the gone vectors become
   holes (id -1, zero vector) that its searcher skips, instead of reading the file again. Its ids
   are read from the file (memory-mapped: only their pages) to know which;
-* anything else (a new base, a mapped file that changed) is loaded as `IndexStore.load` would.
+* a memory-mapped file erased in place since is mapped again, and only the blocks the erasure
+  changed are read and checked against the ledger's hash list (digests.py);
+* anything else (a new base) is loaded as `IndexStore.load` would.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from .digests import HashList
 from .index_kinds import Searcher, kind_described
 from .index_kinds.flat import FLAT
 from .index_store import IndexFile, IndexStore, IndexVersion, held_ids, searcher_of
@@ -33,6 +36,7 @@ class HeldFile:
     mapped: bool            # memory-mapped (the file's pages), else read whole (this process's copy)
     searcher: Searcher
     held: int               # vectors it holds, holes aside
+    hash_list: HashList | None = None   # what its bytes were checked against (digests.py)
 
 
 @dataclass
@@ -62,7 +66,7 @@ class LiveFiles:
             return done
         # Mapped files cannot drop a pending forget's vectors: while one is pending, read whole.
         mappable = not len(pending) and kind_described(live.index_type).map_for_search
-        held = {}
+        held, recorded = {}, None
         for file in live.files:
             old = self.files.get(file.path)
             unchanged = old is not None and old.sha256 == file.sha256
@@ -71,8 +75,13 @@ class LiveFiles:
             elif old is not None and not old.mapped and FLAT.recognises(old.index):
                 held[file.path], done.patched = self._patched(old, file, pending, unchanged), done.patched + 1
             else:
-                index, mapped = self.indexes.load_file(file, live, pending, mmap=mappable and file.role == "base")
-                held[file.path], done.loaded = _held(file.sha256, index, mapped), done.loaded + 1
+                if recorded is None:  # the hash lists of the files to read, in one query
+                    recorded = self.indexes.hash_lists_of(live.files)
+                mmap = mappable and file.role == "base"
+                checked = old.hash_list if old is not None and old.mapped and mmap else None
+                index, mapped, listed = self.indexes.load_file(file, live, pending, mmap=mmap, checked=checked,
+                                                               recorded=recorded)
+                held[file.path], done.loaded = _held(file.sha256, index, mapped, listed), done.loaded + 1
         self.files, self.key, self.last = held, key, done
         return done
 
@@ -93,6 +102,7 @@ class LiveFiles:
         return _held(file.sha256, old.index, False)
 
 
-def _held(sha256: str, index: faiss.Index, mapped: bool) -> HeldFile:
+def _held(sha256: str, index: faiss.Index, mapped: bool, hash_list: HashList | None = None) -> HeldFile:
     searcher, holes = searcher_of(index)
-    return HeldFile(sha256, index, mapped, searcher, int(len(held_ids(index))) if holes else int(index.ntotal))
+    return HeldFile(sha256, index, mapped, searcher, int(len(held_ids(index))) if holes else int(index.ntotal),
+                    hash_list)

@@ -42,6 +42,12 @@ class IndexVersions(Group):
                                          " ORDER BY version", [encoder_id]))
         return list(rows.iter_rows(named=True))
 
+    def kept_versions(self) -> list[dict]:
+        """Every encoder's versions that are not purged (live and retained): their files are on disk."""
+        rows = to_frame(self.con.execute(f"SELECT {VERSION_COLUMNS} FROM index_versions WHERE status <> 'purged'"
+                                         " ORDER BY encoder_id, version"))
+        return list(rows.iter_rows(named=True))
+
     def live_encoders(self) -> list[str]:
         """Encoders that have a live index."""
         return [e for (e,) in self.con.execute(
@@ -113,6 +119,25 @@ class IndexVersions(Group):
         """A file's erasure in place, with its digest before and after."""
         self.con.execute("INSERT INTO index_erasures VALUES (?, ?, ?, ?, ?, ?, now())",
                          [encoder_id, path, request_id, n_erased, old_sha256, new_sha256])
+
+    def record_blocks(self, encoder_id: str, path: str, sha256: str, block_size: int, blocks: str) -> None:
+        """A file's hash list (digests.py), under the digest it gives."""
+        self.con.execute("INSERT INTO index_file_blocks VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                         [encoder_id, path, sha256, block_size, blocks])
+
+    def hash_lists(self, paths: list[str]) -> dict[tuple[str, str], tuple[int, str]]:
+        """{(path, sha256): (block_size, blocks)} of these files' recorded hash lists."""
+        if not paths:
+            return {}
+        rows = self.con.execute("SELECT path, sha256, block_size, blocks FROM index_file_blocks"
+                                " WHERE path IN (SELECT unnest(?::VARCHAR[]))", [list(paths)]).fetchall()
+        return {(p, d): (int(b), text) for p, d, b, text in rows}
+
+    def drop_blocks(self, path: str, sha256: str | None = None) -> None:
+        """A hash list no file has any more (the file was erased in place since), or every list of
+        a deleted file (`sha256` None)."""
+        self.con.execute("DELETE FROM index_file_blocks WHERE path = ? AND (? IS NULL OR sha256 = ?)",
+                         [path, sha256, sha256])
 
     def record_rewrite(self, encoder_id: str, version: int, request_id: str, old_sha256: str, new_sha256: str,
                        n_removed: int, path: str) -> None:
