@@ -92,6 +92,16 @@ def test_a_version_switch_costs_what_changed(tmp_path):
     np.testing.assert_array_equal(got[1], expected[1])
     np.testing.assert_allclose(got[0], expected[0], atol=1e-6)
 
+    # The fresh reader's copy was read without the file's holes (its positions no longer line up
+    # with the file's): a second forget is patched into it by id, with the same answers.
+    more = memory.ledger.query("SELECT sample_id, vector_id FROM samples WHERE status = 'active' ORDER BY vector_id"
+                               " LIMIT 5 OFFSET 500")
+    memory.forget(ForgetRequest(sample_ids=more["sample_id"].to_list(), requested_by="bob", reason="asked"))
+    again = fresh.search(queries, 3000)
+    assert fresh.recall.live_files().last.patched >= 1 and fresh.recall.live_files().last.loaded == 0
+    assert not set(again[1].ravel().tolist()) & set(more["vector_id"].to_list() + victims["vector_id"].to_list())
+    np.testing.assert_array_equal(again[1], memory.search(queries, 3000)[1])
+
 
 def test_status_says_where_the_index_bytes_are(tmp_path):
     """Live versions, retained-only files, and files no version names, each in bytes."""

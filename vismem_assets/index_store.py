@@ -332,8 +332,9 @@ class IndexStore:
         return (index if mapped else _without(index, unfinished)), mapped, listed
 
     def file_ids(self, file: IndexFile) -> np.ndarray:
-        """The vector ids a file holds now (holes aside), reading only the pages of its ids."""
-        return held_ids(faiss.read_index(str(self._existing(file.path)), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY))
+        """The vector ids a file holds now in storage order, holes (-1) included, reading only the
+        pages of its ids."""
+        return index_ids(faiss.read_index(str(self._existing(file.path)), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY))
 
     def _existing(self, relative: str, version: IndexVersion | None = None) -> Path:
         path = self.layout.absolute(relative)

@@ -89,12 +89,18 @@ class LiveFiles:
         """The held copy with the vectors the file no longer holds (`unchanged`: it holds the same),
         or a pending forget names, turned into holes in place."""
         ids = faiss.rev_swig_ptr(old.index.id_map.data(), old.index.ntotal)  # a writable view
-        present = ids[ids != HOLE_ID]
-        gone = np.intersect1d(present, pending)
+        gone = np.zeros(len(ids), bool)
         if not unchanged:
-            gone = np.union1d(gone, np.setdiff1d(present, self.indexes.file_ids(file)))
-        if len(gone):
-            at = np.flatnonzero(np.isin(ids, gone))
+            now = self.indexes.file_ids(file)
+            erased = now == HOLE_ID if len(now) == len(ids) else None
+            if erased is not None and not np.any((ids != now) & ~erased):
+                gone = erased & (ids != HOLE_ID)   # erased in place: the same positions, now holes
+            else:                                  # (a copy loaded without the file's holes: by id)
+                gone = (ids != HOLE_ID) & ~np.isin(ids, now[now != HOLE_ID])
+        if len(pending):
+            gone |= (ids != HOLE_ID) & np.isin(ids, pending)
+        at = np.flatnonzero(gone)
+        if len(at):
             inner = faiss.downcast_index(old.index.index)
             vectors = faiss.rev_swig_ptr(inner.get_xb(), inner.ntotal * inner.d).reshape(inner.ntotal, inner.d)
             ids[at] = HOLE_ID
