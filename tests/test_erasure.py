@@ -257,3 +257,34 @@ def erasure_free(index):
     ivf.set_direct_map_type(faiss.DirectMap.NoMap)
     index.remove_ids(faiss.IDSelectorRange(-1, 0))
     return index
+
+
+def test_forgetting_a_vector_that_trained_a_cluster_alone_leaves_none_of_its_bytes(tmp_path):
+    """k-means leaves a centroid that is a copy of a vector wherever a cluster holds that vector
+    alone; the IVF build must not, or the index file keeps a forgotten vector's bytes."""
+    from benchmarks.peers import vectors_on_disk
+    from benchmarks.synthetic import insert_vectors
+    from vismem_assets.index_kinds.ivf import KMEANS_ITERATIONS, held_out_and_training, nlist_for
+    from vismem_assets.memory import Memory
+
+    x, labels = clustered_vectors(12_000, D, seed=3)
+    loners = np.random.default_rng(4).standard_normal((40, D)).astype(np.float32)
+    x[:40] = loners / np.linalg.norm(loners, axis=1, keepdims=True)   # far from every cluster
+    nlist = nlist_for(len(x))
+    train = x[np.sort(held_out_and_training(len(x), "ivf-flat", nlist)[1])]
+    plain = faiss.IndexIVFFlat(faiss.IndexFlatIP(D), D, nlist, faiss.METRIC_INNER_PRODUCT)
+    plain.cp.niter = KMEANS_ITERATIONS
+    plain.train(train)
+    copied = {bytes(c) for c in plain.quantizer.reconstruct_n(0, nlist)} & {bytes(v) for v in x[:40]}
+    assert copied, "precondition: FAISS's own training copies some of these vectors into centroids"
+
+    memory = Memory(tmp_path / "home", encoder=QueryVectors(D), index_policy=IndexPolicy(kind="ivf-flat", recall_floor=0.5))
+    insert_vectors(memory, x, labels, "loners")
+    memory.index_pending(embed=False)
+    assert memory.indexes.live().index_type.startswith("IVF")
+    assert vectors_on_disk(memory.layout.root, x[:40]) == 40      # the scan sees them while stored
+    ids = memory.ledger.query("SELECT sample_id FROM samples ORDER BY vector_id LIMIT 40")["sample_id"].to_list()
+    memory.forget(ForgetRequest(requested_by="test", reason="loners", sample_ids=ids))
+    assert vectors_on_disk(memory.layout.root, x[:40]) == 0
+    assert vectors_on_disk(memory.layout.root, x[40:80]) == 40    # and the others are still there
+    assert memory.audit.verify().ok

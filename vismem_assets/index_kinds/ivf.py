@@ -187,10 +187,37 @@ def train_ivf(kind: str, train: np.ndarray, nlist: int, pq_bytes: int | None = N
     else:
         index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.niter = KMEANS_ITERATIONS
-    index.train(np.ascontiguousarray(train, np.float32))
+    train = np.ascontiguousarray(train, np.float32)
+    # The coarse centroids first, as IVF's own training makes them, then no centroid left a copy
+    # of one vector; the codec (SQ8's ranges, PQ's codebooks) trains on the quantizer as it is.
+    faiss.Clustering(d, nlist, index.cp).train(train, quantizer)
+    centroids = no_copies(quantizer.reconstruct_n(0, nlist), train)
+    quantizer.reset()
+    quantizer.add(centroids)
+    index.train(train)
     index.own_fields = True
     quantizer.this.disown()  # the index owns its quantizer now (kept alive past this frame)
     return index
+
+
+def no_copies(centroids: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """The centroids with none equal to a training vector. k-means leaves a centroid that is a
+    copy of a vector wherever a cluster holds that vector alone, and the index file would keep
+    the vector's bytes after the vector is forgotten; such a centroid becomes the mean of its
+    vector and the nearest other distinct one (the lists it stands for barely move)."""
+    flat = faiss.IndexFlatL2(train.shape[1])
+    flat.add(train)
+    _, nearest = flat.search(centroids, 1)
+    copies = np.flatnonzero((nearest[:, 0] >= 0) & np.all(train[np.maximum(nearest[:, 0], 0)] == centroids, axis=1))
+    if not len(copies):
+        return centroids
+    centroids = centroids.copy()
+    _, around = flat.search(centroids[copies], min(16, len(train)))
+    for c, row in zip(copies, around):
+        other = next((j for j in row[1:] if j >= 0 and not np.array_equal(train[j], centroids[c])), None)
+        if other is not None:   # else only duplicates of this vector were trained on: they stay stored anyway
+            centroids[c] = (centroids[c] + train[other]) / 2
+    return centroids
 
 
 def _without_own(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
