@@ -8,6 +8,9 @@ from __future__ import annotations
 import json
 import sys
 
+from . import peers
+from .peers import PEERS_JSON
+
 
 def _fmt(x) -> str:
     if x is None:
@@ -155,6 +158,8 @@ def render(r: dict, command: str = "vismem bench --json") -> str:
                         [[f"{k} ({t['index_type']})", t["index_mib"], t["search_rss_mib"], t["rss_over_index"],
                           t["anon_over_index"]] for k, t in run.get("types", {}).items()])
     lines += ["## Time per benchmark", ""] + _table(["benchmark", "seconds"], [[k, v] for k, v in r["seconds"].items()])
+    if PEERS_JSON.exists():   # its own run (python -m benchmarks.peers), kept beside this one
+        lines += [peers.render(json.loads(PEERS_JSON.read_text()))]
     return "\n".join(lines)
 
 

@@ -49,7 +49,7 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   echo "setup: creating .venv and installing pinned dependencies (first time: a few minutes)"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   # torch is pinned to the CPU build (2.13.0); torchvision is never installed.
-  if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e '.[test]'; } \
+  if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e '.[test,peers]'; } \
       > .venv/pip.log 2>&1; then
     tail -n 30 .venv/pip.log >&2
     echo "setup: pip could not install the dependencies (full log: .venv/pip.log)" >&2
