@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import faiss
-import numpy as np
 import pytest
 
 from benchmarks import peers
