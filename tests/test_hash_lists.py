@@ -12,6 +12,7 @@ import pytest
 
 from vismem_assets import digests, erasure
 from vismem_assets.forgetting import ForgetRequest
+from vismem_assets.index_kinds.ivf import IVF_FLAT
 from vismem_assets.index_store import IndexIntegrityError
 from vismem_assets.index_types import IndexPolicy
 from vismem_assets.patches import Holes, Patch
@@ -154,5 +155,21 @@ def test_a_mapped_reader_checks_only_the_blocks_a_forget_changed(tmp_path, monke
     switch = memory.recall.live_files()
     assert switch.last.loaded == 1 and switch.files[live.files[0].path].mapped
     checked = [j for which in read for j in which]
-    assert 1 <= len(checked) <= 2                                   # the changed blocks, not the file's every block
+    now = switch.files[live.files[0].path].hash_list
+    changed = now.differing(held.hash_list)
+    lists_from = IVF_FLAT.lazy_from(memory.layout.absolute(live.files[0].path), switch.files[live.files[0].path].index)
+    # the changed blocks read on opening (the direct map's), not the changed list's, which searches read
+    assert checked == [j for j in changed if j * digests.BLOCK_SIZE < lists_from] and len(checked) == 1
+    assert any(j * digests.BLOCK_SIZE >= lists_from for j in changed)
     assert victim[1] not in ids and ids[0, 0] != found[0, 0]       # the forgotten vector is searched past
+    assert memory.audit.verify().ok
+
+    # A list block changed behind the ledger's back: the audit checks every block and names it.
+    path = memory.layout.absolute(live.files[0].path)
+    at = path.stat().st_size - 100
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(b"\xff" * 4)
+    problems = memory.audit.verify().problems
+    assert any(f"in 1 of its {len(now.blocks)} blocks (the first at byte {at // digests.BLOCK_SIZE * digests.BLOCK_SIZE:,})" in p
+               for p in problems), problems

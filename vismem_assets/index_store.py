@@ -147,11 +147,14 @@ def index_ids(index: faiss.Index) -> np.ndarray:
 
 def verify_file(path: Path, file: IndexFile, recorded: digests.HashList | None,
                 unfinished: np.ndarray = np.empty(0, np.int64),
-                checked: digests.HashList | None = None) -> tuple[str | None, bool]:
+                checked: digests.HashList | None = None, lazy_from: int | None = None) -> tuple[str | None, bool]:
     """(what is wrong with an index file's bytes, or None; whether they are right only once the
     erasure of `unfinished` forgets, or of its holes, a crash left half done, is done), against
     the digest the ledger recorded and its hash list (`recorded`). Every block is read unless
-    `checked` (a list the caller checked the file against before) says which have not changed."""
+    `checked` (a list the caller checked the file against before) says which have not changed;
+    then, with `lazy_from` (a memory-mapped reader's file), only those before it: the blocks the
+    reader reads on opening. The rest it reads as searches probe them, and `audit verify` checks
+    every block."""
     retry = file.holes > 0 or len(unfinished) > 0
     if not file.block_size:
         actual = file_digest(path, file)
@@ -167,6 +170,8 @@ def verify_file(path: Path, file: IndexFile, recorded: digests.HashList | None,
         return (f"has {size:,} bytes, but the ledger's hash list has {len(recorded.blocks)} blocks of {bs:,}: it was "
                 "truncated or extended"), False
     which = recorded.differing(checked) if checked is not None else range(len(recorded.blocks))
+    if checked is not None and lazy_from is not None:
+        which = [j for j in which if j * bs < lazy_from]
     actual = digests.hash_blocks(path, which, None, bs)
     bad = [j for j, d in sorted(actual.items()) if d != recorded.blocks[j]]
     if not bad:
@@ -321,14 +326,16 @@ class IndexStore:
                                for f in version.files])
 
     def load_file(self, file: IndexFile, version: IndexVersion, unfinished: np.ndarray, mmap: bool = False,
-                  checked: digests.HashList | None = None,
+                  checked: digests.HashList | None = None, lazy_from: int | None = None,
                   recorded: dict[str, digests.HashList] | None = None) -> tuple[faiss.Index, bool, digests.HashList | None]:
         """One file of a version as its own index, checked against its digest, without holes or
         `unfinished` forgets' vectors unless memory-mapped: (index, whether mapped, the hash list
         it was checked against). `checked`: the list this reader checked the file against before
-        (an erasure in place since changed some blocks): only the blocks that differ are read.
+        (an erasure in place since changed some blocks): only the blocks that differ are read,
+        and of those only the ones before `lazy_from` where given (see `verify_file`).
         `recorded`: the hash lists `hash_lists_of` gave for the version's files, if at hand."""
-        index, mapped, listed = self._read(file, version, unfinished, mmap=mmap, checked=checked, recorded=recorded)
+        index, mapped, listed = self._read(file, version, unfinished, mmap=mmap, checked=checked, lazy_from=lazy_from,
+                                           recorded=recorded)
         return (index if mapped else _without(index, unfinished)), mapped, listed
 
     def file_ids(self, file: IndexFile) -> np.ndarray:
@@ -344,14 +351,14 @@ class IndexStore:
         return path
 
     def _read(self, file: IndexFile, version: IndexVersion, unfinished: np.ndarray, mmap: bool = False,
-              checked: digests.HashList | None = None,
+              checked: digests.HashList | None = None, lazy_from: int | None = None,
               recorded: dict[str, digests.HashList] | None = None) -> tuple[faiss.Index, bool, digests.HashList | None]:
         """(the file's index, whether it is memory-mapped, its recorded hash list), once its bytes
         are checked (`verify`); a file that is right only once a crash's unfinished erasure is
         done is read whole, for `load` to drop what it erases."""
         path = self._existing(file.path, version)
         recorded = (self.hash_lists_of([file]) if recorded is None else recorded).get(file.path)
-        problem, unerased = self.verify(file, recorded, unfinished, checked=checked)
+        problem, unerased = self.verify(file, recorded, unfinished, checked=checked, lazy_from=lazy_from if mmap else None)
         if problem:
             raise IndexIntegrityError(f"index file {path} {problem} for version {version.version}: it was changed or "
                                       "damaged. Run `vismem rebuild` to write a fresh version from the ledger and embeddings")
@@ -372,9 +379,9 @@ class IndexStore:
         return found
 
     def verify(self, file: IndexFile, recorded: digests.HashList | None, unfinished: np.ndarray = np.empty(0, np.int64),
-               checked: digests.HashList | None = None) -> tuple[str | None, bool]:
+               checked: digests.HashList | None = None, lazy_from: int | None = None) -> tuple[str | None, bool]:
         """`verify_file` on a file of this store (missing: IndexIntegrityError)."""
-        return verify_file(self._existing(file.path), file, recorded, unfinished, checked)
+        return verify_file(self._existing(file.path), file, recorded, unfinished, checked, lazy_from)
 
     def _unfinished_forgets(self) -> np.ndarray:
         """Vector ids of forget requests accepted but not yet applied (a crash mid-way)."""

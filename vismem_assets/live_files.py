@@ -11,8 +11,10 @@ over all of them answers. When the live version changes:
   pending, is patched in the held copy when it is read whole and exact: the gone vectors become
   holes (id -1, zero vector) that its searcher skips, instead of reading the file again. Its ids
   are read from the file (memory-mapped: only their pages) to know which;
-* a memory-mapped file erased in place since is mapped again, and only the blocks the erasure
-  changed are read and checked against the ledger's hash list (digests.py);
+* a memory-mapped file erased in place since is mapped again, and of the blocks the erasure
+  changed, the ones it reads on opening (the header, the coarse centroids, the id map) are
+  checked against the ledger's hash list (digests.py); the changed lists it maps are read by
+  the searches that probe them, and `vismem audit verify` checks every block;
 * anything else (a new base) is loaded as `IndexStore.load` would.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ import faiss
 import numpy as np
 
 from .digests import HashList
-from .index_kinds import Searcher, kind_described
+from .index_kinds import Searcher, kind_described, kind_for
 from .index_kinds.flat import FLAT
 from .index_store import IndexFile, IndexStore, IndexVersion, held_ids, searcher_of
 from .erasure import HOLE_ID
@@ -57,16 +59,22 @@ class LiveFiles:
     def searchers(self) -> list[tuple[Searcher, int]]:
         return [(f.searcher, f.held) for f in self.files.values()]
 
-    def switch(self, live: IndexVersion, pending: np.ndarray) -> Switch:
-        """Hold the files of `live`, without the vectors of the pending forgets."""
+    def holds(self, live: IndexVersion, pending: np.ndarray) -> bool:
+        """Whether it holds `live` already, without the vectors of these pending forgets."""
+        return _key(live, pending) == self.key
+
+    def switch(self, live: IndexVersion, pending: np.ndarray,
+               recorded: dict[str, HashList] | None = None) -> Switch:
+        """Hold the files of `live`, without the vectors of the pending forgets. `recorded`: the
+        hash lists the ledger holds for its files, when the caller read them already."""
+        key = _key(live, pending)
         pending = np.unique(np.asarray(pending, np.int64))
-        key = (live.version, tuple((f.path, f.sha256) for f in live.files), pending.tobytes())
         done = Switch()
         if key == self.key:
             return done
         # Mapped files cannot drop a pending forget's vectors: while one is pending, read whole.
         mappable = not len(pending) and kind_described(live.index_type).map_for_search
-        held, recorded = {}, None
+        held = {}
         for file in live.files:
             old = self.files.get(file.path)
             unchanged = old is not None and old.sha256 == file.sha256
@@ -79,8 +87,11 @@ class LiveFiles:
                     recorded = self.indexes.hash_lists_of(live.files)
                 mmap = mappable and file.role == "base"
                 checked = old.hash_list if old is not None and old.mapped and mmap else None
+                # erased in place under a mapped reader: re-checked where it reads on opening
+                lazy_from = kind_for(old.index).lazy_from(self.indexes.layout.absolute(file.path), old.index) \
+                    if checked is not None else None
                 index, mapped, listed = self.indexes.load_file(file, live, pending, mmap=mmap, checked=checked,
-                                                               recorded=recorded)
+                                                               lazy_from=lazy_from, recorded=recorded)
                 held[file.path], done.loaded = _held(file.sha256, index, mapped, listed), done.loaded + 1
         self.files, self.key, self.last = held, key, done
         return done
@@ -106,6 +117,10 @@ class LiveFiles:
             ids[at] = HOLE_ID
             vectors[at] = 0.0
         return _held(file.sha256, old.index, False)
+
+
+def _key(live: IndexVersion, pending: np.ndarray) -> tuple:
+    return live.version, tuple((f.path, f.sha256) for f in live.files), np.unique(np.asarray(pending, np.int64)).tobytes()
 
 
 def _held(sha256: str, index: faiss.Index, mapped: bool, hash_list: HashList | None = None) -> HeldFile:

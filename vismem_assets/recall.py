@@ -13,7 +13,7 @@ from .catalog import Catalog
 from .embeddings import EmbeddingStore
 from .encoders import Encoder, EncoderMismatchError
 from .index_kinds import Searcher, kind_for
-from .index_store import IndexStore, IndexVersion, held_ids, searcher_of
+from .index_store import IndexStore, IndexVersion, held_ids, recorded_hash_lists, searcher_of
 from .ledger import LedgerBase
 from .live_files import LiveFiles
 from .shards import ShardedIndex, parts_of, search_all
@@ -94,7 +94,9 @@ class Recall:
         with self.ledger.connect() as s:
             live = self.live_version()
             pending = s.indexes.unfinished_forget_ids()
-        self._files.switch(live, pending)
+            # the hash lists of a new version's files in the same session (opening one costs more)
+            recorded = None if self._files.holds(live, pending) else recorded_hash_lists(s, live.files)
+        self._files.switch(live, pending, recorded)
         self._files_checked = token
         return self._files
 

@@ -69,6 +69,10 @@ class IndexKind(Protocol):
     def drop(self, index: faiss.Index, vector_ids: np.ndarray) -> None:
         """Remove these ids (holes, -1, among them) from a loaded, not mapped, index."""
 
+    def lazy_from(self, path: Path, index: faiss.Index) -> int:
+        """Where the bytes a memory-mapped search reads only as it needs them begin (those before
+        are read on opening); the file's size for a kind read whole."""
+
     def searcher(self, index: faiss.Index, holes: int) -> Searcher:
         """What searches it; `holes`: how many erased entries it holds (a mapped index keeps them)."""
 

@@ -80,6 +80,9 @@ class FlatKind:
     def drop(self, index: faiss.Index, vector_ids: np.ndarray) -> None:
         id_map.drop(index, vector_ids)
 
+    def lazy_from(self, path: Path, index: faiss.Index) -> int:
+        return path.stat().st_size   # read whole
+
     def searcher(self, index: faiss.Index, holes: int):
         return flat_searcher(index) or FaissSearcher(index)
 

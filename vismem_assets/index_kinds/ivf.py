@@ -118,6 +118,11 @@ class IVFKind:
         index.remove_ids(faiss.IDSelectorBatch(np.asarray(vector_ids, np.int64)))
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
 
+    def lazy_from(self, path: Path, index: faiss.Index) -> int:
+        ivf = ivf_of(index)   # the file ends with its lists
+        entries = sum(ivf.invlists.list_size(l) for l in range(ivf.nlist))
+        return path.stat().st_size - entries * (ivf.code_size + 8)
+
     def searcher(self, index: faiss.Index, holes: int):
         return ivf_searcher(index, holes=holes > 0) or FaissSearcher(index)
 

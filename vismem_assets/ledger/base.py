@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import polars as pl
@@ -59,6 +60,7 @@ class LedgerBase:
         self.read_only = read_only
         self._local = threading.local()
         self._migrated = False
+        self._changes = os.fspath(names.path.parent / CHANGES_FILE)   # read on every search: kept as a str
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -119,14 +121,18 @@ class LedgerBase:
         has cached (the live index version, the pending forgets, the catalog). None: no
         transaction has committed since the file was introduced (ask the ledger)."""
         try:
-            return (self.names.path.parent / CHANGES_FILE).read_bytes()
+            fd = os.open(self._changes, os.O_RDONLY)
         except FileNotFoundError:
             return None
+        try:
+            return os.read(fd, 256)   # (its content is under 100 bytes)
+        finally:
+            os.close(fd)
 
     def _changed(self) -> None:
         # Unique content, renamed over the old file (readers never see half of it). No fsync:
         # after a crash every reader starts afresh anyway.
-        final = self.names.path.parent / CHANGES_FILE
+        final = Path(self._changes)
         tmp = final.with_name(f".{CHANGES_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
         tmp.write_bytes(b"%d %d %s\n" % (time.time_ns(), os.getpid(), os.urandom(8).hex().encode()))
         os.replace(tmp, final)
