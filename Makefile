@@ -18,11 +18,13 @@ test-fast: setup
 
 # The tests (the cluster tests, marked slow, start PostgreSQL, Redis, the daemon and Celery workers
 # once, in a temporary folder, and stop them in a finalizer, also when a test fails), then the
-# benchmark suite at small sizes (about two minutes) so it cannot rot.
+# benchmark suite at small sizes (about two minutes) so it cannot rot, and the peer benchmark at
+# N = 200,000 (about six minutes; its table is in the log, its JSON in test-artifacts/).
 test: setup
 	.venv/bin/python -m pytest
 	mkdir -p test-artifacts
 	.venv/bin/vismem bench --quick --json > test-artifacts/bench-quick.json
+	.venv/bin/python -m benchmarks.peers --n 200000 --no-write --json-to test-artifacts/peers-200k.json
 
 # The full benchmark run behind benchmarks/RESULTS.md (long: N = 100,000 and 1,000,000).
 bench: setup

@@ -1,7 +1,7 @@
 """vismem beside its peers (issue 20): LanceDB and plain FAISS on the same vectors, each in its
 own process, taking turns.
 
-    python -m benchmarks.peers [--n 1000000] [--d 384] [--json] [--no-write]
+    python -m benchmarks.peers [--n 1000000] [--d 384] [--json] [--json-to FILE] [--no-write]
 
 The driver draws N clustered vectors (benchmarks/synthetic.py), 1,000 held-out queries from the
 same clusters, three batches to add and three to delete (min(10,000, N / 20) each), and the
@@ -46,7 +46,9 @@ SINGLE_BUDGET_S = 5.0   # per repeat of the one-query-a-call figures
 SLOW_BATCH_S = 20.0     # a 1,000-query call slower than this runs once
 RESULTS = Path(__file__).with_name("RESULTS.md")
 PEERS_JSON = Path(__file__).with_name("peers.json")
-BEGIN, END = "<!-- peers:begin -->", "<!-- peers:end -->"
+def markers(n: int) -> tuple[str, str]:
+    """Where the section of a run at N begins and ends in RESULTS.md (one section per N)."""
+    return f"<!-- peers n={n}: begin -->", f"<!-- peers n={n}: end -->"
 
 
 # ---- measuring ----------------------------------------------------------------------------------
@@ -399,8 +401,10 @@ def run_worker(system: str, folder: Path, settings: dict) -> dict:
     home.mkdir()
     print(f"peers: {system} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "benchmarks.peers", "--worker", system, "--data", str(folder)],
-                          stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    # (the peers' deprecation notices and LanceDB's warnings would bury the log)
+    done = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-m", "benchmarks.peers",
+                           "--worker", system, "--data", str(folder)], stdout=subprocess.PIPE, text=True,
+                          cwd=Path(__file__).parent.parent, env={**os.environ, "LANCEDB_LOG": "error"})
     shutil.rmtree(home, ignore_errors=True)
     if done.returncode:
         raise RuntimeError(f"the {system} worker failed (exit {done.returncode}); its log is above")
@@ -478,7 +482,8 @@ def render(r: dict) -> str:
         ("deleted vectors with bytes left after that (byte scan)", "", lambda s: str(s["deleted_vectors_left"])),
         ("disk for the memory", "GB", lambda s: f"{s['disk_bytes'] / 1e9:.3g}"),
     ]
-    lines = [BEGIN, f"## Beside LanceDB and plain FAISS, N = {r['n']:,}, d = {r['d']}", "",
+    begin, end = markers(r["n"])
+    lines = [begin, f"## Beside LanceDB and plain FAISS, N = {r['n']:,}, d = {r['d']}", "",
              f"`python -m benchmarks.peers --n {r['n']}`: the same clustered vectors, {r['queries']:,} held-out queries,"
              f" k = {r['k']}, {r['threads']} threads; each system in its own process, one after the other; medians of 3."
              " IVF: vismem's build chose nlist and nprobe; the peers use the same nlist and the smallest nprobe reaching"
@@ -508,25 +513,35 @@ def render(r: dict) -> str:
         lines += ["", f"Plain FAISS: after `remove_ids` and the file written again, {copies} deleted vector(s) are still"
                   " in it as IVF centroids: k-means makes a vector a centroid when its cluster holds it alone. vismem's"
                   " IVF training leaves no centroid a copy of one vector."]
-    return "\n".join(lines + [END]) + "\n"
+    return "\n".join(lines + [end]) + "\n"
 
 
 def write(r: dict, results: Path = RESULTS, peers_json: Path = PEERS_JSON) -> None:
-    peers_json.write_text(json.dumps(r, indent=1) + "\n")
+    """The run into peers.json (one run kept per N) and its section into RESULTS.md (replacing the
+    last run's at that N; the rest of the file as it was)."""
+    runs = runs_of(peers_json)
+    runs[str(r["n"])] = r
+    peers_json.write_text(json.dumps(runs, indent=1) + "\n")
     text = results.read_text() if results.exists() else "# Benchmark results\n"
-    section = render(r)
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section.rstrip("\n") + text[text.index(END) + len(END):]
+    section, (begin, end) = render(r), markers(r["n"])
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + section.rstrip("\n") + text[text.index(end) + len(end):]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     results.write_text(text)
+
+
+def runs_of(peers_json: Path = PEERS_JSON) -> dict[str, dict]:
+    """The runs peers.json keeps, by N."""
+    return json.loads(peers_json.read_text()) if peers_json.exists() else {}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=200_000)
     parser.add_argument("--d", type=int, default=384)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the JSON instead of the table")
+    parser.add_argument("--json-to", type=Path, help="and write the JSON to this file")
     parser.add_argument("--no-write", action="store_true", help="leave benchmarks/RESULTS.md and peers.json as they are")
     parser.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -540,6 +555,8 @@ def main(argv=None) -> int:
     result = run(args.n, args.d)
     if not args.no_write:
         write(result)
+    if args.json_to:
+        args.json_to.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result) if args.json else render(result))
     return 0
 

@@ -9,7 +9,6 @@ import json
 import sys
 
 from . import peers
-from .peers import PEERS_JSON
 
 
 def _fmt(x) -> str:
@@ -158,8 +157,8 @@ def render(r: dict, command: str = "vismem bench --json") -> str:
                         [[f"{k} ({t['index_type']})", t["index_mib"], t["search_rss_mib"], t["rss_over_index"],
                           t["anon_over_index"]] for k, t in run.get("types", {}).items()])
     lines += ["## Time per benchmark", ""] + _table(["benchmark", "seconds"], [[k, v] for k, v in r["seconds"].items()])
-    if PEERS_JSON.exists():   # its own run (python -m benchmarks.peers), kept beside this one
-        lines += [peers.render(json.loads(PEERS_JSON.read_text()))]
+    # the peer benchmark's own runs (python -m benchmarks.peers), kept beside this one
+    lines += [peers.render(run) for _, run in sorted(peers.runs_of().items(), key=lambda item: int(item[0]))]
     return "\n".join(lines)
 
 

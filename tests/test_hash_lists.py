@@ -13,7 +13,7 @@ import pytest
 from vismem_assets import digests, erasure
 from vismem_assets.forgetting import ForgetRequest
 from vismem_assets.index_kinds.ivf import IVF_FLAT
-from vismem_assets.index_store import IndexIntegrityError
+from vismem_assets.index_store import IndexIntegrityError, held_ids
 from vismem_assets.index_types import IndexPolicy
 from vismem_assets.patches import Holes, Patch
 
@@ -153,9 +153,12 @@ def test_a_mapped_reader_checks_only_the_blocks_a_forget_changed(tmp_path, monke
     read.clear()
     sims, ids = memory.search(queries, 10)
     switch = memory.recall.live_files()
-    assert switch.last.loaded == 1 and switch.files[live.files[0].path].mapped
+    now_held = switch.files[live.files[0].path]
+    assert switch.last.patched == 1 and not switch.last.loaded and now_held.mapped
+    assert now_held.index is held.index                              # the same mapping, which shows the erasure
+    assert now_held.held == len(held_ids(now_held.index)) == held.held - 1
     checked = [j for which in read for j in which]
-    now = switch.files[live.files[0].path].hash_list
+    now = now_held.hash_list
     changed = now.differing(held.hash_list)
     lists_from = IVF_FLAT.lazy_from(memory.layout.absolute(live.files[0].path), switch.files[live.files[0].path].index)
     # the changed blocks read on opening (the direct map's), not the changed list's, which searches read

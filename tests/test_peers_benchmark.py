@@ -33,15 +33,20 @@ def test_the_byte_scan_finds_a_vector_at_any_offset_and_only_the_ones_there(tmp_
     assert peers.vectors_on_disk(tmp_path, x[151:]) == 0
 
 
-def test_the_section_replaces_its_last_run_and_keeps_the_rest(tmp_path, monkeypatch):
+def test_a_run_replaces_the_last_at_its_size_and_keeps_the_rest(tmp_path, monkeypatch):
     results, store = tmp_path / "RESULTS.md", tmp_path / "peers.json"
-    results.write_text("# Benchmark results\n\nabove\n\n" + peers.BEGIN + "\nold run\n" + peers.END + "\n\nbelow\n")
-    monkeypatch.setattr(peers, "render", lambda r: f"{peers.BEGIN}\nrun of {r['n']}\n{peers.END}\n")
-    peers.write({"n": 7}, results, store)
+    begin, end = peers.markers(7)
+    results.write_text(f"# Benchmark results\n\nabove\n\n{begin}\nold run\n{end}\n\nbelow\n")
+    monkeypatch.setattr(peers, "render", lambda r: "{}\nrun of {} ({})\n{}\n".format(peers.markers(r["n"])[0], r["n"],
+                                                                                    r["when"], peers.markers(r["n"])[1]))
+    peers.write({"n": 7, "when": "now"}, results, store)
+    peers.write({"n": 9, "when": "now"}, results, store)
     text = results.read_text()
-    assert "run of 7" in text and "old run" not in text and text.count(peers.BEGIN) == 1
-    assert text.startswith("# Benchmark results\n\nabove") and text.rstrip().endswith("below")
-    assert json.loads(store.read_text()) == {"n": 7}
+    assert "run of 7 (now)" in text and "old run" not in text and text.count(begin) == 1
+    assert text.startswith("# Benchmark results\n\nabove") and text.index("below") < text.index("run of 9")
+    peers.write({"n": 7, "when": "later"}, results, store)
+    assert "run of 7 (later)" in results.read_text() and "run of 7 (now)" not in results.read_text()
+    assert peers.runs_of(store) == {"7": {"n": 7, "when": "later"}, "9": {"n": 9, "when": "now"}}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +94,7 @@ def test_vismem_leaves_no_deleted_byte_when_its_forget_returns(small_run):
 def test_the_table_has_a_row_an_operation_and_a_column_a_system(small_run):
     r, _ = small_run
     section = peers.render(r)
-    assert section.startswith(peers.BEGIN) and section.rstrip().endswith(peers.END)
+    assert section.startswith(peers.markers(r["n"])[0]) and section.rstrip().endswith(peers.markers(r["n"])[1])
     table = [line for line in section.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| operation | vismem | LanceDB 0.40.0 | FAISS (plain) |")
     assert len(table) == 10 and all(line.count("|") == table[0].count("|") for line in table)

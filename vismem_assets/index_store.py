@@ -326,16 +326,12 @@ class IndexStore:
                                for f in version.files])
 
     def load_file(self, file: IndexFile, version: IndexVersion, unfinished: np.ndarray, mmap: bool = False,
-                  checked: digests.HashList | None = None, lazy_from: int | None = None,
                   recorded: dict[str, digests.HashList] | None = None) -> tuple[faiss.Index, bool, digests.HashList | None]:
         """One file of a version as its own index, checked against its digest, without holes or
         `unfinished` forgets' vectors unless memory-mapped: (index, whether mapped, the hash list
-        it was checked against). `checked`: the list this reader checked the file against before
-        (an erasure in place since changed some blocks): only the blocks that differ are read,
-        and of those only the ones before `lazy_from` where given (see `verify_file`).
-        `recorded`: the hash lists `hash_lists_of` gave for the version's files, if at hand."""
-        index, mapped, listed = self._read(file, version, unfinished, mmap=mmap, checked=checked, lazy_from=lazy_from,
-                                           recorded=recorded)
+        it was checked against). `recorded`: the hash lists `hash_lists_of` gave for the
+        version's files, if at hand."""
+        index, mapped, listed = self._read(file, version, unfinished, mmap=mmap, recorded=recorded)
         return (index if mapped else _without(index, unfinished)), mapped, listed
 
     def file_ids(self, file: IndexFile) -> np.ndarray:
@@ -351,14 +347,13 @@ class IndexStore:
         return path
 
     def _read(self, file: IndexFile, version: IndexVersion, unfinished: np.ndarray, mmap: bool = False,
-              checked: digests.HashList | None = None, lazy_from: int | None = None,
               recorded: dict[str, digests.HashList] | None = None) -> tuple[faiss.Index, bool, digests.HashList | None]:
         """(the file's index, whether it is memory-mapped, its recorded hash list), once its bytes
         are checked (`verify`); a file that is right only once a crash's unfinished erasure is
         done is read whole, for `load` to drop what it erases."""
         path = self._existing(file.path, version)
         recorded = (self.hash_lists_of([file]) if recorded is None else recorded).get(file.path)
-        problem, unerased = self.verify(file, recorded, unfinished, checked=checked, lazy_from=lazy_from if mmap else None)
+        problem, unerased = self.verify(file, recorded, unfinished)
         if problem:
             raise IndexIntegrityError(f"index file {path} {problem} for version {version.version}: it was changed or "
                                       "damaged. Run `vismem rebuild` to write a fresh version from the ledger and embeddings")

@@ -11,14 +11,16 @@ over all of them answers. When the live version changes:
   pending, is patched in the held copy when it is read whole and exact: the gone vectors become
   holes (id -1, zero vector) that its searcher skips, instead of reading the file again. Its ids
   are read from the file (memory-mapped: only their pages) to know which;
-* a memory-mapped file erased in place since is mapped again, and of the blocks the erasure
-  changed, the ones it reads on opening (the header, the coarse centroids, the id map) are
-  checked against the ledger's hash list (digests.py); the changed lists it maps are read by
-  the searches that probe them, and `vismem audit verify` checks every block;
+* a memory-mapped file erased in place since (the same file: device and inode) stays held as it
+  is: its mapping shows the erased bytes already, and its searcher skips the holes. Of the
+  blocks the erasure changed, the ones it read on opening (the header, the coarse centroids,
+  the id map) are checked against the ledger's hash list (digests.py); the changed lists are
+  read by the searches that probe them, and `vismem audit verify` checks every block;
 * anything else (a new base) is loaded as `IndexStore.load` would.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import faiss
@@ -27,7 +29,7 @@ import numpy as np
 from .digests import HashList
 from .index_kinds import Searcher, kind_described, kind_for
 from .index_kinds.flat import FLAT
-from .index_store import IndexFile, IndexStore, IndexVersion, held_ids, searcher_of
+from .index_store import IndexFile, IndexIntegrityError, IndexStore, IndexVersion, held_ids, searcher_of
 from .erasure import HOLE_ID
 
 
@@ -39,6 +41,7 @@ class HeldFile:
     searcher: Searcher
     held: int               # vectors it holds, holes aside
     hash_list: HashList | None = None   # what its bytes were checked against (digests.py)
+    inode: tuple[int, int] | None = None  # (device, inode) of the file a mapped index maps
 
 
 @dataclass
@@ -82,19 +85,33 @@ class LiveFiles:
                 held[file.path], done.kept = old, done.kept + 1
             elif old is not None and not old.mapped and FLAT.recognises(old.index):
                 held[file.path], done.patched = self._patched(old, file, pending, unchanged), done.patched + 1
+            elif old is not None and old.mapped and mappable and old.inode == _inode(self.indexes.layout.absolute(file.path)):
+                if recorded is None:
+                    recorded = self.indexes.hash_lists_of(live.files)
+                held[file.path], done.patched = self._remapped(old, file, recorded.get(file.path)), done.patched + 1
             else:
                 if recorded is None:  # the hash lists of the files to read, in one query
                     recorded = self.indexes.hash_lists_of(live.files)
-                mmap = mappable and file.role == "base"
-                checked = old.hash_list if old is not None and old.mapped and mmap else None
-                # erased in place under a mapped reader: re-checked where it reads on opening
-                lazy_from = kind_for(old.index).lazy_from(self.indexes.layout.absolute(file.path), old.index) \
-                    if checked is not None else None
-                index, mapped, listed = self.indexes.load_file(file, live, pending, mmap=mmap, checked=checked,
-                                                               lazy_from=lazy_from, recorded=recorded)
+                index, mapped, listed = self.indexes.load_file(file, live, pending, recorded=recorded,
+                                                               mmap=mappable and file.role == "base")
                 held[file.path], done.loaded = _held(file.sha256, index, mapped, listed), done.loaded + 1
+                if mapped:
+                    held[file.path].inode = _inode(self.indexes.layout.absolute(file.path))
         self.files, self.key, self.last = held, key, done
         return done
+
+    def _remapped(self, old: HeldFile, file: IndexFile, recorded: HashList | None) -> HeldFile:
+        """A mapped file erased in place since: its mapping shows the erased bytes already (the
+        same file, changed where it lies), so the held index stays, with a searcher that skips
+        its holes. Of the blocks the erasure changed, the ones it read on opening are checked."""
+        path = self.indexes.layout.absolute(file.path)
+        kind = kind_for(old.index)
+        problem, _ = self.indexes.verify(file, recorded, checked=old.hash_list, lazy_from=kind.lazy_from(path, old.index))
+        if problem:
+            raise IndexIntegrityError(f"index file {path} {problem}: it was changed or damaged. Run `vismem rebuild` "
+                                      "to write a fresh version from the ledger and embeddings")
+        return HeldFile(file.sha256, old.index, True, kind.searcher(old.index, file.holes),
+                        int(old.index.ntotal) - file.holes, recorded, old.inode)
 
     def _patched(self, old: HeldFile, file: IndexFile, pending: np.ndarray, unchanged: bool) -> HeldFile:
         """The held copy with the vectors the file no longer holds (`unchanged`: it holds the same),
@@ -117,6 +134,14 @@ class LiveFiles:
             ids[at] = HOLE_ID
             vectors[at] = 0.0
         return _held(file.sha256, old.index, False)
+
+
+def _inode(path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _key(live: IndexVersion, pending: np.ndarray) -> tuple:
