@@ -183,14 +183,15 @@ def worker_vismem(data: Data, home: Path) -> dict:
     out["add_index_s"], out["add_stored_s"] = statistics.median(add_index), statistics.median(adds)
     out["first_search_after_add_s"] = statistics.median(first_add)
 
-    calls, first_forget, left = [], [], []
+    calls, first_forget, left, phases = [], [], [], []
     for victims in data.deletes:
         ids = [hashlib.sha256(f"peers-{i}".encode()).hexdigest() for i in victims]
         request = ForgetRequest(requested_by="bench", reason="peers", sample_ids=ids)
-        calls.append(seconds(lambda: memory.forget(request)))
+        calls.append(seconds(lambda: phases.append(memory.forget(request).phases)))
         first_forget.append(seconds(lambda: memory.search(data.queries[:1], K)))
         left.append(vectors_on_disk(home, data.vectors[victims]))
     out["delete_call_s"] = out["delete_clean_s"] = statistics.median(calls)
+    out["forget_phases"] = {step: statistics.median(p[step] for p in phases) for step in phases[0]}   # where it goes
     out["first_search_after_delete_s"] = statistics.median(first_forget)
     out["deleted_vectors_left"] = max(left)
     memory.indexes.retain(1)   # the live version only: a peer holds one copy
@@ -503,6 +504,9 @@ def render(r: dict) -> str:
                   ". The embedding parts are the encoder's output, kept so that a damaged index, another index kind or"
                   " another sharding is rebuilt without the images or the encoder; the ledger holds every sample's"
                   " row and keys."]
+    if v.get("forget_phases"):
+        lines += ["", "vismem's forget call by phase (s, medians): " +
+                  ", ".join(f"{step.replace('_', ' ')} {_f(t)}" for step, t in v["forget_phases"].items()) + "."]
     lance = systems.get("lancedb", {})
     if lance.get("delete_clean_by"):
         lines += ["", f"LanceDB's delete marks rows deleted: after `optimize` (no older version kept),"

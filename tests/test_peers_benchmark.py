@@ -88,6 +88,8 @@ def test_vismem_leaves_no_deleted_byte_when_its_forget_returns(small_run):
     assert vismem["delete_clean_s"] == vismem["delete_call_s"] and round(vismem["delete_call_s"], 4) == r["forget_call_s"]
     assert r["disk_ratio_to_faiss"] == round(vismem["disk_bytes"] / r["systems"]["faiss"]["disk_bytes"], 3)
     assert set(vismem["disk_parts"]) == {"embeddings", "indexes", "ledger"}
+    assert {"accept", "indexes", "embeddings", "proof"} <= set(vismem["forget_phases"])
+    assert sum(vismem["forget_phases"].values()) <= vismem["delete_call_s"] * 1.5
 
 
 @pytest.mark.slow   # three processes, one a system (about a minute)
