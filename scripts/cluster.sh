@@ -152,6 +152,10 @@ SQL
   # The instance's tables, once, before several processes open it at the same time.
   (cd "$REPO" && "$VENV_BIN/dagster" instance migrate >"$LOGS/instance-migrate.log" 2>&1) \
     || { tail -n 20 "$LOGS/instance-migrate.log" >&2; die "the Dagster instance on PostgreSQL did not migrate (log: $LOGS/instance-migrate.log)"; }
+  # The ledger's pool, set before any run: left to the default, the first runs that start together
+  # each insert its row, and the one that loses that race fails (a unique violation in Dagster).
+  (cd "$REPO" && "$VENV_BIN/dagster" instance concurrency set vismem_ledger 1 >>"$LOGS/instance-migrate.log" 2>&1) \
+    || { tail -n 20 "$LOGS/instance-migrate.log" >&2; die "could not set the vismem_ledger pool's limit (log: $LOGS/instance-migrate.log)"; }
 
   export PATH="$VENV_BIN:$PATH" PYTHONUNBUFFERED=1
   local celery_yaml="$REPO/deploy/cluster/celery.yaml"
