@@ -34,7 +34,7 @@ def index_file_matches_sha256(visual_memory: VisualMemory) -> AssetCheckResult:
         except IndexIntegrityError as missing:
             problem = str(missing)
         rows.append({"shard": file.shard, "file": file.path, "n_vectors": file.n_vectors, "holes": file.holes,
-                     "recorded_sha256": file.sha256, "hashed_in_blocks_of": file.block_size or "whole file",
+                     "recorded_sha256": file.sha256, "hashed_in_blocks_of": file.block_size or "whole file", "pages_of": file.leaf_size or None,
                      "problem": problem or "none", "ok": problem is None})
     passed = all(r["ok"] for r in rows)
     return AssetCheckResult(

@@ -20,20 +20,25 @@ from vismem_assets.patches import Holes, Patch
 MiB = 1 << 20
 
 
-def test_the_digest_is_what_split_and_sha256sum_give(tmp_path):
-    path = tmp_path / "file.faiss"
-    path.write_bytes(np.random.default_rng(0).bytes(9 * MiB + 12345))   # two whole blocks and a short one
+def _standard_digest(path, scratch) -> str:
+    """The README's command: coreutils only."""
     if shutil.which("split") is None or shutil.which("sha256sum") is None:
         pytest.skip("coreutils' split and sha256sum are not installed")
-    command = f"split -b {digests.BLOCK_SIZE} --filter='sha256sum | cut -c1-64' {path} | sha256sum"
-    standard = subprocess.run(command, shell=True, capture_output=True, text=True, check=True).stdout.split()[0]
+    scratch.mkdir()
+    command = (f"split -a 8 -d -b {digests.LEAF_SIZE} {path} leaf. && ls leaf.* | xargs -r sha256sum | cut -c1-64"
+               f" | split -l {digests.BLOCK_SIZE // digests.LEAF_SIZE} --filter='sha256sum | cut -c1-64' | sha256sum")
+    return subprocess.run(command, shell=True, capture_output=True, text=True, check=True, cwd=scratch).stdout.split()[0]
+
+
+def test_the_digest_is_what_split_and_sha256sum_give(tmp_path):
+    path = tmp_path / "file.faiss"
+    path.write_bytes(np.random.default_rng(0).bytes(9 * MiB + 12345))   # two whole blocks and a short one, a short leaf
     listed = digests.hash_list(path)
-    assert len(listed.blocks) == 3 and listed.sha256 == standard
+    assert len(listed.blocks) == 3 and listed.leaf_size == digests.LEAF_SIZE
+    assert listed.sha256 == _standard_digest(path, tmp_path / "scratch")
     empty = tmp_path / "empty.faiss"
     empty.write_bytes(b"")
-    assert digests.hash_list(empty).sha256 == subprocess.run(
-        f"split -b {digests.BLOCK_SIZE} --filter='sha256sum | cut -c1-64' {empty} | sha256sum", shell=True,
-        capture_output=True, text=True, check=True).stdout.split()[0]
+    assert digests.hash_list(empty).sha256 == _standard_digest(empty, tmp_path / "scratch-empty")
 
 
 def test_an_erasure_hashes_only_the_blocks_its_patches_touch(tmp_path):
@@ -176,3 +181,51 @@ def test_a_mapped_reader_checks_only_the_blocks_a_forget_changed(tmp_path, monke
     problems = memory.audit.verify().problems
     assert any(f"in 1 of its {len(now.blocks)} blocks (the first at byte {at // digests.BLOCK_SIZE * digests.BLOCK_SIZE:,})" in p
                for p in problems), problems
+
+
+def test_with_its_leaves_kept_an_erasure_hashes_only_the_pages_it_touches(tmp_path):
+    block, leaf = 64 * 1024, 4096
+    path = tmp_path / "file.faiss"
+    data = bytearray(np.random.default_rng(2).bytes(10 * block + 100))
+    path.write_bytes(bytes(data))
+    known = digests.hash_list(path, block_size=block, leaf_size=leaf)
+    digests.keep_leaves(path, known)
+    assert digests.leaves_path(path).stat().st_size == (-(-len(data) // leaf)) * digests.LINE
+    holes = Holes(np.array([1, 2]), (Patch(np.array([2 * block + 10, 7 * block - 4]), b"\0" * 12),))
+    patched = bytearray(data)
+    patched[2 * block + 10: 2 * block + 22] = b"\0" * 12
+    patched[7 * block - 4: 7 * block + 8] = b"\0" * 12
+    expected = digests.hash_list(_written(tmp_path / "patched.faiss", patched), block_size=block, leaf_size=leaf)
+
+    # A page of block 2 that no patch touches is damaged on disk: it is not read (its digest
+    # comes from the leaves file), so the new list says what the file should hold.
+    data[2 * block + 5 * leaf] ^= 1
+    # Block 6's slice of the leaves file is stale: it no longer hashes to the recorded digest, so
+    # that block is hashed again from the file.
+    with open(digests.leaves_path(path), "r+b") as f:
+        f.seek((6 * block // leaf) * digests.LINE)
+        f.write(b"f" * 64)
+    path.write_bytes(bytes(data))
+    again = digests.hash_list(path, holes, known=known)
+    assert again == expected and known.differing(again) == [2, 6, 7]
+    assert sorted(again.leaves) == [2, 6, 7]
+    digests.keep_leaves(path, again)   # the leaves file now vouches for the erased file's blocks
+    assert digests.leaves_path(path).read_bytes() == b"".join(expected.leaves[j] for j in range(len(expected.blocks)))
+    # A check of every block, from the bytes, finds the damaged one.
+    assert digests.hash_list(path, holes, block_size=block, leaf_size=leaf).differing(expected) == [2]
+
+
+def test_the_pages_digests_live_and_go_with_their_index_file(exact_memory):
+    memory = exact_memory
+    folder = memory.layout.absolute(memory.indexes.live().files[0].path).parent
+    old = [memory.layout.absolute(f.path) for f in memory.indexes.live().files]
+    assert old and all(digests.leaves_path(p).is_file() for p in old)
+    memory.rebuild()
+    memory.indexes.retain(1)                      # the old version's files go, with their pages' digests
+    assert not any(p.exists() or digests.leaves_path(p).exists() for p in old)
+    stray = folder / "v000999.leaves"             # left by a crash between a file's deletion and its leaves'
+    stray.write_bytes(b"0" * 65)
+    memory.indexes.remove_unreferenced_files()
+    assert not stray.exists()
+    assert all(digests.leaves_path(memory.layout.absolute(f.path)).is_file() for f in memory.indexes.live().files)
+    assert memory.audit.verify().ok

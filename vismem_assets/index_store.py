@@ -65,6 +65,7 @@ class IndexFile:
     holes: int = 0       # erased entries (id -1) it still holds beside its n_vectors, until a compaction
     shard: int = 0       # the memory's shard it belongs to (shards.py)
     block_size: int = 0  # sha256 is of its hash list of blocks this size (digests.py); 0: of its bytes
+    leaf_size: int = 0   # each block's digest is of its leaves' digests, leaves this size; 0: of its bytes
     hash_list: digests.HashList | None = field(default=None, compare=False, repr=False)  # when just computed
 
     def to_dict(self) -> dict:
@@ -137,7 +138,7 @@ def chain_head(session: Session) -> tuple[str, int]:
 
 def file_digest(path: Path, file: IndexFile) -> str:
     """The file's digest now, of the kind the ledger records for it."""
-    return digests.file_digest(path, file.block_size)
+    return digests.file_digest(path, file.block_size, file.leaf_size)
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
@@ -172,12 +173,13 @@ def verify_file(path: Path, file: IndexFile, recorded: digests.HashList | None,
     which = recorded.differing(checked) if checked is not None else range(len(recorded.blocks))
     if checked is not None and lazy_from is not None:
         which = [j for j in which if j * bs < lazy_from]
-    actual = digests.hash_blocks(path, which, None, bs)
+    actual = digests.hash_blocks(path, which, None, bs, recorded.leaf_size)
     bad = [j for j, d in sorted(actual.items()) if d != recorded.blocks[j]]
     if not bad:
         return None, False
     if retry:
-        patched = digests.hash_blocks(path, bad, erasure.index_holes(path, unfinished, holes_too=True), bs)
+        patched = digests.hash_blocks(path, bad, erasure.index_holes(path, unfinished, holes_too=True), bs,
+                                      recorded.leaf_size)
         if all(patched[j] == recorded.blocks[j] for j in bad):
             return None, True
     return (f"differs from the ledger's hash list in {len(bad)} of its {len(recorded.blocks)} blocks "
@@ -222,6 +224,12 @@ def _without(index: faiss.Index, unfinished: np.ndarray) -> faiss.Index:
     if gone.any():
         kind_for(index).drop(index, np.unique(ids[gone]))
     return index
+
+
+def _unlink_with_sidecars(path: Path) -> None:
+    """An index file goes with its manifest and its leaves' digests."""
+    for p in (path, manifest_path(path), digests.leaves_path(path)):
+        p.unlink(missing_ok=True)
 
 
 def file_name(version: int, position: int, role: str) -> str:
@@ -493,8 +501,8 @@ class IndexStore:
 
             def locate(file: IndexFile) -> tuple[erasure.Holes, digests.HashList | None]:
                 # A retry also patches the holes already there (some may be half written); its
-                # digests were recorded by the first attempt. Only the blocks a patch touches are
-                # hashed again (a file recorded by the sha256 of its bytes gets a hash list now).
+                # digests were recorded by the first attempt. Only the pages a patch touches are
+                # hashed again (a file recorded without leaves is hashed whole, and gets them now).
                 retry = file.path in recorded
                 path = self._existing(file.path)
                 found = erasure.index_holes(path, vector_ids, holes_too=retry and file.holes > 0)
@@ -512,6 +520,8 @@ class IndexStore:
                 live = self._record_erasure(s, versions, files, fresh, {path: located[path][1] for path in fresh},
                                             request_id)
             erasure.apply({self.layout.absolute(path): found for path, found in holes.items()})
+            for path in fresh:
+                digests.keep_leaves(self.layout.absolute(path), located[path][1])
             newest = {f.path: (v, f) for v in self.versions() if v.status != "purged" for f in v.files}
             for path in holes:
                 if path in newest:
@@ -524,7 +534,7 @@ class IndexStore:
                         request_id: str) -> IndexVersion | None:
         """Record, before a byte changes, what erasing `holes` makes of each file and version."""
         changed = {path: replace(files[path], sha256=lists[path].sha256, block_size=lists[path].block_size,
-                                 n_vectors=files[path].n_vectors - len(found), holes=files[path].holes + len(found),
+                                 leaf_size=lists[path].leaf_size, n_vectors=files[path].n_vectors - len(found), holes=files[path].holes + len(found),
                                  hash_list=None)
                    for path, found in holes.items()}
         live = next((v for v in versions if v.status == "live"), None)
@@ -532,7 +542,7 @@ class IndexStore:
             for path, found in holes.items():
                 new = changed[path]
                 s.indexes.record_erasure(self.encoder_id, path, request_id, len(found), files[path].sha256, new.sha256)
-                s.indexes.record_blocks(self.encoder_id, path, new.sha256, new.block_size, lists[path].text())
+                s.indexes.record_blocks(self.encoder_id, path, new.sha256, lists[path])
                 s.indexes.drop_blocks(path, files[path].sha256)
             for v in versions:  # (the live one is superseded below, as it was written)
                 touched = [f for f in v.files if f.path in changed]
@@ -569,8 +579,10 @@ class IndexStore:
             named = {self.layout.absolute(p) for p in self.named_files()}
             stray = [p for folder in self._folders() for p in folder.glob("v*.faiss") if p not in named]
             for p in stray:
-                p.unlink(missing_ok=True)
-                manifest_path(p).unlink(missing_ok=True)
+                _unlink_with_sidecars(p)
+            for leaves in (p for folder in self._folders() for p in folder.glob("v*.leaves")):
+                if leaves.with_suffix(".faiss") not in named:   # (a crash between a file and its leaves)
+                    leaves.unlink(missing_ok=True)
             for folder in self._folders()[1:]:  # a shard folder of a sharding no version names any more
                 if not any(folder.iterdir()):
                     folder.rmdir()
@@ -580,8 +592,7 @@ class IndexStore:
         named = self.named_files()
         gone = [rel for rel in dict.fromkeys(paths) if rel not in named]
         for rel in gone:
-            self.layout.absolute(rel).unlink(missing_ok=True)
-            manifest_path(self.layout.absolute(rel)).unlink(missing_ok=True)
+            _unlink_with_sidecars(self.layout.absolute(rel))
         if gone:
             with self.ledger.transaction() as s:
                 for rel in gone:
@@ -617,7 +628,7 @@ class IndexStore:
     def _manifest(self, s: Session, file: IndexFile, version: IndexVersion, **fields) -> None:
         head, n_deletions = chain_head(s)
         self.write_manifest(self.layout.absolute(file.path), version=version.version, sha256=file.sha256,
-                            block_size=file.block_size,
+                            block_size=file.block_size, leaf_size=file.leaf_size,
                             n_vectors=file.n_vectors, role=file.role, parent_version=version.parent_version,
                             operation=version.operation, chain_head=head, n_deletions=n_deletions,
                             version_files=[f.to_dict() for f in version.files], **fields)
@@ -644,8 +655,9 @@ class IndexStore:
         with atomic_path(final) as tmp:
             faiss.write_index(index, str(tmp))
         hashed = digests.hash_list(final)
+        digests.keep_leaves(final, hashed)
         return IndexFile(self.layout.relative(final), hashed.sha256, int(index.ntotal), role, shard=shard,
-                         block_size=hashed.block_size, hash_list=hashed)
+                         block_size=hashed.block_size, leaf_size=hashed.leaf_size, hash_list=hashed)
 
     def _write_base(self, index: faiss.Index, version: int, shard: int = 0, n_shards: int = 1) -> tuple[IndexFile, ...]:
         """A shard's base in the files its kind splits it into: an exact one in pieces of about
@@ -691,7 +703,7 @@ class IndexStore:
         with self.ledger.transaction():
             for file in written:
                 if file.hash_list is not None:
-                    s.indexes.record_blocks(self.encoder_id, file.path, file.sha256, file.block_size, file.hash_list.text())
+                    s.indexes.record_blocks(self.encoder_id, file.path, file.sha256, file.hash_list)
             s.indexes.record_version(
                 encoder_id=self.encoder_id, version=version, path=first.path, sha256=first.sha256,
                 parent_version=new.parent_version, operation=operation, n_vectors=new.n_vectors, index_type=kind,

@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from .blas import blas_report
+from .digests import leaves_path
 from .home import Layout
 from .index_store import IndexVersion
 from .index_types import IndexPolicy
@@ -59,8 +60,9 @@ def index_disk(layout: Layout, versions: list[IndexVersion]) -> dict:
     retained = {f.path for v in versions if v.status == "retained" for f in v.files} - live
     named = {layout.absolute(p) for p in live | retained}
 
-    def size(paths) -> int:
-        return sum(layout.absolute(p).stat().st_size for p in paths if layout.absolute(p).exists())
+    def size(paths) -> int:   # each file with its pages' digests (digests.py)
+        files = [q for p in paths for q in (layout.absolute(p), leaves_path(layout.absolute(p)))]
+        return sum(q.stat().st_size for q in files if q.exists())
 
     on_disk = [p for p in (layout.root / "indexes").rglob("*.faiss")] if (layout.root / "indexes").exists() else []
     return {"live_versions": size(live), "retained_versions_only": size(retained),

@@ -120,18 +120,19 @@ class IndexVersions(Group):
         self.con.execute("INSERT INTO index_erasures VALUES (?, ?, ?, ?, ?, ?, now())",
                          [encoder_id, path, request_id, n_erased, old_sha256, new_sha256])
 
-    def record_blocks(self, encoder_id: str, path: str, sha256: str, block_size: int, blocks: str) -> None:
-        """A file's hash list (digests.py), under the digest it gives."""
-        self.con.execute("INSERT INTO index_file_blocks VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                         [encoder_id, path, sha256, block_size, blocks])
+    def record_blocks(self, encoder_id: str, path: str, sha256: str, listed) -> None:
+        """A file's hash list (digests.HashList), under the digest it gives."""
+        self.con.execute("INSERT INTO index_file_blocks (encoder_id, path, sha256, block_size, blocks, leaf_size)"
+                         " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                         [encoder_id, path, sha256, listed.block_size, listed.text(), listed.leaf_size])
 
-    def hash_lists(self, paths: list[str]) -> dict[tuple[str, str], tuple[int, str]]:
-        """{(path, sha256): (block_size, blocks)} of these files' recorded hash lists."""
+    def hash_lists(self, paths: list[str]) -> dict[tuple[str, str], tuple[int, str, int]]:
+        """{(path, sha256): (block_size, blocks, leaf_size)} of these files' recorded hash lists."""
         if not paths:
             return {}
-        rows = self.con.execute("SELECT path, sha256, block_size, blocks FROM index_file_blocks"
+        rows = self.con.execute("SELECT path, sha256, block_size, blocks, coalesce(leaf_size, 0) FROM index_file_blocks"
                                 " WHERE path IN (SELECT unnest(?::VARCHAR[]))", [list(paths)]).fetchall()
-        return {(p, d): (int(b), text) for p, d, b, text in rows}
+        return {(p, d): (int(b), text, int(leaf)) for p, d, b, text, leaf in rows}
 
     def drop_blocks(self, path: str, sha256: str | None = None) -> None:
         """A hash list no file has any more (the file was erased in place since), or every list of
