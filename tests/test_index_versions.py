@@ -95,8 +95,8 @@ def test_each_add_writes_a_new_plain_faiss_version(memory, fm_sets, tmp_path):
 
     r1 = memory.add(make_set(tmp_path / "A", a))
     assert r1.index_version == 1 and r1.n_vectors == len(a)
-    # The version and its manifest, no temp file left behind.
-    assert sorted(p.name for p in folder.iterdir()) == ["v000001.faiss", "v000001.json"]
+    # The version, its manifest and its pages' digests (digests.py), no temp file left behind.
+    assert sorted(p.name for p in folder.iterdir()) == ["v000001.faiss", "v000001.json", "v000001.leaves"]
     manifest = json.loads((folder / "v000001.json").read_text())
     assert manifest["sha256"] == sha_file(folder / "v000001.faiss") and manifest["n_vectors"] == len(a)
     assert manifest["chain_head"] == "0" * 64 and manifest["n_deletions"] == 0

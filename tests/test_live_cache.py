@@ -114,6 +114,8 @@ def test_status_says_where_the_index_bytes_are(tmp_path):
     stray = memory.indexes.root / "v000099.faiss"
     stray.write_bytes(b"x" * 1234)
     disk = memory.status()["index_disk_bytes"]
-    size = lambda v: sum(memory.layout.absolute(f.path).stat().st_size for f in v.files)  # noqa: E731
+    # each file with its pages' digests (digests.py)
+    size = lambda v: sum(p.stat().st_size for f in v.files for p in (memory.layout.absolute(f.path),  # noqa: E731
+                                                                     memory.layout.absolute(f.path).with_suffix(".leaves")))
     assert disk == {"live_versions": size(memory.indexes.live()), "retained_versions_only": size(old),
                     "unreferenced": 1234, "retained_versions": 1}

@@ -74,12 +74,12 @@ def part_holes(path: Path, metadata: list[dict], vector_ids: np.ndarray, sample_
         if not len(rows):
             return Holes(rows, ())
         names_at = _rows(f, columns["sample_id"], 68, n)
-        names = _gather(f, names_at, 68)
+        names = _gather(f, names_at[rows], 68)   # (the rows to erase: each is checked before it is written)
         if not (names[:, :4].copy().view("<u4") == 64).all():
             raise LayoutError(f"{path}: the sample ids are not where their page puts them")
-        for row in rows.tolist():
+        for i, row in enumerate(rows.tolist()):
             want = sample_ids[int(np.searchsorted(targets, ids[row]))] if ids[row] != HOLE_ID else "0" * 64
-            if names[row, 4:].tobytes() != want.encode():
+            if names[i, 4:].tobytes() != want.encode():
                 raise LayoutError(f"{path}: row {row} does not hold the sample the ledger puts there")
         vectors_at = _rows(f, columns["vector"], 4 * dim, n)
         for row in rows.tolist():

@@ -22,6 +22,7 @@ import hashlib
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -405,12 +406,21 @@ class Forgetting:
             for row in rows.to_dicts():
                 metadata.setdefault(layout.relative(Path(row["file_name"])), []).append(row)
         forgotten = pl.Series(sample_ids, dtype=pl.String)
-        moved, erased = {}, {}
-        for rel in present:
-            path = layout.absolute(rel)
+
+        def locate(rel: str) -> erasure.Holes | None:
             try:
-                erased[path] = erasure.part_holes(path, metadata[rel], vector_ids, their_samples, parts[rel])
+                return erasure.part_holes(layout.absolute(rel), metadata[rel], vector_ids, their_samples, parts[rel])
             except erasure.LayoutError:
+                return None
+
+        moved, erased = {}, {}
+        with ThreadPoolExecutor(2) as pool:   # (reading the pages lets go of the GIL)
+            located = dict(zip(present, pool.map(locate, present)))
+        for rel, holes in located.items():
+            path = layout.absolute(rel)
+            if holes is not None:
+                erased[path] = holes
+            else:   # not laid out for erasure in place (written before it): rewritten without them
                 keep = pl.read_parquet(path).filter(~pl.col("sample_id").is_in(forgotten.implode()))
                 moved[rel] = None
                 if len(keep):
