@@ -229,3 +229,15 @@ def test_the_pages_digests_live_and_go_with_their_index_file(exact_memory):
     assert not stray.exists()
     assert all(digests.leaves_path(memory.layout.absolute(f.path)).is_file() for f in memory.indexes.live().files)
     assert memory.audit.verify().ok
+
+
+def test_a_link_where_the_leaves_go_is_never_followed(tmp_path):
+    path = tmp_path / "file.faiss"
+    path.write_bytes(np.random.default_rng(3).bytes(3 * 4096 + 7))
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_bytes(b"precious")
+    digests.leaves_path(path).symlink_to(elsewhere)
+    listed = digests.hash_list(path, block_size=8192, leaf_size=4096)
+    digests.keep_leaves(path, listed)
+    assert elsewhere.read_bytes() == b"precious" and not digests.leaves_path(path).is_symlink()
+    assert digests.leaves_path(path).read_bytes() == b"".join(listed.leaves[j] for j in range(len(listed.blocks)))

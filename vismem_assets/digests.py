@@ -83,6 +83,8 @@ def hash_list(path: Path, holes: Holes | None = None, known: HashList | None = N
         block_size, leaf_size = known.block_size, known.leaf_size
     else:
         block_size, leaf_size = block_size or BLOCK_SIZE, LEAF_SIZE if leaf_size is None else leaf_size
+    if leaf_size and block_size % leaf_size:
+        raise ValueError(f"a block ({block_size:,} bytes) must hold whole leaves ({leaf_size:,} bytes)")
     n_blocks = -(-os.stat(path).st_size // block_size)
     if known is not None and (known.block_size, known.leaf_size, len(known.blocks)) == (block_size, leaf_size, n_blocks):
         touched = _touched_blocks(holes, block_size)
@@ -108,7 +110,12 @@ def keep_leaves(path: Path, listed: HashList) -> None:
         return
     size = os.stat(path).st_size
     per_block = listed.block_size // listed.leaf_size
-    fd = os.open(leaves_path(path), os.O_RDWR | os.O_CREAT, 0o644)
+    where = leaves_path(path)
+    try:
+        fd = os.open(where, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError:   # a link (or anything but a file) where the leaves go: replaced, never followed
+        where.unlink(missing_ok=True)
+        fd = os.open(where, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
         want = -(-size // listed.leaf_size) * LINE
         if os.fstat(fd).st_size != want:
@@ -261,8 +268,8 @@ def _kept_leaves(path: Path, recorded: dict[int, str], block_size: int, leaf_siz
     digest; the others (no leaves file, a stale or damaged slice) are left out."""
     per_block = block_size // leaf_size
     try:
-        fd = os.open(leaves_path(path), os.O_RDONLY)
-    except FileNotFoundError:
+        fd = os.open(leaves_path(path), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:   # none (or a link, never followed): every block is hashed from the file
         return {}
     kept = {}
     try:
