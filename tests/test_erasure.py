@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 
-import duckdb
 import faiss
 import numpy as np
 import polars as pl
@@ -19,10 +18,10 @@ from vismem_assets import erasure
 from vismem_assets.embeddings import write_part
 from vismem_assets.forgetting import ForgetRequest
 from vismem_assets.index_store import held_ids, index_ids, index_vectors
+from vismem_assets.ledger import parquet_footers
 from vismem_assets.ivf_search import IVFSearcher
 from vismem_assets.index_kinds.flat import flat_index
 from vismem_assets.index_types import IndexPolicy, build
-from vismem_assets.ledger import to_frame
 
 D = 32
 N = 6000
@@ -140,7 +139,7 @@ def part(tmp_path, n, d, **options):
         frame.write_parquet(path, **options)
     else:
         write_part(frame, path)
-    meta = to_frame(duckdb.connect().execute("SELECT * FROM parquet_metadata(?)", [str(path)])).to_dicts()
+    meta = parquet_footers([path])[path]
     return path, frame, meta
 
 

@@ -3,7 +3,8 @@
 A request is accepted in one transaction (its samples become 'forgotten', so their hashes
 are blocked at once), then every trace is removed — erased in place from every index file of
 the live and retained versions (the live index moving to a new version) and from every
-embedding part (erasure.py), images, quarantine copies, pruning weights — and only then are the
+embedding part (erasure.py; the parts in a thread of their own while the indexes are erased,
+each side mostly waiting on its disk syncs), images, quarantine copies, pruning weights — and only then are the
 hash-chained `deletions` rows written and the request marked applied. A crash anywhere leaves
 the request 'pending'; running it again (or `apply_pending`) finishes it, since each step is
 idempotent. File names are erased in names.bin (names.py), outside DuckDB, which would keep
@@ -37,7 +38,7 @@ from .home import Layout
 from .imagesets import read_bounded
 from .index_store import GENESIS, IndexStore
 from .index_types import IndexPolicy
-from .ledger import LedgerBase
+from .ledger import LedgerBase, parquet_footers
 
 if TYPE_CHECKING:
     from .ledger import Session
@@ -284,7 +285,7 @@ class Forgetting:
                 # From here on the hashes are blocked: ingest refuses them, search never returns them.
                 s.forgetting.accept(request, request.target(), todo, *phashes, near_copies.ALGORITHM)
         accepted = round(time.perf_counter() - t0, 4)
-        finished = self.apply_pending(only=request.request_id)[request.request_id]
+        finished = self.apply_pending(only=request.request_id, accepted_now=state is None)[request.request_id]
         report.index_versions, report.versions_rewritten = finished.index_versions, finished.versions_rewritten
         report.files_removed, report.phases = finished.files_removed, {"accept": accepted, **finished.phases}
         report.seconds = time.perf_counter() - t0
@@ -311,14 +312,18 @@ class Forgetting:
 
     # ---- applying them -------------------------------------------------------------------------
 
-    def apply_pending(self, only: str | None = None, in_process: bool = False) -> dict[str, Applied]:
+    def apply_pending(self, only: str | None = None, in_process: bool = False,
+                      accepted_now: bool = False) -> dict[str, Applied]:
         """Finish accepted requests (all pending ones, or one): purge every trace, then chain the
-        proof. Each one's `phases`: seconds erasing in the index files, in the embedding files,
-        deleting image files, erasing file names, writing the proof (and the pruning statistics,
-        the manifests, the ledger's commit), and marking the request applied. Without `only`, the
-        file names a set's forget left behind (before forgetting a set took its quarantined files'
-        names too) are erased as well. `in_process`: erase every shard here, shard workers or not
-        (`vismem forget --resume`: a dead worker's shard too)."""
+        proof. Each one's `phases`: seconds erasing in the index files (the embedding parts are
+        erased meanwhile, in a thread of their own: each step waits on its disk syncs), recording
+        the embedding parts' erasure, deleting image files, erasing file names, writing the proof
+        (and the pruning statistics, the manifests, the ledger's commit), and marking the request
+        applied. Without `only`, the file names a set's forget left behind (before forgetting a set
+        took its quarantined files' names too) are erased as well. `in_process`: erase every shard
+        here, shard workers or not (`vismem forget --resume`: a dead worker's shard too).
+        `accepted_now`: `only` was accepted by this call, so no earlier attempt left holes half
+        written in its embedding parts (otherwise every hole in them is patched again)."""
         with self.ledger.connect() as s:
             pending = s.forgetting.pending_requests(only)
         done = {}
@@ -326,13 +331,18 @@ class Forgetting:
             clock = _Phases()
             with self.ledger.connect() as s:
                 targets = s.forgetting.targets(request_id)
+                parts = self._embedding_parts(s, targets)
             vector_ids = np.sort(targets["vector_id"].drop_nulls().to_numpy().astype(np.int64))
+            resumed = not (accepted_now and request_id == only)
             # Outside the writer's session: shard workers take the ledger lock to erase and report
             # while this process waits for them. The request's samples are blocked meanwhile.
-            new_versions = clock("indexes", self._purge_indexes, vector_ids, request_id, in_process)
+            with ThreadPoolExecutor(1) as beside:
+                erasing = beside.submit(self._erase_parts, parts, targets, resumed)
+                new_versions = clock("indexes", self._purge_indexes, vector_ids, request_id, in_process)
+                erased = erasing.result()
             with self.ledger.connect() as s:  # one writer: nothing else changes the memory meanwhile
                 rewritten = s.forgetting.rewritten_versions(request_id)
-                removed = clock("embeddings", self._purge_embeddings, s, targets)
+                removed = clock("embeddings", self._purge_embeddings, s, targets, erased, resumed)
                 removed += clock("image_files", self._purge_files, targets)
                 clock("names", self._erase_names, s, request_id)
                 clock("proof", self._prove, s, request_id, vector_ids)
@@ -386,49 +396,59 @@ class Forgetting:
             index_store.remove_unreferenced_files()
         return new_versions
 
-    def _purge_embeddings(self, s: Session, targets: pl.DataFrame) -> int:
-        """Erase the rows in place from each embedding part that holds them (erasure.py), or, for a
-        part not laid out for that (written before it), rewrite the part without them. Parts no
+    def _embedding_parts(self, s: Session, targets: pl.DataFrame) -> dict[str, int]:
+        """{path: dimension} of each embedding part the ledger says holds some of these samples."""
+        return s.forgetting.embedding_parts_of(targets["sample_id"].to_list())
+
+    def _erase_parts(self, parts: dict[str, int], targets: pl.DataFrame, resumed: bool) -> dict[str, erasure.Holes | None]:
+        """Erase the targets' rows in place from each of these parts on disk (erasure.py), synced;
+        returns each one's holes, or None for a part not laid out for that (written before it).
+        Reads and writes files only, no ledger: it runs beside the index purge."""
+        present = {rel: self.layout.absolute(rel) for rel in parts if self.layout.absolute(rel).exists()}
+        footers = parquet_footers(list(present.values()))   # (every footer in one query)
+        vectors = targets.drop_nulls("vector_id").sort("vector_id")  # each vector id with its sample, to check the rows
+        vector_ids, their_samples = vectors["vector_id"].to_numpy().astype(np.int64), vectors["sample_id"].to_list()
+
+        def locate(rel: str) -> erasure.Holes | None:
+            try:
+                return erasure.part_holes(present[rel], footers[present[rel]], vector_ids, their_samples, parts[rel],
+                                          holes_too=resumed)
+            except erasure.LayoutError:
+                return None
+
+        with ThreadPoolExecutor(2) as pool:   # (reading the pages lets go of the GIL)
+            located = dict(zip(present, pool.map(locate, present)))
+        erasure.apply({present[rel]: holes for rel, holes in located.items() if holes is not None})
+        return located
+
+    def _purge_embeddings(self, s: Session, targets: pl.DataFrame, erased: dict[str, erasure.Holes | None],
+                          resumed: bool) -> int:
+        """Record the parts' erasure (`erased`, by _erase_parts, which did not hold the writer's
+        lock: a part the ledger names now that it did not see is erased here), rewrite each part
+        not laid out for erasure in place without the targets, and drop their rows. Parts no
         ledger row names (a crash between a rewrite and its record, or after it) go first."""
         layout = self.layout
         sample_ids = targets["sample_id"].to_list()
-        vectors = targets.drop_nulls("vector_id").sort("vector_id")  # each vector id with its sample, to check the rows
-        vector_ids, their_samples = vectors["vector_id"].to_numpy().astype(np.int64), vectors["sample_id"].to_list()
         referenced = s.forgetting.embedding_paths()
         stray = [p for p in layout.root.glob("embeddings/*/*/part-*.parquet") if layout.relative(p) not in referenced]
         for path in stray:  # (parts are written under the ledger lock, which this process holds)
             path.unlink()
-        parts = s.forgetting.embedding_parts_of(sample_ids)
-        present = [p for p in parts if layout.absolute(p).exists()]
-        metadata: dict[str, list[dict]] = {}
-        if present:  # every footer in one query
-            rows = s.forgetting.parquet_footers([str(layout.absolute(p)) for p in present])
-            for row in rows.to_dicts():
-                metadata.setdefault(layout.relative(Path(row["file_name"])), []).append(row)
+        named = self._embedding_parts(s, targets)
+        erased = {**erased, **self._erase_parts({p: d for p, d in named.items() if p not in erased}, targets, resumed)}
         forgotten = pl.Series(sample_ids, dtype=pl.String)
-
-        def locate(rel: str) -> erasure.Holes | None:
-            try:
-                return erasure.part_holes(layout.absolute(rel), metadata[rel], vector_ids, their_samples, parts[rel])
-            except erasure.LayoutError:
-                return None
-
-        moved, erased = {}, {}
-        with ThreadPoolExecutor(2) as pool:   # (reading the pages lets go of the GIL)
-            located = dict(zip(present, pool.map(locate, present)))
-        for rel, holes in located.items():
+        moved = {}
+        for rel in erased:
+            if erased[rel] is not None or rel not in named:
+                continue
+            # Not laid out for erasure in place (written before it): rewritten without them.
             path = layout.absolute(rel)
-            if holes is not None:
-                erased[path] = holes
-            else:   # not laid out for erasure in place (written before it): rewritten without them
-                keep = pl.read_parquet(path).filter(~pl.col("sample_id").is_in(forgotten.implode()))
-                moved[rel] = None
-                if len(keep):
-                    new = path.with_name(f"part-{uuid.uuid4().hex[:16]}.parquet")
-                    with atomic_path(new) as tmp:
-                        write_part(keep, tmp)
-                    moved[rel] = layout.relative(new)
-        erasure.apply(erased)
+            keep = pl.read_parquet(path).filter(~pl.col("sample_id").is_in(forgotten.implode()))
+            moved[rel] = None
+            if len(keep):
+                new = path.with_name(f"part-{uuid.uuid4().hex[:16]}.parquet")
+                with atomic_path(new) as tmp:
+                    write_part(keep, tmp)
+                moved[rel] = layout.relative(new)
         with self.ledger.transaction() as tx:
             tx.forgetting.drop_embeddings(sample_ids, moved)
         for old in moved:
@@ -440,7 +460,7 @@ class Forgetting:
             if len(keep) < len(frame):
                 with atomic_path(cache) as tmp:
                     write_part(keep, tmp)
-        return len(parts) + len(stray)
+        return len(named) + len(stray)
 
     def _purge_files(self, targets: pl.DataFrame) -> int:
         """Every file holding a forgotten sample's bytes: its stored image and quarantine copies, and

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .base import LedgerBase, LedgerLockTimeout, ReadOnlyLedger, insert_rows, to_frame
 from .duckdb_file import MIGRATION_HOOKS, Ledger
+from .forgetting import parquet_footers
 from .session import Group, Session
 from .sql_files import AUDIT_DIR, MIGRATIONS_DIR, SQL_DIR, audit_queries, migrations, named_query
 
@@ -29,4 +30,4 @@ def open_ledger(duckdb_path: Path, url: str | None = None, lock_timeout: float =
 
 __all__ = ["AUDIT_DIR", "MIGRATION_HOOKS", "MIGRATIONS_DIR", "SQL_DIR", "Group", "Ledger", "LedgerBase",
            "LedgerLockTimeout", "ReadOnlyLedger", "Session", "audit_queries", "insert_rows", "migrations",
-           "named_query", "open_ledger", "to_frame"]
+           "named_query", "open_ledger", "parquet_footers", "to_frame"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import duckdb
@@ -151,12 +152,6 @@ class ForgetRecords(Group):
             "SELECT DISTINCT e.path, c.dim FROM embeddings e JOIN encoders c USING (encoder_id)"
             " WHERE e.sample_id IN (SELECT unnest(?::VARCHAR[]))", [sample_ids]).fetchall())
 
-    def parquet_footers(self, files: list[str]) -> pl.DataFrame:
-        """The row-group metadata of these parquet files (absolute paths), in one query. DuckDB
-        reads them in memory of its own, whichever database the ledger is."""
-        with duckdb.connect() as footers:
-            return to_frame(footers.execute("SELECT * FROM parquet_metadata(?::VARCHAR[])", [files]))
-
     def drop_embeddings(self, sample_ids: list[str], moved: dict[str, str | None]) -> None:
         """These samples' embedding rows go; rows of a rewritten part point at its new file."""
         self.con.execute("DELETE FROM embeddings WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))", [sample_ids])
@@ -259,3 +254,17 @@ class ForgetRecords(Group):
         rows = self.con.execute("SELECT sample_id, phash FROM blocklist_phashes WHERE phash IS NOT NULL"
                                 " AND algorithm = ? ORDER BY sample_id", [algorithm]).fetchall()
         return [r[0] for r in rows], [r[1] for r in rows]
+
+
+def parquet_footers(paths: list[Path]) -> dict[Path, list[dict]]:
+    """Each parquet file's rows of `parquet_metadata()` (one per row group and column), read in
+    one query by an in-memory DuckDB, whichever database the ledger is: no session needed (a
+    forget reads the embedding parts' footers beside its index purge)."""
+    out: dict[Path, list[dict]] = {p: [] for p in paths}
+    if paths:
+        by_name = {str(p): p for p in paths}
+        with duckdb.connect() as footers:
+            for row in to_frame(footers.execute("SELECT * FROM parquet_metadata(?::VARCHAR[])",
+                                                [list(by_name)])).to_dicts():
+                out[by_name[row["file_name"]]].append(row)
+    return out
