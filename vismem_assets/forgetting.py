@@ -4,8 +4,8 @@ A request is accepted in one transaction (its samples become 'forgotten', so the
 are blocked at once), then every trace is removed — erased in place from every index file of
 the live and retained versions (the live index moving to a new version) and from every
 embedding part (erasure.py; the parts in a thread of their own while the indexes are erased,
-each side mostly waiting on its disk syncs), images, quarantine copies, pruning weights — and only then are the
-hash-chained `deletions` rows written and the request marked applied. A crash anywhere leaves
+each side mostly waiting on its disk syncs), images, quarantine copies, pruning weights — and
+only then are the hash-chained `deletions` rows written and the request marked applied. A crash anywhere leaves
 the request 'pending'; running it again (or `apply_pending`) finishes it, since each step is
 idempotent. File names are erased in names.bin (names.py), outside DuckDB, which would keep
 the old bytes of a redacted name in its file.
