@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from benchmarks.synthetic import QueryVectors, build_memory, clustered_vectors
-from vismem_assets import erasure
+from vismem_assets import erasure, patches
 from vismem_assets.embeddings import write_part
 from vismem_assets.forgetting import ForgetRequest
 from vismem_assets.index_store import held_ids, index_ids, index_vectors
@@ -112,6 +112,21 @@ def test_the_digest_as_patched_matches_the_file_once_patched(tmp_path):
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
     assert erasure.sha256_patched(empty) == hashlib.sha256(b"").hexdigest()
+
+
+@pytest.mark.parametrize("table_limit", [1 << 26, 100])   # flags in a table, and a binary search where the range is wide
+def test_targets_are_found_among_ids_with_holes_and_ids_outside_their_range(monkeypatch, table_limit):
+    monkeypatch.setattr(patches, "TABLE_LIMIT", table_limit)
+    rng = np.random.default_rng(3)
+    ids = rng.permutation(np.arange(-1, 5000, dtype=np.int64))   # a hole (-1) among them
+    ids[rng.choice(len(ids), 50, replace=False)] = -1
+    targets = np.unique(rng.choice(np.arange(200, 7000), 400, replace=False)).astype(np.int64)   # some beyond every id
+    wanted = np.isin(ids, targets)
+    assert wanted.sum() > 100
+    assert np.array_equal(patches.is_target(ids, targets, holes_too=False), wanted)
+    assert np.array_equal(patches.is_target(ids, targets, holes_too=True), wanted | (ids == -1))
+    assert not patches.is_target(ids, np.empty(0, np.int64), holes_too=False).any()
+    assert np.array_equal(patches.is_target(ids, targets[:1], holes_too=False), ids == targets[0])
 
 
 def test_files_laid_out_otherwise_are_refused(tmp_path, data):

@@ -19,6 +19,7 @@ import numpy as np
 
 HOLE_ID = -1
 HOLE_ID_BYTES = np.int64(HOLE_ID).tobytes()
+TABLE_LIMIT = 1 << 26   # is_target: the widest range of targets it flags in a table (64 MiB)
 
 
 class LayoutError(ValueError):
@@ -55,8 +56,18 @@ def is_target(ids: np.ndarray, targets: np.ndarray, holes_too: bool) -> np.ndarr
     """Which of `ids` are in `targets` (sorted, unique), or holes too."""
     hit = np.zeros(len(ids), bool)
     if len(targets):
-        at = np.searchsorted(targets, ids)
-        hit = targets[np.minimum(at, len(targets) - 1)] == ids
+        low, span = int(targets[0]), int(targets[-1]) - int(targets[0]) + 1
+        if span <= TABLE_LIMIT:
+            # A flag per id in the targets' range, looked up once per id: a binary search of
+            # each of a million ids took 0.1 s, this takes 5 ms (vector ids are dense).
+            table = np.zeros(span, bool)
+            table[targets - low] = True
+            at = ids - low
+            inside = (at >= 0) & (at < span)
+            hit[inside] = table[at[inside]]
+        else:
+            at = np.searchsorted(targets, ids)
+            hit = targets[np.minimum(at, len(targets) - 1)] == ids
     return hit | (ids == HOLE_ID) if holes_too else hit
 
 
