@@ -16,7 +16,9 @@ other, on those files. Every worker does the same things in the same order:
   search a reader makes after it;
 - three deletes: the call, and the time until no byte of a deleted vector is left in any file
   (a byte scan of the system's directory proves it), then the first search after;
-- the disk the memory takes (vismem: the live version only, as a peer holds one copy).
+- the disk the memory takes (vismem: the live version only, as a peer holds one copy);
+- for vismem, the floor under its forget call on this disk (`erase_floor`): the same number of
+  vectors zeroed in place in files the size of each copy the forget reached, and synced.
 
 Figures are medians of 3 (one query a call: as many queries as fit in 5 s, at least 3; a
 1,000-query call that takes over 20 s runs once). Without `--no-write` the table goes into
@@ -125,6 +127,36 @@ def vectors_on_disk(root: Path, vectors: np.ndarray, chunk: int = 64 << 20) -> i
     return int(found.sum())
 
 
+def erase_floor(folder: Path, sizes: list[int], n_vectors: int, width: int, repeats: int = 3) -> float:
+    """What this disk alone takes to erase `n_vectors` vectors of `width` bytes in place in one file
+    of each of these sizes (the copies a forget must reach), the floor under any forget call: the
+    files written whole and synced first, then, each repeat, the vectors at random slots zeroed
+    through a mapping and the files synced together (vismem's own write path, patches.apply, with
+    nothing to find, hash or record); the median of repeats, the files removed after."""
+    from vismem_assets.patches import Holes, Patch, apply
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"copy-{i}.bin" for i in range(len(sizes))]
+    chunk = np.zeros(64 << 20, np.uint8)
+    try:
+        for path, size in zip(paths, sizes):
+            with open(path, "wb") as f:
+                for at in range(0, size, len(chunk)):
+                    f.write(chunk[:min(len(chunk), size - at)])
+                f.flush()
+                os.fsync(f.fileno())
+        rng, times = np.random.default_rng(5), []
+        for _ in range(repeats):
+            holes = {}
+            for path, size in zip(paths, sizes):
+                slots = np.sort(rng.choice(size // width, min(n_vectors, size // width), replace=False))
+                holes[path] = Holes(slots, (Patch(slots * width, bytes(width)),))
+            times.append(seconds(lambda: apply(holes)))
+        return statistics.median(times)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 # ---- the workers: one a system, each in its own process ------------------------------------------
 
 class Data:
@@ -194,6 +226,15 @@ def worker_vismem(data: Data, home: Path) -> dict:
     out["forget_phases"] = {step: statistics.median(p[step] for p in phases) for step in phases[0]}   # where it goes
     out["first_search_after_delete_s"] = statistics.median(first_forget)
     out["deleted_vectors_left"] = max(left)
+    # Every copy the forgets reached: the live version's files, the retained ones', the embedding parts.
+    live = {f.path for f in memory.indexes.live().files}
+    named = memory.indexes.named_files()
+    sizes = {"live index": sum(memory.layout.absolute(p).stat().st_size for p in live),
+             "retained versions": sum(memory.layout.absolute(p).stat().st_size for p in named if p not in live),
+             "embedding parts": disk_bytes(home / "embeddings")}
+    out["forget_copies"] = {copy: size for copy, size in sizes.items() if size}
+    out["erase_floor_s"] = erase_floor(home.parent / "vismem-floor", list(out["forget_copies"].values()),
+                                       data.deletes.shape[1], data.vectors.shape[1] * 4)
     memory.indexes.retain(1)   # the live version only: a peer holds one copy
     out["disk_bytes"] = disk_bytes(home)
     out["disk_parts"] = {part: disk_bytes(home / part) for part in ("embeddings", "indexes")}
@@ -434,6 +475,7 @@ def run(n: int = 200_000, d: int = 384, systems=SYSTEMS) -> dict:
         "switch_after_add_s": round(vismem["first_search_after_add_s"], 4),
         "switch_after_forget_s": round(vismem["first_search_after_delete_s"], 4),
         "forget_call_s": round(vismem["delete_call_s"], 4),
+        "forget_floor_s": round(vismem["erase_floor_s"], 4),
         "no_deleted_byte_left": vismem["deleted_vectors_left"] == 0,
         "disk_ratio_to_faiss": round(vismem["disk_bytes"] / faiss_disk, 3) if faiss_disk else None,
     })
@@ -504,6 +546,13 @@ def render(r: dict) -> str:
                   ". The embedding parts are the encoder's output, kept so that a damaged index, another index kind or"
                   " another sharding is rebuilt without the images or the encoder; the ledger holds every sample's"
                   " row and keys."]
+    if "erase_floor_s" in v:
+        copies = v["forget_copies"]
+        lines += ["", f"The floor under the forget call on this disk: zeroing {r['delete_vectors']:,} vectors in place at"
+                  f" random places in {len(copies)} files the size of the copies the forget reaches ("
+                  + ", ".join(f"{k} {b / 1e9:.3g} GB" for k, b in copies.items()) +
+                  f") and syncing them, with nothing else to do, took {_f(r['forget_floor_s'])} s; the call took"
+                  f" {_f(r['forget_call_s'] / r['forget_floor_s'])} times that."]
     if v.get("forget_phases"):
         lines += ["", "vismem's forget call by phase (s, medians): " +
                   ", ".join(f"{step.replace('_', ' ')} {_f(t)}" for step, t in v["forget_phases"].items()) + "."]

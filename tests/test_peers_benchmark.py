@@ -49,6 +49,25 @@ def test_a_run_replaces_the_last_at_its_size_and_keeps_the_rest(tmp_path, monkey
     assert peers.runs_of(store) == {"7": {"n": 7, "when": "later"}, "9": {"n": 9, "when": "now"}}
 
 
+def test_the_erase_floor_zeroes_vectors_in_every_copy_and_leaves_no_file(tmp_path, monkeypatch):
+    from vismem_assets import patches
+    zeroed = []
+    real_apply = patches.apply
+
+    def watched(holes):
+        for path, found in holes.items():
+            assert path.stat().st_size in (4096 * 8, 4096 * 3)   # one file a copy, its size (the small one: every slot)
+            offsets = found.patches[0].offsets
+            assert len(offsets) == min(5, path.stat().st_size // 4096) and (offsets % 4096 == 0).all() and (offsets[1:] > offsets[:-1]).all()
+        zeroed.append(len(holes))
+        real_apply(holes)
+
+    monkeypatch.setattr(patches, "apply", watched)
+    took = peers.erase_floor(tmp_path / "floor", [4096 * 8, 4096 * 3], 5, 4096, repeats=3)
+    assert took > 0 and zeroed == [2, 2, 2]
+    assert not (tmp_path / "floor").exists()
+
+
 @pytest.fixture(scope="module")
 def small_run():
     before = peers.RESULTS.read_text()
@@ -90,6 +109,11 @@ def test_vismem_leaves_no_deleted_byte_when_its_forget_returns(small_run):
     assert set(vismem["disk_parts"]) == {"embeddings", "indexes", "ledger"}
     assert {"accept", "indexes", "embeddings", "proof"} <= set(vismem["forget_phases"])
     assert sum(vismem["forget_phases"].values()) <= vismem["delete_call_s"] * 1.5
+    # the floor: the disk alone on files the size of the copies the forget reached (its kept versions among them)
+    assert set(vismem["forget_copies"]) == {"live index", "retained versions", "embedding parts"}
+    assert vismem["forget_copies"]["embedding parts"] >= r["n"] * r["d"] * 4
+    assert 0 < r["forget_floor_s"] < r["forget_call_s"]
+    assert f"took {peers._f(r['forget_floor_s'])} s" in peers.render(r)
 
 
 @pytest.mark.slow   # three processes, one a system (about a minute)
