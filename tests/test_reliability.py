@@ -187,6 +187,39 @@ def test_incremental_remove_equals_full_pass(k):
     assert stats["n_removed"] == 0 and equal(same, rel)
 
 
+@pytest.mark.parametrize("k", [5, 30])
+def test_a_drop_leaves_no_trace_of_the_removed_and_a_refill_then_equals_a_full_pass(k):
+    x, labels = clustered(1500, seed=41)
+    ids = random_ids(1500, 42)
+    rel = compute(ids, x, labels, k)
+    victims = np.random.default_rng(43).choice(ids, 60, replace=False)
+    asked = []
+    dropped, stats = rel_mod.drop(rel, victims)            # no vectors: nothing searched
+    alive = ~np.isin(ids, victims)
+    held = np.isin(rel.neighbors, victims).any(axis=1)[np.isin(rel.vector_ids, ids[alive])]
+    assert stats["n_removed"] == 60 and stats["n_holed"] == held.sum() > 0
+    assert not np.isin(dropped.vector_ids, victims).any() and not np.isin(dropped.neighbors, victims).any()
+    untouched = ~held                                      # rows that held none: as they were
+    before = rel.neighbors[np.isin(rel.vector_ids, dropped.vector_ids)]
+    assert np.array_equal(dropped.neighbors[untouched], before[untouched])
+    assert np.array_equal(rel_mod.unfilled(dropped), np.flatnonzero(held))
+    holes = dropped.neighbors[held]                        # each such row: its others best first, holes at the end
+    assert ((holes == -1) == (np.arange(k) >= (holes >= 0).sum(axis=1)[:, None])).all()
+    assert np.isneginf(dropped.similarities[held][holes == -1]).all()
+
+    def store(wanted):
+        asked.append(len(wanted))
+        return Store(ids, x)(wanted)
+
+    filled, stats = rel_mod.refill(dropped, store)
+    assert stats["n_requeried"] == held.sum() and asked == [alive.sum()]
+    assert_same(filled, compute(ids[alive], x[alive], labels[alive], k))
+    again, stats = rel_mod.refill(filled, store)           # nothing left to refill: nothing searched
+    assert stats["n_requeried"] == 0 and asked == [alive.sum()] and equal(again, filled)
+    both, _ = remove(rel, victims, Store(ids, x))          # remove is the two at once
+    assert equal(both, filled)
+
+
 def test_add_remove_add_sequence_equals_full_pass():
     k = 10
     x, labels = clustered(2600, seed=31)

@@ -306,37 +306,65 @@ def add(rel: Reliability, new_ids, new_vectors, new_labels, vectors_of: VectorsO
 
 
 def remove(rel: Reliability, removed_ids, vectors_of: VectorsOf, batch: int = 4096) -> tuple[Reliability, dict]:
-    """Update after forgetting: the removed rows and their contributions go; rows whose top-k
-    held a removed sample are searched again against the remaining memory. Ids not in the
-    memory are ignored."""
+    """Update after forgetting: `drop`, then `refill` (the rows whose top-k held a removed
+    sample, and any a drop left before, searched again). Ids not in the memory are ignored."""
     t0 = time.perf_counter()
-    k = rel.k
+    dropped, stats = drop(rel, removed_ids)
+    out, refilled = refill(dropped, vectors_of, batch)
+    return out, {"n_removed": stats["n_removed"], "n_requeried": refilled["n_requeried"],
+                 "seconds": time.perf_counter() - t0}
+
+
+def drop(rel: Reliability, removed_ids) -> tuple[Reliability, dict]:
+    """The removed rows and their contributions go, and so do the removed samples from the other
+    rows' top-k: each such row keeps its other neighbours, best first, and a hole at the end
+    (neighbour -1, similarity -inf) until `refill` searches it again. No vector and no search:
+    what a forget does at once (the statistics keep no trace of a forgotten sample)."""
+    t0 = time.perf_counter()
     gone = np.isin(rel.vector_ids, np.asarray(removed_ids, np.int64))
     if not gone.any():
-        return _copy(rel), {"n_removed": 0, "n_requeried": 0, "seconds": time.perf_counter() - t0}
+        return _copy(rel), {"n_removed": 0, "n_holed": 0, "seconds": time.perf_counter() - t0}
     keep = ~gone
-    n_before = len(rel)
     old_pos = _positions(rel.vector_ids, rel.neighbors)
-    holds_gone = ((old_pos >= 0) & gone[np.maximum(old_pos, 0)]).any(axis=1) & keep
-    affected = np.flatnonzero(holds_gone)
     gone_rows = np.flatnonzero(gone)
-    delta = _contributions(rel.labels, gone_rows, old_pos[gone_rows], n_before)
-    delta += _contributions(rel.labels, affected, old_pos[affected], n_before)
-
-    ids = rel.vector_ids[keep]
-    labels = rel.labels[keep]
-    v = (rel.v - delta)[keep]
+    # A kept row's contributions stay (its kept neighbours are still among its best), a removed row's go.
+    v = (rel.v - _contributions(rel.labels, gone_rows, old_pos[gone_rows], len(rel)))[keep]
     remap = np.where(keep, np.cumsum(keep) - 1, -1)
-    neighbor_pos = np.where(old_pos[keep] >= 0, remap[np.maximum(old_pos[keep], 0)], -1)
-    sims = rel.similarities[keep].copy()
-    rows = remap[affected]
-    if len(ids) and len(rows):
-        vecs = _as_vectors(vectors_of(ids), len(ids))
-        pos, sim = _topk(rows, vecs, k, batch, _tolerance(vecs))
-        neighbor_pos[rows], sims[rows] = pos, sim
-        v += _contributions(labels, rows, pos, len(ids))
-    out = Reliability(k, ids, labels, _ids(ids, neighbor_pos), sims, v)
-    return out, {"n_removed": int(gone.sum()), "n_requeried": int(len(rows)), "seconds": time.perf_counter() - t0}
+    pos = old_pos[keep]
+    holed = (pos >= 0) & gone[np.maximum(pos, 0)]
+    # the holes to the end of each row, the rest in their order (a stable sort on "is a hole")
+    order = np.argsort(holed, axis=1, kind="stable")
+    pos = np.take_along_axis(np.where(holed | (pos < 0), -1, remap[np.maximum(pos, 0)]), order, axis=1)
+    sims = np.take_along_axis(np.where(holed, np.float32(-np.inf), rel.similarities[keep]), order, axis=1)
+    ids = rel.vector_ids[keep]
+    out = Reliability(rel.k, ids, rel.labels[keep], _ids(ids, pos), sims, v)
+    return out, {"n_removed": int(gone.sum()), "n_holed": int(holed.any(axis=1).sum()),
+                 "seconds": time.perf_counter() - t0}
+
+
+def unfilled(rel: Reliability) -> np.ndarray:
+    """Rows with fewer neighbours than the memory has for them (holes a `drop` left)."""
+    want = min(rel.k, max(len(rel) - 1, 0))
+    return np.flatnonzero((rel.neighbors >= 0).sum(axis=1) < want)
+
+
+def refill(rel: Reliability, vectors_of: VectorsOf, batch: int = 4096) -> tuple[Reliability, dict]:
+    """The rows with holes searched again against the memory (`vectors_of` its vectors), their
+    old contributions replaced by the new ones: what a full pass would give them."""
+    t0 = time.perf_counter()
+    rows = unfilled(rel)
+    if not len(rows):
+        return _copy(rel), {"n_requeried": 0, "seconds": time.perf_counter() - t0}
+    ids, n = rel.vector_ids, len(rel)
+    neighbor_pos = _positions(ids, rel.neighbors)
+    v = rel.v - _contributions(rel.labels, rows, neighbor_pos[rows], n)
+    vecs = _as_vectors(vectors_of(ids), n)
+    pos, sim = _topk(rows, vecs, rel.k, batch, _tolerance(vecs))
+    sims = rel.similarities.copy()
+    neighbor_pos[rows], sims[rows] = pos, sim
+    v += _contributions(rel.labels, rows, pos, n)
+    return (Reliability(rel.k, ids, rel.labels.copy(), _ids(ids, neighbor_pos), sims, v),
+            {"n_requeried": int(len(rows)), "seconds": time.perf_counter() - t0})
 
 
 def relabel(rel: Reliability, ids, new_labels) -> tuple[Reliability, dict]:
