@@ -46,15 +46,26 @@ def test_incremental_reliability_equals_a_full_pass_after_add_and_forget(tmp_pat
     assert run.mode == "incremental" and run.base_version == 1
     assert run.n_requeried < run.n_samples  # only what could change was looked at again
     assert rel_mod.equal(second, full_pass(memory, 5))
+    before = memory.indexes.live().version
     memory.forget(ForgetRequest(requested_by="t", reason="test", image_set="b"))
-    # Forgetting brought the statistics to the new version and left none that counted the forgotten.
-    runs = memory.ledger.query("SELECT index_version, mode FROM reliability_runs WHERE k = 5")
-    live = memory.indexes.live().version
-    assert runs.to_dicts() == [{"index_version": live, "mode": "incremental"}]
-    third, _ = memory.pruning.reliability(5)
+    # Forgetting searched nothing: it dropped the forgotten from the newest statistics (older ones
+    # went) and left holes where they were among a row's neighbours.
+    forgotten = memory.ledger.query("SELECT vector_id FROM samples WHERE status = 'forgotten'")["vector_id"].to_numpy()
+    runs = memory.ledger.query("SELECT index_version, mode, n_samples, path FROM reliability_runs WHERE k = 5")
+    assert runs.select("index_version", "mode").to_dicts() == [{"index_version": before, "mode": "forget"}]
+    dropped = rel_mod.load(memory.layout.absolute(runs["path"][0]))
+    assert runs["n_samples"][0] == len(dropped) == len(second) - 9
+    assert not np.isin(dropped.vector_ids, forgotten).any() and not np.isin(dropped.neighbors, forgotten).any()
+    assert len(rel_mod.unfilled(dropped)) > 0
+    in_ledger = memory.ledger.query(f"SELECT vector_id, v FROM reliability WHERE k = 5 AND index_version = {before}"
+                                    " ORDER BY vector_id")
+    assert in_ledger["vector_id"].to_list() == dropped.vector_ids.tolist() and in_ledger["v"].to_list() == dropped.v.tolist()
+    # The statistics, next used, search those rows again: the same as a full pass.
+    third, run = memory.pruning.reliability(5)
+    assert run.mode == "incremental" and run.version == memory.indexes.live().version
+    assert run.n_requeried == len(rel_mod.unfilled(dropped))
     assert rel_mod.equal(third, full_pass(memory, 5))
-    forgotten = memory.ledger.query("SELECT vector_id FROM samples WHERE status = 'forgotten'")["vector_id"]
-    assert not np.isin(third.neighbors, forgotten.to_numpy()).any()
+    assert not np.isin(third.neighbors, forgotten).any()
 
 
 def test_the_pruning_service_needs_only_what_it_is_given(tmp_path):

@@ -26,7 +26,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import polars as pl
@@ -39,6 +39,7 @@ from .imagesets import read_bounded
 from .index_store import GENESIS, IndexStore
 from .index_types import IndexPolicy
 from .ledger import LedgerBase, parquet_footers
+from .pruning import forget_in_statistics
 
 if TYPE_CHECKING:
     from .ledger import Session
@@ -194,16 +195,10 @@ class _Phases:
 
 class Forgetting:
     def __init__(self, layout: Layout, ledger: LedgerBase, index_policy: IndexPolicy,
-                 current_index: Callable[[], IndexStore], refresh_reliability: Callable[[int], Any],
                  shard_workers: "ShardEraser | None" = None):
-        """`current_index`: the index store of the memory's encoder (called only when a forget is
-        applied: it may load the encoder); `refresh_reliability(k)`: recompute and store its
-        pruning statistics at k for its live version (pruning.reliability); `shard_workers`: the
-        client that has each shard's worker erase its own files (shard_workers.py), else None:
-        every shard is erased in this process."""
+        """`shard_workers`: the client that has each shard's worker erase its own files
+        (shard_workers.py), else None: every shard is erased in this process."""
         self.layout, self.ledger, self.index_policy = layout, ledger, index_policy
-        self.current_index = current_index
-        self.refresh_reliability = refresh_reliability
         self.shard_workers = shard_workers
 
     # ---- requests ------------------------------------------------------------------------------
@@ -498,30 +493,16 @@ class Forgetting:
     # ---- the proof -----------------------------------------------------------------------------
 
     def _prove(self, s: Session, request_id: str, vector_ids: np.ndarray) -> None:
-        """What is left once every trace is gone: pruning statistics without them, the hash-chained
-        deletions rows, and every live version's manifest carrying the new chain head."""
+        """What is left once every trace is gone: pruning statistics without them (no search
+        waits: pruning.forget_in_statistics), the hash-chained deletions rows, and every live
+        version's manifest carrying the new chain head."""
         s.forgetting.drop_weights(vector_ids)
-        self._forget_in_reliability(s)
+        forget_in_statistics(s, self.layout, vector_ids)
         self._chain(s, request_id)
         for index_store in self.index_stores(s):  # every version written from now on carries the new head
             live = index_store.live()
             if live is not None:
                 index_store.refresh_manifest(live, s)
-
-    def _forget_in_reliability(self, s: Session) -> None:
-        """Pruning statistics that counted the forgotten samples go: the newest ones are brought to
-        the new live version (the forgotten rows removed, their neighbours re-queried), the rest deleted."""
-        stored = s.forgetting.reliability_runs()
-        keep = set()
-        current = self.current_index()
-        if current.live() is not None:
-            for k in stored.filter(pl.col("encoder_id") == current.encoder_id)["k"].unique().to_list():
-                self.refresh_reliability(k)
-                keep.add((current.encoder_id, current.live().version, k))
-        for row in stored.iter_rows(named=True):
-            if (row["encoder_id"], row["index_version"], row["k"]) not in keep:
-                self.layout.absolute(row["path"]).unlink(missing_ok=True)
-                s.forgetting.drop_reliability_run(row["encoder_id"], row["index_version"], row["k"])
 
     def _chain(self, s: Session, request_id: str) -> None:
         """Append the deletions rows (hash-chained; once per request) and redact names."""

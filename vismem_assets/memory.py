@@ -104,9 +104,7 @@ class Memory:
 
     @cached_property
     def forgetting(self) -> Forgetting:
-        # Lazy callables: a dry run or a request's check must not load the encoder.
-        return Forgetting(self.layout, self.ledger, self.index_policy, current_index=lambda: self.indexes,
-                          refresh_reliability=lambda k: self.pruning.reliability(k), shard_workers=self.shard_workers)
+        return Forgetting(self.layout, self.ledger, self.index_policy, shard_workers=self.shard_workers)
 
     @cached_property
     def shard_workers(self):

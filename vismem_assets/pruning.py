@@ -61,15 +61,17 @@ class Pruning:
 
     def reliability(self, k: int) -> tuple[rel_mod.Reliability, ReliabilityRun]:
         """Reliability of the live version at k: stored, or updated from the newest earlier
-        version that has it (only what changed is re-queried), or a full pass."""
+        version that has it (only what changed is re-queried, and the rows a forget left
+        holes in), or a full pass."""
         version, index = self.live_index()
         enc = self.encoder.id
         with self.ledger.connect() as session:
             stored = session.pruning.latest_reliability(enc, k, version.version)
         if stored is not None and stored.index_version == version.version:
-            return rel_mod.load(self.layout.absolute(stored.path)), ReliabilityRun(
-                version.version, k, stored.mode, stored.base_version, stored.n_samples, stored.n_requeried,
-                stored.seconds)
+            kept = rel_mod.load(self.layout.absolute(stored.path))
+            if not len(rel_mod.unfilled(kept)):
+                return kept, ReliabilityRun(version.version, k, stored.mode, stored.base_version, stored.n_samples,
+                                            stored.n_requeried, stored.seconds)
         ids, vectors = self.stored_vectors(index)
         order = np.argsort(ids)
         sorted_ids = ids[order]
@@ -95,7 +97,7 @@ class Pruning:
             mode, base_version, n_requeried = "full", None, len(ids)
         else:
             result, n_requeried = base, 0
-            if len(removed):
+            if len(removed) or len(rel_mod.unfilled(base)):
                 result, stats = rel_mod.remove(result, removed, vectors_of)
                 n_requeried += stats.get("n_requeried", 0)
             if len(added):
@@ -188,6 +190,34 @@ class Pruning:
         with self.ledger.connect() as session:
             active = session.pruning.active_weight_set(self.encoder.id)
         return None if active is None else (active[0], active[1].get("threshold"))
+
+
+def forget_in_statistics(session: "Session", layout: "Layout", vector_ids: np.ndarray) -> None:
+    """Forgotten samples leave the pruning statistics without a search: the newest stored run
+    of each encoder at each k drops them (reliability.drop: their rows, their contributions,
+    their places in other rows' top-k), and the rows that held one are searched again when the
+    statistics are next used (`Pruning.reliability`). Older runs, bases no longer needed, go.
+    The ledger's rows change before the file: run again after a crash, it does the same."""
+    runs = session.pruning.reliability_runs()
+    newest = {}
+    for run in runs:   # (oldest first)
+        newest[(run.encoder_id, run.k)] = run
+    for run in runs:
+        path = layout.absolute(run.path)
+        if newest[(run.encoder_id, run.k)] is not run:
+            path.unlink(missing_ok=True)
+            session.pruning.drop_reliability_run(run.encoder_id, run.index_version, run.k)
+            continue
+        before = rel_mod.load(path)
+        after, stats = rel_mod.drop(before, vector_ids)
+        if not stats["n_removed"]:
+            continue
+        kept = np.isin(before.vector_ids, after.vector_ids)
+        changed = after.v != before.v[kept]
+        with session.ledger.transaction():
+            session.pruning.forget_in_run(run, before.vector_ids[~kept], after.vector_ids[changed], after.v[changed],
+                                          len(after), stats["seconds"])
+        rel_mod.save(after, path)
 
 
 def catalog_codes(catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:

@@ -325,19 +325,17 @@ def drop(rel: Reliability, removed_ids) -> tuple[Reliability, dict]:
     if not gone.any():
         return _copy(rel), {"n_removed": 0, "n_holed": 0, "seconds": time.perf_counter() - t0}
     keep = ~gone
-    old_pos = _positions(rel.vector_ids, rel.neighbors)
     gone_rows = np.flatnonzero(gone)
     # A kept row's contributions stay (its kept neighbours are still among its best), a removed row's go.
-    v = (rel.v - _contributions(rel.labels, gone_rows, old_pos[gone_rows], len(rel)))[keep]
-    remap = np.where(keep, np.cumsum(keep) - 1, -1)
-    pos = old_pos[keep]
-    holed = (pos >= 0) & gone[np.maximum(pos, 0)]
+    lost = _contributions(rel.labels, gone_rows, _positions(rel.vector_ids, rel.neighbors[gone_rows]), len(rel))
+    # In id space: positions of every neighbour (a binary search each: seconds at 10^7) are not needed.
+    neighbors = rel.neighbors[keep]
+    holed = np.isin(neighbors, rel.vector_ids[gone])
     # the holes to the end of each row, the rest in their order (a stable sort on "is a hole")
     order = np.argsort(holed, axis=1, kind="stable")
-    pos = np.take_along_axis(np.where(holed | (pos < 0), -1, remap[np.maximum(pos, 0)]), order, axis=1)
+    neighbors = np.take_along_axis(np.where(holed, -1, neighbors), order, axis=1)
     sims = np.take_along_axis(np.where(holed, np.float32(-np.inf), rel.similarities[keep]), order, axis=1)
-    ids = rel.vector_ids[keep]
-    out = Reliability(rel.k, ids, rel.labels[keep], _ids(ids, pos), sims, v)
+    out = Reliability(rel.k, rel.vector_ids[keep], rel.labels[keep], neighbors, sims, (rel.v - lost)[keep])
     return out, {"n_removed": int(gone.sum()), "n_holed": int(holed.any(axis=1).sum()),
                  "seconds": time.perf_counter() - t0}
 
@@ -356,14 +354,13 @@ def refill(rel: Reliability, vectors_of: VectorsOf, batch: int = 4096) -> tuple[
     if not len(rows):
         return _copy(rel), {"n_requeried": 0, "seconds": time.perf_counter() - t0}
     ids, n = rel.vector_ids, len(rel)
-    neighbor_pos = _positions(ids, rel.neighbors)
-    v = rel.v - _contributions(rel.labels, rows, neighbor_pos[rows], n)
+    v = rel.v - _contributions(rel.labels, rows, _positions(ids, rel.neighbors[rows]), n)
     vecs = _as_vectors(vectors_of(ids), n)
     pos, sim = _topk(rows, vecs, rel.k, batch, _tolerance(vecs))
-    sims = rel.similarities.copy()
-    neighbor_pos[rows], sims[rows] = pos, sim
+    neighbors, sims = rel.neighbors.copy(), rel.similarities.copy()
+    neighbors[rows], sims[rows] = _ids(ids, pos), sim
     v += _contributions(rel.labels, rows, pos, n)
-    return (Reliability(rel.k, ids, rel.labels.copy(), _ids(ids, neighbor_pos), sims, v),
+    return (Reliability(rel.k, ids, rel.labels.copy(), neighbors, sims, v),
             {"n_requeried": int(len(rows)), "seconds": time.perf_counter() - t0})
 
 

@@ -164,15 +164,6 @@ class ForgetRecords(Group):
         self.con.execute("DELETE FROM sample_weights WHERE vector_id IN (SELECT unnest(?::BIGINT[]))",
                          [vector_ids.tolist()])
 
-    def reliability_runs(self) -> pl.DataFrame:
-        """encoder_id, index_version, k, path of every stored pruning statistics run."""
-        return to_frame(self.con.execute("SELECT encoder_id, index_version, k, path FROM reliability_runs"))
-
-    def drop_reliability_run(self, encoder_id: str, index_version: int, k: int) -> None:
-        for table in ("reliability_runs", "reliability"):
-            self.con.execute(f"DELETE FROM {table} WHERE encoder_id = ? AND index_version = ? AND k = ?",
-                             [encoder_id, index_version, k])
-
     # ---- file names (names.bin) ----------------------------------------------------------------
 
     def names_end(self) -> int:

@@ -18,7 +18,7 @@ class StoredReliability:
     encoder_id: str
     index_version: int
     k: int
-    mode: str                   # 'full' or 'incremental'
+    mode: str                   # 'full', 'incremental', or 'forget' (its rows that held a forgotten sample wait to be searched again)
     base_version: int | None
     n_samples: int
     n_requeried: int
@@ -69,6 +69,30 @@ class PruningStats(Group):
         self.con.execute("DELETE FROM reliability WHERE encoder_id = ? AND index_version = ? AND k = ?"
                          " AND vector_id IN (SELECT unnest(?::BIGINT[]))", [encoder_id, version, k, vector_ids.tolist()])
         self._insert_reliability(encoder_id, version, k, vector_ids, v)
+
+    def reliability_runs(self) -> list[StoredReliability]:
+        """Every stored run, oldest version first."""
+        rows = self.con.execute(f"SELECT {', '.join(_RUN_COLUMNS)} FROM reliability_runs"
+                                " ORDER BY index_version, encoder_id, k").fetchall()
+        return [StoredReliability(*row) for row in rows]
+
+    def forget_in_run(self, run: StoredReliability, removed: np.ndarray, changed: np.ndarray, v: np.ndarray,
+                      n_samples: int, seconds: float) -> None:
+        """A forget dropped these samples from the run (reliability.drop): their rows go, the
+        changed samples get their new v, and the run says a forget changed it last."""
+        key = [run.encoder_id, run.index_version, run.k]
+        self.con.execute("UPDATE reliability_runs SET mode = 'forget', n_samples = ?, n_requeried = 0, seconds = ?,"
+                         " created_at = now() WHERE encoder_id = ? AND index_version = ? AND k = ?",
+                         [n_samples, seconds, *key])
+        self.con.execute("DELETE FROM reliability WHERE encoder_id = ? AND index_version = ? AND k = ?"
+                         " AND vector_id IN (SELECT unnest(?::BIGINT[]))",
+                         [*key, np.concatenate([removed, changed]).tolist()])
+        self._insert_reliability(run.encoder_id, run.index_version, run.k, changed, v)
+
+    def drop_reliability_run(self, encoder_id: str, index_version: int, k: int) -> None:
+        for table in ("reliability_runs", "reliability"):
+            self.con.execute(f"DELETE FROM {table} WHERE encoder_id = ? AND index_version = ? AND k = ?",
+                             [encoder_id, index_version, k])
 
     def _insert_reliability(self, encoder_id: str, version: int, k: int, vector_ids: np.ndarray,
                             v: np.ndarray) -> None:
