@@ -544,6 +544,9 @@ CRASH_SCRIPT = """
         forgetting.Forgetting._purge_embeddings = die
     elif point == "prove":             # names zeroed in the name file; the ledger still points at them
         forgetting.Forgetting._prove = die
+    elif point == "statistics":        # the pruning statistics' ledger rows without the forgotten, their file not yet
+        import vismem_assets.reliability as reliability
+        reliability.save = die
     from vismem_assets.cli import main
     main(sys.argv[2:])
     print("UNREACHED", flush=True)
@@ -687,6 +690,34 @@ def test_killed_between_erasing_names_and_the_proof_a_retry_finishes(mem, source
     kept = after.ledger.query("SELECT original_name(name_pos, name_len) AS n FROM sample_sources"
                               " WHERE name_pos IS NOT NULL")["n"].to_list()
     assert kept and all(n and "\0" not in n for n in kept)        # the other names read back whole
+
+
+@pytest.mark.slow
+def test_killed_between_the_statistics_rows_and_their_file_a_retry_finishes(mem, sources, encoder):
+    from vismem_assets import pruning, reliability
+    pre = capture(mem)
+    ids = sandal_ids(sources)
+    gone = np.array(sorted(pre["vector_id"][s] for s in ids))
+    mem.pruning.reliability(5)
+
+    crash(mem.layout.root, "statistics", *SANDAL_ARGS)
+
+    after = Memory(mem.layout.root, encoder=encoder)
+    assert_pending_and_blocked(after, SANDAL.request_id, ids)
+    after.resume_forgetting()
+    assert_forgotten(after, pre, ids, SANDAL.request_id)
+    run = after.ledger.query("SELECT index_version, mode, path FROM reliability_runs WHERE k = 5")
+    assert run["mode"].to_list() == ["forget"]
+    kept = reliability.load(after.layout.absolute(run["path"][0]))   # the file, and the rows the crash left: the same
+    assert not np.isin(kept.vector_ids, gone).any() and not np.isin(kept.neighbors, gone).any()
+    rows = after.ledger.query("SELECT vector_id, v FROM reliability WHERE k = 5 ORDER BY vector_id")
+    assert rows["vector_id"].to_list() == kept.vector_ids.tolist() and rows["v"].to_list() == kept.v.tolist()
+    refilled, _ = after.pruning.reliability(5)
+    _, index = after.live_index()
+    catalog = after.catalog()
+    codes = dict(zip(catalog.vector_ids.tolist(), (pruning.label_code(catalog.label_names[c]) for c in catalog.label_codes)))
+    held = index_ids(index)
+    assert reliability.equal(refilled, reliability.compute(held, index_vectors(index), [codes[i] for i in held.tolist()], 5))
 
 
 # ---- requests that name nothing, or are incomplete -------------------------------------------------------------
