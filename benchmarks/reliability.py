@@ -11,6 +11,7 @@ A random 1% of the memory (the newest vector ids: what a set added later gets) i
   add it to base incrementally          -> must equal the full pass over everything
   full pass over everything             -> full (the reference time)
   remove it from full incrementally     -> must equal base
+  (of which the drop a forget waits for: no search, the re-search is the next user's)
 Two full passes, so the equality of both updates is checked against a full recomputation in
 the same run; vectors_of reads from an in-memory array, as the caller reads embeddings.
 """
@@ -50,9 +51,11 @@ def run(n: int, d: int = 384, k: int = 10, noise: float = 2.5, fraction: float =
     full, full_s = timed(lambda: reliability.compute(ids, vectors, labels, k))
     add_equal = reliability.equal(added, full)
     del added
+    (_, drop_stats), drop_s = timed(lambda: reliability.drop(full, changed))
     (removed, remove_stats), remove_s = timed(lambda: reliability.remove(full, changed, vectors_of))
     remove_equal = reliability.equal(removed, base)
     (full_s, full_cpu), (base_s, _), (add_s, add_cpu), (remove_s, remove_cpu) = full_s, base_s, add_s, remove_s
+    drop_s = drop_s[0]
     return {
         "n": n, "d": d, "k": k, "noise": noise, "changed": m, "threads": faiss.omp_get_max_threads(),
         "full_seconds": round(full_s, 3), "full_seconds_without_change": round(base_s, 3),
@@ -60,6 +63,7 @@ def run(n: int, d: int = 384, k: int = 10, noise: float = 2.5, fraction: float =
         "add_touched": add_stats["n_touched"], "add_checked": add_stats["n_checked"],
         "remove_seconds": round(remove_s, 3), "remove_ratio": round(remove_s / full_s, 4),
         "remove_requeried": remove_stats["n_requeried"],
+        "drop_seconds": round(drop_s, 4), "drop_ratio": round(drop_s / full_s, 5), "drop_holed": drop_stats["n_holed"],
         "full_cpu_seconds": round(full_cpu, 3), "add_cpu_ratio": round(add_cpu / full_cpu, 4),
         "remove_cpu_ratio": round(remove_cpu / full_cpu, 4),
         "mean_v": round(float(full.v.mean()), 3), "share_v_positive": round(float((full.v > 0).mean()), 3),
@@ -86,6 +90,8 @@ def main(argv=None) -> int:
           f"({r['add_touched']} rows touched, {r['add_checked']} checked)")
     print(f"incremental remove:   {r['remove_seconds']:.3f} s = {r['remove_ratio']:.4f} x full "
           f"({r['remove_requeried']} rows re-queried)")
+    print(f"  of which the drop:  {r['drop_seconds']:.4f} s = {r['drop_ratio']:.5f} x full "
+          f"(what a forget waits for: {r['drop_holed']} rows left with holes, searched again when next used)")
     print(f"by CPU time: full {r['full_cpu_seconds']:.3f} s, add {r['add_cpu_ratio']:.4f} x, "
           f"remove {r['remove_cpu_ratio']:.4f} x")
     print(f"equal: {r['equal']}  (add: {r['add_equal']}, remove: {r['remove_equal']})")
