@@ -68,6 +68,26 @@ def test_incremental_reliability_equals_a_full_pass_after_add_and_forget(tmp_pat
     assert not np.isin(third.neighbors, forgotten).any()
 
 
+@pytest.mark.parametrize("damage", ["missing", "garbled"])
+def test_a_forget_drops_statistics_whose_file_is_gone_or_damaged_and_they_are_computed_again(tmp_path, encoder, fm_sets,
+                                                                                              damage):
+    memory = Memory(tmp_path / "home", encoder=encoder)
+    memory.add(copy_set(fm_sets["train"], tmp_path / "a", ("Bag", "Coat", "Shirt", "Sneaker"), 6), progress=False)
+    memory.pruning.reliability(5)
+    path = memory.layout.absolute(memory.ledger.query("SELECT path FROM reliability_runs")["path"][0])
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(b"PAR1" + b"\0" * 100)
+    victim = memory.ledger.query("SELECT sample_id FROM samples WHERE label = 'Bag' LIMIT 1")["sample_id"][0]
+    report = memory.forget(ForgetRequest(requested_by="t", reason="test", sample_ids=[victim]))
+    assert report.samples and not path.exists()
+    assert memory.ledger.query("SELECT count(*) AS n FROM reliability_runs")["n"][0] == 0
+    assert memory.ledger.query("SELECT count(*) AS n FROM reliability")["n"][0] == 0
+    again, run = memory.pruning.reliability(5)
+    assert run.mode == "full" and rel_mod.equal(again, full_pass(memory, 5))
+
+
 def test_the_pruning_service_needs_only_what_it_is_given(tmp_path):
     """A ledger, a layout, an encoder's id and slug, and two callables for the live index and its
     vectors: no Memory, no encoder model, synthetic vectors."""

@@ -204,11 +204,11 @@ def forget_in_statistics(session: "Session", layout: "Layout", vector_ids: np.nd
         newest[(run.encoder_id, run.k)] = run
     for run in runs:
         path = layout.absolute(run.path)
-        if newest[(run.encoder_id, run.k)] is not run:
+        before = _readable(path) if newest[(run.encoder_id, run.k)] is run else None
+        if before is None:   # an older run, or one whose file is gone or damaged: a cache, computed again when needed
             path.unlink(missing_ok=True)
             session.pruning.drop_reliability_run(run.encoder_id, run.index_version, run.k)
             continue
-        before = rel_mod.load(path)
         after, stats = rel_mod.drop(before, vector_ids)
         if not stats["n_removed"]:
             continue
@@ -218,6 +218,13 @@ def forget_in_statistics(session: "Session", layout: "Layout", vector_ids: np.nd
             session.pruning.forget_in_run(run, before.vector_ids[~kept], after.vector_ids[changed], after.v[changed],
                                           len(after), stats["seconds"])
         rel_mod.save(after, path)
+
+
+def _readable(path) -> rel_mod.Reliability | None:
+    try:
+        return rel_mod.load(path)
+    except (OSError, KeyError, ValueError, pl.exceptions.PolarsError):
+        return None
 
 
 def catalog_codes(catalog: Catalog) -> tuple[np.ndarray, np.ndarray]:
