@@ -291,6 +291,7 @@ def test_near_copies_of_forgotten_images_stay_out_and_a_thousand_other_images_go
     kept = mem.ledger.query("SELECT sample_id, phash, algorithm FROM blocklist_phashes ORDER BY sample_id").rows()
     assert [k[0] for k in kept] == sorted(sid(f) for f in gone)
     assert all(len(k[1]) == 64 and k[2] == near_copies.ALGORITHM for k in kept)
+    assert {k[0]: k[1] for k in kept} == {sid(f): near_copies.hash_bytes(f.read_bytes()) for f in gone}  # each its own
     assert mem.audit.verify().ok and mem.audit.verify().blocklist["perceptual_hashes"] == 3
     proof = mem.audit.proof(sid(gone[0]))
     assert proof["present_nowhere"] and proof["blocklist"]["perceptual_hash"] == dict((k[0], k[1]) for k in kept)[sid(gone[0])]

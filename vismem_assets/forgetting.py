@@ -21,6 +21,7 @@ import contextlib
 import difflib
 import hashlib
 import json
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -292,18 +293,21 @@ class Forgetting:
         are gone; None, with the reason in its note, where there is no picture to hash."""
         with self.ledger.connect() as s:
             where = s.forgetting.image_paths(sample_ids)
-        hashes, notes = [], []
-        for sample_id in sample_ids:
-            data = None
-            if where.get(sample_id):
-                try:
-                    data = read_bounded(self.layout.absolute(where[sample_id]))
-                except OSError:
-                    data = None  # (a crash's leftovers may lack it: the note says nothing was hashed)
-            phash, note = near_copies.try_hash_bytes(data)
-            hashes.append(phash)
-            notes.append(note)
-        return hashes, notes
+
+        def hash_one(sample_id: str) -> tuple[str | None, str]:
+            try:
+                data = read_bounded(self.layout.absolute(where[sample_id]))
+            except OSError:
+                data = None  # (a crash's leftovers may lack it: the note says nothing was hashed)
+            return near_copies.try_hash_bytes(data)
+
+        found = {sample_id: near_copies.try_hash_bytes(None) for sample_id in sample_ids if not where.get(sample_id)}
+        pictures = [sample_id for sample_id in sample_ids if where.get(sample_id)]
+        # Decoding lets go of the GIL: an image a CPU at once (a 2 MP JPEG takes ~35 ms to hash;
+        # 10,000 of them took minutes one at a time).
+        with ThreadPoolExecutor(_cpus()) as pool:
+            found |= dict(zip(pictures, pool.map(hash_one, pictures)))
+        return [found[s][0] for s in sample_ids], [found[s][1] for s in sample_ids]
 
     # ---- applying them -------------------------------------------------------------------------
 
@@ -524,6 +528,10 @@ class Forgetting:
         with self.ledger.transaction() as tx:
             tx.forgetting.append_deletions(rows)
             tx.forgetting.redact(request_id)
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class ShardEraser(Protocol):
