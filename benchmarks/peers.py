@@ -18,7 +18,8 @@ other, on those files. Every worker does the same things in the same order:
   (a byte scan of the system's directory proves it), then the first search after;
 - the disk the memory takes (vismem: the live version only, as a peer holds one copy);
 - for vismem, the floor under its forget call on this disk (`erase_floor`): the same number of
-  vectors zeroed in place in files the size of each copy the forget reached, and synced.
+  vectors zeroed in place in files the size of each copy the forget reached, and synced (and
+  the same for the first copy alone, the first two, ...: what fewer copies would cost).
 
 Figures are medians of 3 (one query a call: as many queries as fit in 5 s, at least 3; a
 1,000-query call that takes over 20 s runs once). Without `--no-write` the table goes into
@@ -127,12 +128,14 @@ def vectors_on_disk(root: Path, vectors: np.ndarray, chunk: int = 64 << 20) -> i
     return int(found.sum())
 
 
-def erase_floor(folder: Path, sizes: list[int], n_vectors: int, width: int, repeats: int = 3) -> float:
+def erase_floor(folder: Path, sizes: list[int], n_vectors: int, width: int, repeats: int = 3) -> list[float]:
     """What this disk alone takes to erase `n_vectors` vectors of `width` bytes in place in one file
     of each of these sizes (the copies a forget must reach), the floor under any forget call: the
     files written whole and synced first, then, each repeat, the vectors at random slots zeroed
     through a mapping and the files synced together (vismem's own write path, patches.apply, with
-    nothing to find, hash or record); the median of repeats, the files removed after."""
+    nothing to find, hash or record). Returns the median of repeats for the first copy alone, the
+    first two, ..., all of them (what a forget reaching fewer copies would wait for); the files
+    are removed after."""
     from vismem_assets.patches import Holes, Patch, apply
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -145,14 +148,17 @@ def erase_floor(folder: Path, sizes: list[int], n_vectors: int, width: int, repe
                     f.write(chunk[:min(len(chunk), size - at)])
                 f.flush()
                 os.fsync(f.fileno())
-        rng, times = np.random.default_rng(5), []
-        for _ in range(repeats):
-            holes = {}
-            for path, size in zip(paths, sizes):
-                slots = np.sort(rng.choice(size // width, min(n_vectors, size // width), replace=False))
-                holes[path] = Holes(slots, (Patch(slots * width, bytes(width)),))
-            times.append(seconds(lambda: apply(holes)))
-        return statistics.median(times)
+        rng, floors = np.random.default_rng(5), []
+        for reached in range(1, len(paths) + 1):
+            times = []
+            for _ in range(repeats):
+                holes = {}
+                for path, size in zip(paths[:reached], sizes):
+                    slots = np.sort(rng.choice(size // width, min(n_vectors, size // width), replace=False))
+                    holes[path] = Holes(slots, (Patch(slots * width, bytes(width)),))
+                times.append(seconds(lambda: apply(holes)))
+            floors.append(statistics.median(times))
+        return floors
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -233,8 +239,9 @@ def worker_vismem(data: Data, home: Path) -> dict:
              "retained versions": sum(memory.layout.absolute(p).stat().st_size for p in named if p not in live),
              "embedding parts": disk_bytes(home / "embeddings")}
     out["forget_copies"] = {copy: size for copy, size in sizes.items() if size}
-    out["erase_floor_s"] = erase_floor(home.parent / "vismem-floor", list(out["forget_copies"].values()),
-                                       data.deletes.shape[1], data.vectors.shape[1] * 4)
+    out["erase_floor_by_copies_s"] = erase_floor(home.parent / "vismem-floor", list(out["forget_copies"].values()),
+                                                 data.deletes.shape[1], data.vectors.shape[1] * 4)
+    out["erase_floor_s"] = out["erase_floor_by_copies_s"][-1]
     memory.indexes.retain(1)   # the live version only: a peer holds one copy
     out["disk_bytes"] = disk_bytes(home)
     out["disk_parts"] = {part: disk_bytes(home / part) for part in ("embeddings", "indexes")}
@@ -553,6 +560,11 @@ def render(r: dict) -> str:
                   + ", ".join(f"{k} {b / 1e9:.3g} GB" for k, b in copies.items()) +
                   f") and syncing them, with nothing else to do, took {_f(r['forget_floor_s'])} s; the call took"
                   f" {_f(r['forget_call_s'] / r['forget_floor_s'])} times that."]
+        by_copies = v.get("erase_floor_by_copies_s", [])
+        if len(by_copies) > 1:   # what a forget that reached fewer copies would wait for on this disk
+            names = list(copies)
+            lines[-1] += (" The same for fewer copies: " + ", ".join(
+                f"{' and '.join(names[:j + 1])} {_f(t)} s" for j, t in enumerate(by_copies[:-1])) + ".")
     if v.get("forget_phases"):
         lines += ["", "vismem's forget call by phase (s, medians): " +
                   ", ".join(f"{step.replace('_', ' ')} {_f(t)}" for step, t in v["forget_phases"].items()) + "."]

@@ -64,7 +64,8 @@ def test_the_erase_floor_zeroes_vectors_in_every_copy_and_leaves_no_file(tmp_pat
 
     monkeypatch.setattr(patches, "apply", watched)
     took = peers.erase_floor(tmp_path / "floor", [4096 * 8, 4096 * 3], 5, 4096, repeats=3)
-    assert took > 0 and zeroed == [2, 2, 2]
+    assert len(took) == 2 and all(t > 0 for t in took)
+    assert zeroed == [1, 1, 1, 2, 2, 2]   # the first copy alone, then both
     assert not (tmp_path / "floor").exists()
 
 
@@ -114,6 +115,9 @@ def test_vismem_leaves_no_deleted_byte_when_its_forget_returns(small_run):
     assert vismem["forget_copies"]["embedding parts"] >= r["n"] * r["d"] * 4
     assert 0 < r["forget_floor_s"] < r["forget_call_s"]
     assert f"took {peers._f(r['forget_floor_s'])} s" in peers.render(r)
+    by_copies = vismem["erase_floor_by_copies_s"]   # the first copy alone, the first two, all three
+    assert len(by_copies) == 3 and by_copies[-1] == vismem["erase_floor_s"] and min(by_copies) > 0
+    assert f"fewer copies: live index {peers._f(by_copies[0])} s, live index and retained versions" in peers.render(r)
 
 
 @pytest.mark.slow   # three processes, one a system (about a minute)
