@@ -138,7 +138,7 @@ def render(r: dict, command: str = "vismem bench --json") -> str:
                   "Each forget erases in place (its vectors' bytes and ids overwritten in every index file and"
                   " embedding part that holds them), hashes each touched index file anew, deletes the images,"
                   " zeroes their file names, and chains the proof; seconds per step:", ""]
-        steps = ("accept", "embeddings", "image_files", "names", "proof", "finish")
+        steps = ("accept", "statistics", "embeddings", "image_files", "names", "proof", "finish")
         lines += _table(["index type", "samples", "forget s", "rebuild s", "forget ÷ rebuild", "index files s",
                          "index files ÷ rebuild", *(s.replace("_", " ") + " s" for s in steps)],
                         [[f"{k} ({t['index_type']})" + (f": image set {f['image_set']}" if "image_set" in f else ""),

@@ -3,12 +3,15 @@
 A request is accepted in one transaction (its samples become 'forgotten', so their hashes
 are blocked at once), then every trace is removed — erased in place from every index file of
 the live and retained versions (the live index moving to a new version) and from every
-embedding part (erasure.py; the parts in a thread of their own while the indexes are erased,
-each side mostly waiting on its disk syncs), images, quarantine copies, pruning weights — and
-only then are the hash-chained `deletions` rows written and the request marked applied. A crash anywhere leaves
-the request 'pending'; running it again (or `apply_pending`) finishes it, since each step is
-idempotent. File names are erased in names.bin (names.py), outside DuckDB, which would keep
-the old bytes of a redacted name in its file.
+embedding part (erasure.py), images, quarantine copies, pruning weights — and the
+hash-chained `deletions` rows are written and the request marked applied in one commit, made
+only once every erased byte is durable. The parts are erased in a thread of their own while
+the index files are searched and their new digests recorded; the index files' bytes are then
+written and synced in another while the ledger's share of the work runs (each side mostly
+waits on its disk syncs or on DuckDB). A crash anywhere leaves the request 'pending'; running
+it again (or `apply_pending`) finishes it, since each step is idempotent. File names are erased
+in names.bin (names.py), outside DuckDB, which would keep the old bytes of a redacted name in
+its file.
 
 `Forgetting` gets what it uses: the memory's layout and ledger, the index policy (to open every
 encoder's index store), the current encoder's index store and a way to recompute its pruning
@@ -37,7 +40,7 @@ from .atomic import atomic_path
 from .embeddings import write_part
 from .home import Layout
 from .imagesets import read_bounded
-from .index_store import GENESIS, IndexStore
+from .index_store import GENESIS, Erasure, IndexStore
 from .index_types import IndexPolicy
 from .ledger import LedgerBase, parquet_footers
 from .pruning import forget_in_statistics
@@ -314,13 +317,16 @@ class Forgetting:
     def apply_pending(self, only: str | None = None, in_process: bool = False,
                       accepted_now: bool = False) -> dict[str, Applied]:
         """Finish accepted requests (all pending ones, or one): purge every trace, then chain the
-        proof. Each one's `phases`: seconds erasing in the index files (the embedding parts are
-        erased meanwhile, in a thread of their own: each step waits on its disk syncs), recording
-        the embedding parts' erasure, deleting image files, erasing file names, writing the proof
-        (and the pruning statistics, the manifests, the ledger's commit), and marking the request
-        applied. Without `only`, the file names a set's forget left behind (before forgetting a set
-        took its quarantined files' names too) are erased as well. `in_process`: erase every shard
-        here, shard workers or not (`vismem forget --resume`: a dead worker's shard too).
+        proof. Each one's `phases`: seconds finding the vectors in the index files and recording
+        their new digests (the embedding parts are erased meanwhile, in a thread of their own),
+        dropping them from the pruning statistics, recording the embedding parts' erasure,
+        deleting image files, erasing file names, writing the proof (the hash-chained rows),
+        waiting for the index files' bytes (written and synced in a thread of their own while
+        the steps before ran: counted in `indexes`), and the one commit that records all of it
+        and marks the request applied (`finish`). Without `only`, the file names a set's forget
+        left behind (before forgetting a set took its quarantined files' names too) are erased
+        as well. `in_process`: erase every shard here, shard workers or not (`vismem forget
+        --resume`: a dead worker's shard too).
         `accepted_now`: `only` was accepted by this call, so no earlier attempt left holes half
         written in its embedding parts (otherwise every hole in them is patched again)."""
         with self.ledger.connect() as s:
@@ -335,22 +341,48 @@ class Forgetting:
             resumed = not (accepted_now and request_id == only)
             # Outside the writer's session: shard workers take the ledger lock to erase and report
             # while this process waits for them. The request's samples are blocked meanwhile.
-            with ThreadPoolExecutor(1) as beside:
+            with ThreadPoolExecutor(1) as beside, ThreadPoolExecutor(1) as writer:
                 erasing = beside.submit(self._erase_parts, parts, targets, resumed)
-                new_versions = clock("indexes", self._purge_indexes, vector_ids, request_id, in_process)
+                new_versions, here = clock("indexes", self._purge_indexes, vector_ids, request_id, in_process)
+                # The bytes of the erasures recorded here are written while the ledger work below runs
+                # (the disk's syncs and DuckDB's work overlap); nothing commits before they are durable.
+                written = writer.submit(lambda: [found.write() for *_, found in here])
                 erased = erasing.result()
-            with self.ledger.connect() as s:  # one writer: nothing else changes the memory meanwhile
-                rewritten = s.forgetting.rewritten_versions(request_id)
-                removed = clock("embeddings", self._purge_embeddings, s, targets, erased, resumed)
-                removed += clock("image_files", self._purge_files, targets)
-                clock("names", self._erase_names, s, request_id)
-                clock("proof", self._prove, s, request_id, vector_ids)
-            # Applied only now: a crash before this leaves the request pending, and a retry finishes it.
-            clock("finish", self._mark_applied, request_id)
+                clock("statistics", self._forget_in_statistics, vector_ids)
+                with self.ledger.transaction() as s:  # one writer: nothing else changes the memory meanwhile
+                    rewritten = s.forgetting.rewritten_versions(request_id)
+                    removed, replaced = clock("embeddings", self._purge_embeddings, s, targets, erased, resumed)
+                    removed += clock("image_files", self._purge_files, targets)
+                    clock("names", self._erase_names, s, request_id)
+                    clock("proof", self._prove, s, request_id, vector_ids)
+                    clock("indexes", self._finish_indexes, s, written, here, request_id)
+                    # Applied in the same commit: a crash before it leaves the request pending, and a retry finishes it.
+                    s.forgetting.mark_applied(request_id)
+                clock("finish", self._remove_superseded, replaced, [st for st, *_ in here])  # (the lap: the commit too)
             done[request_id] = Applied(new_versions, rewritten, removed, clock.seconds)
         if only is None:
             self._erase_left_set_names()
         return done
+
+    def _remove_superseded(self, replaced: list[str], stores: list[IndexStore]) -> None:
+        """Once the commit names their successors: the old files of rewritten parts, and index
+        files no version names."""
+        for old in replaced:
+            self.layout.absolute(old).unlink(missing_ok=True)
+        for index_store in {id(st): st for st in stores}.values():
+            index_store.remove_unreferenced_files()
+
+    def _finish_indexes(self, s: Session, written, here: list, request_id: str) -> None:
+        """Once the index files' bytes are durable: their manifests, each shard's report, and every
+        live version's manifest carrying the new chain head."""
+        written.result()
+        for index_store, n_shards, shard, found in here:
+            found.finish(s)
+            s.indexes.report_shard(request_id, index_store.encoder_id, n_shards, shard, found.n_erased)
+        for index_store in self.index_stores(s):  # every version written from now on carries the new head
+            live = index_store.live()
+            if live is not None:
+                index_store.refresh_manifest(live, s)
 
     def _erase_left_set_names(self) -> list[str]:
         """Applied image_set requests whose quarantine rows still name a file (applied by a vismem
@@ -363,22 +395,20 @@ class Forgetting:
                     tx.forgetting.clear_set_quarantine_names(request_id)
         return left
 
-    def _mark_applied(self, request_id: str) -> None:
-        with self.ledger.transaction() as s:
-            s.forgetting.mark_applied(request_id)
-
     def index_stores(self, s: Session) -> list[IndexStore]:
         """Every encoder's index store: a forget erases from all of them."""
         return [IndexStore(self.layout, self.ledger, encoder_id, slug, dim, policy=self.index_policy)
                 for encoder_id, slug, dim in s.forgetting.encoders()]
 
-    def _purge_indexes(self, vector_ids: np.ndarray, request_id: str, in_process: bool = False) -> list[str]:
+    def _purge_indexes(self, vector_ids: np.ndarray, request_id: str,
+                       in_process: bool = False) -> tuple[list[str], list[tuple[IndexStore, int, int, Erasure]]]:
         """Erase the vectors in place from every index file of every version that holds them,
         shard by shard: each shard erases its own files and reports (a shard that reported is not
         asked again when a crash made this run again); with shard workers, each shard of the live
         sharding is erased by its worker, the shards of an older one a retained version still names
-        here. Returns the new live versions ("slug:version")."""
-        new_versions = []
+        here. Returns the new live versions ("slug:version") and the erasures recorded here, whose
+        bytes the caller writes (Erasure.write) and reports (_finish_indexes)."""
+        new_versions, here = [], []
         with self.ledger.connect() as s:
             stores = self.index_stores(s)
         for index_store in stores:
@@ -387,13 +417,18 @@ class Forgetting:
             if self.shard_workers is not None and not in_process:
                 remote, todo = self.shard_workers.send_erase(index_store, todo, vector_ids, request_id)
             for n_shards, shard in todo:
-                version = erase_shard(index_store, vector_ids, request_id, n_shards, shard)
-                if version is not None:
-                    new_versions.append(f"{index_store.root.name}:{version}")
+                found = index_store.prepare_erasure(vector_ids, request_id, (n_shards, shard))
+                if found is None:   # none of them there: reported at once
+                    with self.ledger.transaction() as tx:
+                        tx.indexes.report_shard(request_id, index_store.encoder_id, n_shards, shard, 0)
+                    continue
+                here.append((index_store, n_shards, shard, found))
+                if found.live is not None:
+                    new_versions.append(f"{index_store.root.name}:{found.live.version}")
             if remote is not None:  # raises, naming the shard, if a worker did not report
                 new_versions += [f"{index_store.root.name}:{v}" for v in remote.wait() if v is not None]
-            index_store.remove_unreferenced_files()
-        return new_versions
+                index_store.remove_unreferenced_files()
+        return new_versions, here
 
     def _embedding_parts(self, s: Session, targets: pl.DataFrame) -> dict[str, int]:
         """{path: dimension} of each embedding part the ledger says holds some of these samples."""
@@ -421,11 +456,13 @@ class Forgetting:
         return located
 
     def _purge_embeddings(self, s: Session, targets: pl.DataFrame, erased: dict[str, erasure.Holes | None],
-                          resumed: bool) -> int:
+                          resumed: bool) -> tuple[int, list[str]]:
         """Record the parts' erasure (`erased`, by _erase_parts, which did not hold the writer's
         lock: a part the ledger names now that it did not see is erased here), rewrite each part
         not laid out for erasure in place without the targets, and drop their rows. Parts no
-        ledger row names (a crash between a rewrite and its record, or after it) go first."""
+        ledger row names (a crash between a rewrite and its record, or after it) go first.
+        Returns (the parts it touched, the rewritten parts' old files: the caller deletes them
+        once the ledger's commit names the new ones)."""
         layout = self.layout
         sample_ids = targets["sample_id"].to_list()
         referenced = s.forgetting.embedding_paths()
@@ -450,8 +487,6 @@ class Forgetting:
                 moved[rel] = layout.relative(new)
         with self.ledger.transaction() as tx:
             tx.forgetting.drop_embeddings(sample_ids, moved)
-        for old in moved:
-            layout.absolute(old).unlink(missing_ok=True)
         # Cached query embeddings are vectors too.
         for cache in layout.root.glob("embeddings/*/_queries.parquet"):
             frame = pl.read_parquet(cache)
@@ -459,7 +494,7 @@ class Forgetting:
             if len(keep) < len(frame):
                 with atomic_path(cache) as tmp:
                     write_part(keep, tmp)
-        return len(named) + len(stray)
+        return len(named) + len(stray), list(moved)
 
     def _purge_files(self, targets: pl.DataFrame) -> int:
         """Every file holding a forgotten sample's bytes: its stored image and quarantine copies, and
@@ -496,17 +531,18 @@ class Forgetting:
 
     # ---- the proof -----------------------------------------------------------------------------
 
+    def _forget_in_statistics(self, vector_ids: np.ndarray) -> None:
+        """The pruning statistics without them (no search waits: pruning.forget_in_statistics).
+        Committed on their own, before the proof's transaction: their file is rewritten after
+        their ledger rows commit, so a crash at any point leaves the two in agreement."""
+        with self.ledger.connect() as s:
+            forget_in_statistics(s, self.layout, vector_ids)
+
     def _prove(self, s: Session, request_id: str, vector_ids: np.ndarray) -> None:
-        """What is left once every trace is gone: pruning statistics without them (no search
-        waits: pruning.forget_in_statistics), the hash-chained deletions rows, and every live
-        version's manifest carrying the new chain head."""
+        """What is left once every trace is gone: no pruning weights for them, and the hash-chained
+        deletions rows."""
         s.forgetting.drop_weights(vector_ids)
-        forget_in_statistics(s, self.layout, vector_ids)
         self._chain(s, request_id)
-        for index_store in self.index_stores(s):  # every version written from now on carries the new head
-            live = index_store.live()
-            if live is not None:
-                index_store.refresh_manifest(live, s)
 
     def _chain(self, s: Session, request_id: str) -> None:
         """Append the deletions rows (hash-chained; once per request) and redact names."""

@@ -127,6 +127,33 @@ class IndexVersion:
                 for j in range(self.n_shards) for own in [self.shard_files(j)]]
 
 
+@dataclass
+class Erasure:
+    """An erasure recorded in the ledger, its bytes not yet written (IndexStore.prepare_erasure)."""
+    store: "IndexStore"
+    request_id: str
+    holes: dict[str, erasure.Holes]                 # by file (relative path): what to patch there
+    lists: dict[str, digests.HashList | None]      # the new hash lists of the files this attempt recorded
+    live: "IndexVersion | None"                    # the new live version, if the live one held any
+    n_erased: int
+
+    def write(self) -> None:
+        """Patch the files and make them durable, then keep their new leaf digests. Files only."""
+        layout = self.store.layout
+        erasure.apply({layout.absolute(path): found for path, found in self.holes.items()})
+        for path, listed in self.lists.items():
+            digests.keep_leaves(layout.absolute(path), listed)
+
+    def finish(self, s: Session) -> None:
+        """Once written: each erased file's manifest says so (and carries the chain head)."""
+        store = self.store
+        newest = {f.path: (v, f) for v in store.versions() if v.status != "purged" for f in v.files}
+        for path in self.holes:
+            if path in newest:
+                version, file = newest[path]
+                store._manifest(s, file, version, index_type=version.index_type, erased_for=self.request_id)
+
+
 def manifest_path(index_path: Path) -> Path:
     return Path(index_path).with_suffix(".json")
 
@@ -487,11 +514,25 @@ class IndexStore:
               shard: tuple[int, int] | None = None) -> tuple[IndexVersion | None, int]:
         """Forget these vectors in every version, live and retained, or only in one shard's files
         (`shard`: (n_shards, shard), as `shard_groups` lists them): each file holding some,
-        whichever versions share it, has them erased in place (erasure.py), its new sha256
+        whichever versions share it, has them erased in place (erasure.py), its new digest
         recorded first. Returns (the new live version: the live one's files, erased; its parent
         purged, being the same bytes; or None if the live version held none of them, the number
         of entries erased). Running it again after a crash finishes the erasure the first attempt
         recorded (file by file)."""
+        with self.ledger.connect() as s:  # one writer from finding the vectors to recording them
+            found = self.prepare_erasure(vector_ids, request_id, shard)
+            if found is None:
+                return None, 0
+            found.write()
+            found.finish(s)
+            return found.live, found.n_erased
+
+    def prepare_erasure(self, vector_ids: np.ndarray, request_id: str,
+                        shard: tuple[int, int] | None = None) -> "Erasure | None":
+        """`erase` up to the ledger: the vectors found in each file and the file's new digest
+        recorded (and the new live version), no byte changed yet; None where no file holds any.
+        The caller writes the bytes (`Erasure.write`, files only: it may run beside ledger work)
+        and then, under the writer's lock, finishes (`Erasure.finish`)."""
         vector_ids = np.unique(np.asarray(vector_ids, np.int64))
         with self.ledger.connect() as s:  # one writer from finding the vectors to recording them
             recorded = s.indexes.erased_paths(self.encoder_id, request_id)
@@ -513,21 +554,14 @@ class IndexStore:
                 located = dict(zip(files, pool.map(locate, files.values())))
             holes = {path: found for path, (found, _) in located.items() if any(len(p) for p in found.patches)}
             if not holes:  # none of them in these files
-                return None, 0
+                return None
             fresh = {path: found for path, found in holes.items() if path not in recorded}
             live = None
             if fresh:
                 live = self._record_erasure(s, versions, files, fresh, {path: located[path][1] for path in fresh},
                                             request_id)
-            erasure.apply({self.layout.absolute(path): found for path, found in holes.items()})
-            for path in fresh:
-                digests.keep_leaves(self.layout.absolute(path), located[path][1])
-            newest = {f.path: (v, f) for v in self.versions() if v.status != "purged" for f in v.files}
-            for path in holes:
-                if path in newest:
-                    self._manifest(s, newest[path][1], newest[path][0], index_type=newest[path][0].index_type,
-                                   erased_for=request_id)
-            return live, sum(len(found) for found in fresh.values())
+            return Erasure(self, request_id, holes, {path: located[path][1] for path in fresh}, live,
+                           sum(len(found) for found in fresh.values()))
 
     def _record_erasure(self, s: Session, versions: list[IndexVersion], files: dict[str, IndexFile],
                         holes: dict[str, erasure.Holes], lists: dict[str, digests.HashList],

@@ -10,7 +10,7 @@ the pending forget requests with what it loaded, and loads its own shard again w
 every shard's queue, gathers with a timeout and merges the top k (shards.merge_top_k).
 
 A forget: each shard's worker erases its own files and reports it in the ledger
-(forgetting.erase_shard, as the in-process path does); a worker that does not answer leaves the
+(forgetting.erase_shard); a worker that does not answer leaves the
 request pending. Starting a worker first finishes what its shard has not reported of every
 pending forget, and the whole request once every shard has: restarting a dead worker finishes it.
 
