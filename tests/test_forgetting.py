@@ -840,6 +840,20 @@ def tamper_sql(memory: Memory, *statements) -> None:
         con.close()
 
 
+def test_a_row_hash_is_the_sha256_of_its_compact_json_whichever_values_were_encoded_before():
+    import datetime
+    at = datetime.datetime(2026, 12, 6, 3, 0, 1, 123456)
+    rows = [{"seq": seq, "request_id": "r" * 64, "sample_id": f"{seq:064x}", "label": label, "requested_by": "dpo@example.com",
+             "reason": "licence \u2014 withdrawn", "category": None, "external_ref": 'T-"1"', "requested_at": at,
+             "applied_at": at + datetime.timedelta(seconds=seq), "versions_rewritten": json.dumps(["a:1", "b:2"])}
+            for seq, label in enumerate(["Bag", 'a "quoted"\n label', "\u00dcn\u00efc\u00f8d\u00e9 \u2713", None, "Bag"], 1)]
+    shared = {}   # (kept across rows, as a request's proof keeps it)
+    for row in rows:
+        canonical = json.dumps([row[k] for k in HASHED_FIELDS], default=str, separators=(",", ":"))
+        want = hashlib.sha256(("prev" + canonical).encode()).hexdigest()
+        assert row_hash("prev", row) == row_hash("prev", row, shared) == want
+
+
 def recompute_chain(memory: Memory) -> None:
     """What a careful forger does: fix every prev_hash/row_hash so the chain itself checks out."""
     con = duckdb.connect(str(memory.layout.ledger))

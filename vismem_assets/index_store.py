@@ -146,12 +146,15 @@ class Erasure:
 
     def finish(self, s: Session) -> None:
         """Once written: each erased file's manifest says so (and carries the chain head)."""
-        store = self.store
+        store, head = self.store, chain_head(s)
         newest = {f.path: (v, f) for v in store.versions() if v.status != "purged" for f in v.files}
-        for path in self.holes:
-            if path in newest:
-                version, file = newest[path]
-                store._manifest(s, file, version, index_type=version.index_type, erased_for=self.request_id)
+
+        def manifest(path: str) -> None:
+            version, file = newest[path]
+            store._manifest(s, file, version, head=head, index_type=version.index_type, erased_for=self.request_id)
+
+        with ThreadPoolExecutor(8) as pool:   # (each written and synced: a few ms, mostly waiting on the disk)
+            list(pool.map(manifest, [path for path in self.holes if path in newest]))
 
 
 def manifest_path(index_path: Path) -> Path:
@@ -659,8 +662,9 @@ class IndexStore:
         self._manifest(session, version.files[-1], version, index_type=version.index_type)
         session.indexes.set_chain_head(self.encoder_id, version.version, chain_head(session)[0])
 
-    def _manifest(self, s: Session, file: IndexFile, version: IndexVersion, **fields) -> None:
-        head, n_deletions = chain_head(s)
+    def _manifest(self, s: Session, file: IndexFile, version: IndexVersion, head: tuple[str, int] | None = None,
+                  **fields) -> None:
+        head, n_deletions = head or chain_head(s)
         self.write_manifest(self.layout.absolute(file.path), version=version.version, sha256=file.sha256,
                             block_size=file.block_size, leaf_size=file.leaf_size,
                             n_vectors=file.n_vectors, role=file.role, parent_version=version.parent_version,
@@ -729,9 +733,10 @@ class IndexStore:
         new = IndexVersion(self.encoder_id, version, first.path, first.sha256, parent.version if parent else None,
                            operation, sum(f.n_vectors for f in files), n_added, n_removed, "live",
                            kind, nprobe, *recall, n_shards=n_shards, files=tuple(files), build=report)
-        head, _ = chain_head(s)
+        chain = chain_head(s)
+        head = chain[0]
         for file in written:
-            self._manifest(s, file, new, index_type=kind, nprobe=nprobe,
+            self._manifest(s, file, new, head=chain, index_type=kind, nprobe=nprobe,
                            recall_at_10=recall[0], recall_at_100=recall[1], recall_measured_at=recall[2],
                            build=report.to_dict() if report and file == first else None)
         with self.ledger.transaction():
