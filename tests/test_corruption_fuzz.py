@@ -16,13 +16,11 @@ import resource
 import struct
 import zlib
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from vismem_assets import audit
 from vismem_assets.fashion_mnist import CLASSES, load
 from vismem_assets.imagesets import MAX_ASPECT_RATIO
 

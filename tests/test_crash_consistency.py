@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from vismem_assets import audit, store
+from vismem_assets import store
 from vismem_assets.forgetting import ForgetRequest
 from vismem_assets.ledger import Ledger
 from vismem_assets.memory import Memory

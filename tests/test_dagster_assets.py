@@ -8,7 +8,6 @@ import pytest
 from dagster import (
     AssetKey,
     AssetSelection,
-    DagsterInstance,
     SensorResult,
     SkipReason,
     build_sensor_context,

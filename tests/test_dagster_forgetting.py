@@ -3,7 +3,6 @@ and the evaluation that follows."""
 import json
 import shutil
 
-import polars as pl
 import pytest
 from dagster import AssetKey, AssetSelection, build_sensor_context, instance_for_test, materialize
 

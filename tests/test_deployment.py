@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from dagster import AssetKey, DagsterInstance, Definitions, define_asset_job, instance_for_test
+from dagster import AssetKey, Definitions, define_asset_job, instance_for_test
 
 from dagster_project.deployment import Deployment, DeploymentError
 

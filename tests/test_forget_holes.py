@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vismem_assets import audit, fashion_mnist, near_copies
+from vismem_assets import fashion_mnist, near_copies
 from vismem_assets.cli import main as cli_main
 from vismem_assets.fashion_mnist import write_image_folders
 from vismem_assets.forgetting import NO_LABEL, ForgetRequest

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import vismem_assets
-from vismem_assets import audit, index_kinds
+from vismem_assets import index_kinds
 from vismem_assets.forgetting import ForgetRequest
 from vismem_assets.index_kinds import BuildReport, id_map
 from vismem_assets.index_store import held_ids

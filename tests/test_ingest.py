@@ -12,7 +12,6 @@ import os
 import shutil
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import polars as pl
 import pytest

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -20,9 +20,6 @@ from .home import Layout
 from .index_store import GENESIS, IndexVersion, recorded_hash_lists, verify_file
 from .ledger import LedgerBase
 from .near_copies import N_BYTES
-
-if TYPE_CHECKING:
-    from .memory import Memory
 
 
 @dataclass
