@@ -586,9 +586,10 @@ def unreported_shards(index_store: IndexStore, request_id: str) -> list[tuple[in
 
 def erase_shard(index_store: IndexStore, vector_ids: np.ndarray, request_id: str, n_shards: int,
                 shard: int) -> int | None:
-    """Erase the vectors from one shard's files and report it in the ledger: what the coordinator
-    does in process and what a shard worker does for its own shard. Returns the new live version
-    (or None: the live version held none of them)."""
+    """Erase the vectors from one shard's files and report it in the ledger: what a shard worker
+    does for its own shard (in process, the coordinator reports each shard with the proof's
+    commit instead: Forgetting.apply_pending). Returns the new live version (or None: the live
+    version held none of them)."""
     version, n_erased = index_store.erase(vector_ids, request_id, (n_shards, shard))
     with index_store.ledger.transaction() as tx:
         tx.indexes.report_shard(request_id, index_store.encoder_id, n_shards, shard, n_erased)
