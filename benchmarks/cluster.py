@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     load = [os.getloadavg()[0]]
     results = {}
     for w in [int(x) for x in args.workers.split(",")]:
-        cluster = LocalCluster({"VISMEM_EMBED_WORKERS": str(w)}).up()
+        cluster = LocalCluster({"VISMEM_EMBED_WORKERS": str(w), "VISMEM_SCHEDULES": "0"}).up()
         try:
             instance = cluster.instance()
             row = {}

@@ -1,9 +1,20 @@
-"""Nightly compaction and a scheduled evaluation."""
+"""Nightly compaction and a scheduled evaluation: each skips, saying why, while the memory has no
+index to compact or evaluate (a fresh deployment), instead of failing a run every night."""
 from __future__ import annotations
 
-from dagster import DefaultScheduleStatus, ScheduleDefinition, define_asset_job
+from dagster import (
+    DefaultScheduleStatus,
+    RunRequest,
+    ScheduleEvaluationContext,
+    SkipReason,
+    define_asset_job,
+    schedule,
+)
+
+from vismem_assets.settings import Settings
 
 from .assets import evaluation, experiments, memory_index, pruning_weights
+from .resources import VisualMemory
 
 compaction_job = define_asset_job(
     "nightly_compaction", selection=[memory_index, pruning_weights, evaluation],
@@ -17,7 +28,28 @@ experiments_job = define_asset_job(
 evaluation_job = define_asset_job("scheduled_evaluation", selection=[evaluation],
                                   description="Evaluate the live memory.")
 
-nightly_compaction = ScheduleDefinition(job=compaction_job, cron_schedule="0 3 * * *",
-                                        default_status=DefaultScheduleStatus.RUNNING)
-daily_evaluation = ScheduleDefinition(job=evaluation_job, cron_schedule="0 5 * * *",
-                                      default_status=DefaultScheduleStatus.RUNNING)
+# VISMEM_SCHEDULES=0 deploys them stopped (turned on in the UI): a demo, or a test that must not
+# meet 03:00 or 05:00 halfway.
+DEFAULT_STATUS = DefaultScheduleStatus.RUNNING if Settings.from_env().schedules else DefaultScheduleStatus.STOPPED
+
+
+def live_index_or_skip(visual_memory: VisualMemory) -> RunRequest | SkipReason:
+    try:
+        visual_memory.memory().recall.live_version()
+    except FileNotFoundError as exc:  # its message says what to do (add a set, or which encoder)
+        return SkipReason(f"nothing to do yet: {exc}")
+    return RunRequest()
+
+
+@schedule(job=compaction_job, cron_schedule="0 3 * * *", default_status=DEFAULT_STATUS,
+          description="03:00: rebuild the live index into a fresh version, purge versions beyond retain_versions, "
+                      "evaluate; skipped while the memory has no index.")
+def nightly_compaction(context: ScheduleEvaluationContext, visual_memory: VisualMemory):
+    return live_index_or_skip(visual_memory)
+
+
+@schedule(job=evaluation_job, cron_schedule="0 5 * * *", default_status=DEFAULT_STATUS,
+          description="05:00: evaluate the live memory (the evaluation asset's freshness expects one a day); "
+                      "skipped while the memory has no index.")
+def daily_evaluation(context: ScheduleEvaluationContext, visual_memory: VisualMemory):
+    return live_index_or_skip(visual_memory)

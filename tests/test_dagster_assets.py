@@ -214,3 +214,39 @@ def test_compaction_builds_the_configured_index_type_and_shows_its_recall(home, 
         sweep = metadata(instance, "memory_index", "nprobe_sweep")
         assert sweep.records[-1].data["recall_at_10"] >= 0.6
         assert "recall@10" in metadata(instance, "memory_index", "build_reason")
+
+
+def test_schedules_skip_an_empty_memory_saying_what_to_do_and_run_once_it_has_an_index(home, resources, fm_sets):
+    from dagster import RunRequest, build_schedule_context
+
+    from dagster_project.schedules import daily_evaluation, nightly_compaction
+
+    with instance_for_test() as instance:
+        def ticks():
+            return [s.evaluate_tick(build_schedule_context(instance=instance, resources=resources))
+                    for s in (nightly_compaction, daily_evaluation)]
+
+        for data in ticks():  # a fresh deployment at 03:00 and 05:00: no failed run, a reason instead
+            assert data.run_requests == []
+            assert "Add an image set first: vismem add SET_PATH" in data.skip_message
+        drop_set(home, "set-a", fm_sets["train"], ["Bag", "Coat"], per_label=2)
+        instance.add_dynamic_partitions(image_set_partitions.name, ["set-a"])
+        assert materialize_set(instance, resources, "set-a").success
+        assert materialize([memory_index], instance=instance, resources=resources).success
+        for data in ticks():
+            assert [type(r) for r in data.run_requests] == [RunRequest]
+            assert data.skip_message is None
+        assert nightly_compaction.job_name == "nightly_compaction"
+        assert daily_evaluation.job_name == "scheduled_evaluation"
+
+
+def test_schedules_deploy_stopped_when_the_setting_says_so(monkeypatch):
+    import subprocess
+    import sys
+
+    code = "from dagster_project.schedules import daily_evaluation as d, nightly_compaction as n; " \
+           "print(d.default_status.value, n.default_status.value)"
+    for value, status in (("0", "STOPPED STOPPED"), ("1", "RUNNING RUNNING")):
+        monkeypatch.setenv("VISMEM_SCHEDULES", value)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.split() == status.split()

@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     openblas_coretype: str | None = Field(None, description="OpenBLAS kernel to use when the CPU runs it")
     faiss_blas_threshold: int = Field(blas.FAISS_BLAS_THRESHOLD, ge=1,
                                       description="queries x d from which faiss flat search uses BLAS")
+    schedules: bool = Field(True, description="Dagster: the nightly compaction and daily evaluation are deployed "
+                                              "running (0: stopped, to turn on in the UI)")
     git_url: str | None = Field(None, description="Dagster: asset code links open this hosted repository")
     git_branch: str = Field("main", description="Dagster: branch of git_url")
 
