@@ -384,3 +384,34 @@ def test_a_memory_forgotten_before_perceptual_hashes_migrates_and_passes_the_aud
     notes = migrated.ledger.query("SELECT note FROM blocklist_phashes")["note"].to_list()
     assert len(notes) == 2 and all("before perceptual hashes were kept" in n for n in notes)
     assert migrated.ingest(set_a).blocked == len(gone)
+
+
+# ---- embeddings rows: one per (encoder, sample), kept by their writer, checked by the audit -------
+
+def test_an_embeddings_row_written_twice_by_hand_is_named_by_the_audit(mem, encoder):
+    encoder_id, sample_id, path = mem.ledger.query(
+        "SELECT encoder_id, sample_id, path FROM embeddings ORDER BY sample_id LIMIT 1").row(0)
+    hand_edit(mem, f"INSERT INTO embeddings VALUES ('{encoder_id}', '{sample_id}', 'embeddings/elsewhere.parquet', now())")
+
+    problems = Memory(mem.layout.root, encoder=encoder).audit.verify().problems
+
+    (twice,) = [p for p in problems if "embeddings rows" in p]
+    assert twice.startswith(f"sample {sample_id[:16]}… has 2 embeddings rows for encoder {encoder_id}")
+    assert f"({path}, embeddings/elsewhere.parquet)" in twice and "then run `vismem rebuild`" in twice
+
+
+def test_a_ledger_whose_embeddings_had_a_key_migrates_with_every_row_and_forgets(mem, set_a, encoder):
+    """Migration 015 rebuilds `embeddings` without its key: nothing lost, and the memory works on."""
+    before = mem.ledger.query("SELECT * FROM embeddings ORDER BY sample_id")
+    hand_edit(mem, "CREATE TABLE old AS SELECT * FROM embeddings", "DROP TABLE embeddings",
+              "CREATE TABLE embeddings (encoder_id VARCHAR NOT NULL, sample_id VARCHAR NOT NULL, path VARCHAR NOT NULL,"
+              " embedded_at TIMESTAMP NOT NULL, PRIMARY KEY (encoder_id, sample_id))",
+              "INSERT INTO embeddings SELECT * FROM old", "DROP TABLE old",
+              "DELETE FROM schema_migrations WHERE version = 15")
+
+    migrated = Memory(mem.layout.root, encoder=encoder)
+    assert migrated.ledger.query("SELECT * FROM embeddings ORDER BY sample_id").equals(before)
+    assert migrated.ledger.query("SELECT max(version) AS v FROM schema_migrations")["v"][0] == 15
+    gone = forget_two(migrated, set_a)  # (the audit passes after it)
+    left = migrated.ledger.query("SELECT sample_id FROM embeddings")["sample_id"].to_list()
+    assert len(left) == len(before) - 2 and not {sid(f) for f in gone} & set(left)

@@ -67,10 +67,14 @@ class Audit:
             rows = s.audit.deletions(HASHED_FIELDS)
             forgotten = s.audit.forgotten_samples()
             pending = s.audit.pending_requests()
+            twice = s.audit.embedded_twice()
             names_end, names = s.forgetting.names_end(), self.ledger.names.path
         check_chain(rows, report)
         self.check_manifests(rows, report)
         self.check_index_files(report)
+        report.problems += [f"sample {sid[:16]}… has {len(paths)} embeddings rows for encoder {encoder} ({', '.join(paths)})"
+                            ": each is recorded once, so a hand edit or a bug wrote the others; delete all but one of"
+                            " them from `embeddings`, then run `vismem rebuild`" for encoder, sid, paths in twice]
         report.problems += [f"forget request {r} is still pending (accepted, purge unfinished): run `vismem forget --resume`"
                             for r in pending]
         named = forgotten.filter(pl.col("named") | pl.col("image_path").is_not_null())

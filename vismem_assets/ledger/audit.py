@@ -36,6 +36,13 @@ class AuditRecords(Group):
         return [r for (r,) in self.con.execute(
             "SELECT request_id FROM forget_requests WHERE state = 'pending'").fetchall()]
 
+    def embedded_twice(self) -> list[tuple[str, str, list[str]]]:
+        """(encoder_id, sample_id, paths) of every sample an encoder has more than one embeddings
+        row for (the table has no key to refuse it: migration 015)."""
+        return [(e, sid, paths.split("\n")) for e, sid, paths in self.con.execute(
+            "SELECT encoder_id, sample_id, string_agg(path, chr(10) ORDER BY path) FROM embeddings"
+            " GROUP BY encoder_id, sample_id HAVING count(*) > 1 ORDER BY 1, 2").fetchall()]
+
     # ---- the blocklist's tables checked against each other --------------------------------------
 
     def deletions_not_forgotten(self) -> list[tuple[int, str, str | None]]:
