@@ -278,7 +278,7 @@ class Forgetting:
         if todo.is_empty() and state is None:
             raise ForgetError("every sample this request names is already forgotten; nothing to do")
         # Hashed before the transaction (reading images needs no lock) and before any byte is erased.
-        phashes = None if state is not None else self._perceptual_hashes(todo["sample_id"].to_list())
+        phashes = None if state is not None else self._perceptual_hashes(todo)
         with self.ledger.transaction() as s:
             if state is None:
                 # From here on the hashes are blocked: ingest refuses them, search never returns them.
@@ -290,12 +290,12 @@ class Forgetting:
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _perceptual_hashes(self, sample_ids: list[str]) -> tuple[list[str | None], list[str]]:
-        """(hashes, notes) in the order of `sample_ids`: each one's perceptual hash (near_copies.py),
-        from its stored image or its quarantine copy, so that near-copies stay out once the bytes
-        are gone; None, with the reason in its note, where there is no picture to hash."""
-        with self.ledger.connect() as s:
-            where = s.forgetting.image_paths(sample_ids)
+    def _perceptual_hashes(self, todo: pl.DataFrame) -> tuple[list[str | None], list[str]]:
+        """(hashes, notes) in the order of `todo`'s samples: each one's perceptual hash (near_copies.py),
+        from its `picture` (its stored image or its quarantine copy), so that near-copies stay out
+        once the bytes are gone; None, with the reason in its note, where there is no picture to hash."""
+        sample_ids = todo["sample_id"].to_list()
+        where = dict(zip(sample_ids, todo["picture"].to_list()))
 
         def hash_one(sample_id: str) -> tuple[str | None, str]:
             try:
@@ -354,7 +354,7 @@ class Forgetting:
                     removed, replaced = clock("embeddings", self._purge_embeddings, s, targets, erased, resumed)
                     removed += clock("image_files", self._purge_files, targets)
                     clock("names", self._erase_names, s, request_id)
-                    clock("proof", self._prove, s, request_id, vector_ids)
+                    clock("proof", self._prove, s, request_id, targets, vector_ids)
                     clock("indexes", self._finish_indexes, s, written, here, request_id)
                     # Applied in the same commit: a crash before it leaves the request pending, and a retry finishes it.
                     s.forgetting.mark_applied(request_id)
@@ -538,26 +538,28 @@ class Forgetting:
         with self.ledger.connect() as s:
             forget_in_statistics(s, self.layout, vector_ids)
 
-    def _prove(self, s: Session, request_id: str, vector_ids: np.ndarray) -> None:
+    def _prove(self, s: Session, request_id: str, targets: pl.DataFrame, vector_ids: np.ndarray) -> None:
         """What is left once every trace is gone: no pruning weights for them, and the hash-chained
         deletions rows."""
         s.forgetting.drop_weights(vector_ids)
-        self._chain(s, request_id)
+        self._chain(s, request_id, targets)
 
-    def _chain(self, s: Session, request_id: str) -> None:
-        """Append the deletions rows (hash-chained; once per request) and redact names."""
+    def _chain(self, s: Session, request_id: str, targets: pl.DataFrame) -> None:
+        """Append the deletions rows (hash-chained, one per target in sample id order; once per
+        request) and redact names."""
         if s.forgetting.has_deletions(request_id):
             s.forgetting.redact(request_id)  # a retry after a crash: the proof is written, finish the rest
             return
         rewritten = s.forgetting.rewritten_versions(request_id)
-        with_rows = s.forgetting.proof_fields(request_id)
+        request = s.forgetting.request_fields(request_id)
         prev, seq = s.forgetting.chain_tail() or (GENESIS, 0)
         applied_at = s.forgetting.now()
         versions = json.dumps(rewritten)
         rows, encoded = [], {}
-        for row in with_rows.iter_rows(named=True):
+        for sample_id, label in sorted(zip(targets["sample_id"].to_list(), targets["label"].to_list())):
             seq += 1
-            fields = {"seq": seq, "request_id": request_id, **row, "applied_at": applied_at, "versions_rewritten": versions}
+            fields = {"seq": seq, "request_id": request_id, "sample_id": sample_id, "label": label, **request,
+                      "applied_at": applied_at, "versions_rewritten": versions}
             fields["prev_hash"] = prev
             fields["row_hash"] = prev = row_hash(prev, fields, encoded)
             rows.append(fields)

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 NAMED_TABLES = ("samples", "sample_sources", "quarantine")
 _SPANS = " UNION ALL ".join(f"SELECT name_pos, name_len FROM {t}" for t in NAMED_TABLES)
 _TARGETS = "SELECT sample_id FROM forget_targets WHERE request_id = ?"
-_SAMPLE_COLUMNS = "SELECT sample_id, vector_id, label, image_set, status FROM samples"
+# `picture`: its stored image, else its quarantine copy (None where neither is left), to hash.
+_SAMPLE_COLUMNS = ("SELECT sample_id, vector_id, label, image_set, status, coalesce(image_path, (SELECT min(q.stored_path)"
+                   " FROM quarantine q WHERE q.sample_id = samples.sample_id)) AS picture FROM samples")
 # The quarantine rows of the image set an image_set request forgets, as the set was when the
 # request was accepted (none for other requests; a later add of the set brings new files), those
 # without a sample id too: a file whose bytes could not be read still left its name.
@@ -48,7 +50,7 @@ class ForgetRecords(Group):
     # ---- what a request names ------------------------------------------------------------------
 
     def samples_by_id(self, sample_ids: list[str]) -> pl.DataFrame:
-        """sample_id, vector_id, label, image_set, status of these samples (those the ledger has)."""
+        """sample_id, vector_id, label, image_set, status, picture of these samples (those the ledger has)."""
         return to_frame(self.con.execute(f"{_SAMPLE_COLUMNS} WHERE sample_id IN (SELECT unnest(?::VARCHAR[]))",
                                          [sample_ids]))
 
@@ -64,13 +66,6 @@ class ForgetRecords(Group):
     def active_labels(self) -> list[str]:
         return [label for (label,) in self.con.execute(
             "SELECT DISTINCT label FROM samples WHERE status = 'active' AND label IS NOT NULL ORDER BY 1").fetchall()]
-
-    def image_paths(self, sample_ids: list[str]) -> dict[str, str | None]:
-        """Each sample's stored image, else its quarantine copy (None where neither is left)."""
-        return dict(self.con.execute(
-            "SELECT s.sample_id, coalesce(s.image_path, (SELECT min(q.stored_path) FROM quarantine q"
-            " WHERE q.sample_id = s.sample_id)) AS path FROM samples s WHERE s.sample_id IN (SELECT unnest(?::VARCHAR[]))",
-            [sample_ids]).fetchall())
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -109,10 +104,10 @@ class ForgetRecords(Group):
             + " ORDER BY requested_at", [only] if only else []).fetchall()]
 
     def targets(self, request_id: str) -> pl.DataFrame:
-        """sample_id, vector_id, image_path of every sample the request forgets."""
+        """sample_id, vector_id, image_path, label of every sample the request forgets."""
         return to_frame(self.con.execute(
-            "SELECT t.sample_id, t.vector_id, s.image_path FROM forget_targets t JOIN samples s USING (sample_id)"
-            " WHERE t.request_id = ?", [request_id]))
+            "SELECT t.sample_id, t.vector_id, s.image_path, s.label FROM forget_targets t JOIN samples s"
+            " USING (sample_id) WHERE t.request_id = ?", [request_id]))
 
     def mark_applied(self, request_id: str) -> None:
         self.con.execute("UPDATE forget_requests SET state = 'applied', applied_at = (SELECT max(applied_at)"
@@ -207,12 +202,11 @@ class ForgetRecords(Group):
     def has_deletions(self, request_id: str) -> bool:
         return self.con.execute("SELECT count(*) FROM deletions WHERE request_id = ?", [request_id]).fetchone()[0] > 0
 
-    def proof_fields(self, request_id: str) -> pl.DataFrame:
-        """What each deletions row of the request records, by sample id."""
-        return to_frame(self.con.execute(
-            "SELECT t.sample_id, s.label, r.requested_by, r.reason, r.category, r.external_ref, r.requested_at"
-            " FROM forget_targets t JOIN samples s USING (sample_id) JOIN forget_requests r USING (request_id)"
-            " WHERE t.request_id = ? ORDER BY t.sample_id", [request_id]))
+    def request_fields(self, request_id: str) -> dict:
+        """What every deletions row of the request records of the request itself."""
+        cursor = self.con.execute("SELECT requested_by, reason, category, external_ref, requested_at"
+                                  " FROM forget_requests WHERE request_id = ?", [request_id])
+        return dict(zip([c[0] for c in cursor.description], cursor.fetchone()))
 
     def chain_tail(self) -> tuple[str, int] | None:
         """(row_hash, seq) of the newest deletions row; None for an empty chain."""
