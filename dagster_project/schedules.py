@@ -34,10 +34,13 @@ DEFAULT_STATUS = DefaultScheduleStatus.RUNNING if Settings.from_env().schedules 
 
 
 def live_index_or_skip(visual_memory: VisualMemory) -> RunRequest | SkipReason:
-    try:
-        visual_memory.memory().recall.live_version()
-    except FileNotFoundError as exc:  # its message says what to do (add a set, or which encoder)
-        return SkipReason(f"nothing to do yet: {exc}")
+    # Asked of the ledger alone: the tick loads no encoder into the code server. (A memory indexed
+    # only by another encoder than the resource's runs, and the run says which encoders it has.)
+    with visual_memory.memory().ledger.connect() as s:
+        indexed = s.indexes.live_encoders()
+    if not indexed:
+        return SkipReason("nothing to do yet: the memory has no index. Add an image set first: vismem add SET_PATH, "
+                          "or drop a folder with a _READY file into inbox/sets/")
     return RunRequest()
 
 
